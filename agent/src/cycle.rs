@@ -1,0 +1,143 @@
+//! One collection cycle: run every enabled source, report on each, and
+//! turn the result into one batch.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use vitals_common::model::{BatchBuilder, Labels, Sample};
+use vitals_proto::v1::Batch;
+
+use crate::config::RawConfig;
+use crate::sources::{self, Source, SourceError};
+
+/// How one source did in one cycle.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SourceReport {
+    pub source: &'static str,
+    /// "ok", "unavailable" or "error".
+    pub status: &'static str,
+    pub duration_seconds: f64,
+    pub samples: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+pub struct Cycle {
+    pub samples: Vec<Sample>,
+    pub reports: Vec<SourceReport>,
+}
+
+/// The enabled sources and what the agent remembers about them.
+pub struct Sources {
+    sources: Vec<Box<dyn Source>>,
+    unavailable_logged: HashMap<&'static str, bool>,
+    errors_total: HashMap<&'static str, u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown source {0:?}; known sources: {1}")]
+pub struct UnknownSource(pub String, pub String);
+
+impl Sources {
+    /// The sources the config enables, or exactly those in `only` if given.
+    pub fn new(cfg: &RawConfig, only: &[String]) -> Result<Sources, UnknownSource> {
+        for name in only {
+            if !sources::SOURCES.iter().any(|s| s.name == name) {
+                let known: Vec<&str> = sources::SOURCES.iter().map(|s| s.name).collect();
+                return Err(UnknownSource(name.clone(), known.join(", ")));
+            }
+        }
+        let list = sources::SOURCES
+            .iter()
+            .filter(|spec| {
+                if only.is_empty() {
+                    sources::enabled(cfg, spec)
+                } else {
+                    only.iter().any(|n| n == spec.name)
+                }
+            })
+            .map(|spec| (spec.build)(cfg))
+            .collect();
+        Ok(Sources {
+            sources: list,
+            unavailable_logged: HashMap::new(),
+            errors_total: HashMap::new(),
+        })
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.sources.iter().map(|s| s.name()).collect()
+    }
+
+    /// Runs every source once. Source self-metrics are appended.
+    pub fn collect(&mut self) -> Cycle {
+        let mut samples = Vec::new();
+        let mut reports = Vec::with_capacity(self.sources.len());
+        for src in &mut self.sources {
+            let name = src.name();
+            let start = Instant::now();
+            let mut out = Vec::new();
+            let result = src.collect(&mut out);
+            let duration = start.elapsed().as_secs_f64();
+            let (status, error) = match result {
+                Ok(()) => ("ok", None),
+                Err(SourceError::Unavailable(why)) => {
+                    if !self.unavailable_logged.insert(name, true).unwrap_or(false) {
+                        tracing::debug!(source = name, reason = %why, "source not available on this host; staying quiet");
+                    }
+                    out.clear();
+                    ("unavailable", Some(why))
+                }
+                Err(SourceError::Failed(why)) => {
+                    *self.errors_total.entry(name).or_default() += 1;
+                    tracing::warn!(source = name, error = %why, "source failed this cycle; its samples are skipped");
+                    out.clear();
+                    ("error", Some(why))
+                }
+            };
+            reports.push(SourceReport {
+                source: name,
+                status,
+                duration_seconds: duration,
+                samples: out.len(),
+                error,
+            });
+            samples.append(&mut out);
+            if status != "unavailable" {
+                samples.push(
+                    Sample::new("vitals_source_duration_seconds", duration).label("source", name),
+                );
+                samples.push(
+                    Sample::new(
+                        "vitals_source_success",
+                        if status == "ok" { 1.0 } else { 0.0 },
+                    )
+                    .label("source", name),
+                );
+                samples.push(
+                    Sample::new(
+                        "vitals_source_errors_total",
+                        self.errors_total.get(name).copied().unwrap_or(0) as f64,
+                    )
+                    .label("source", name),
+                );
+            }
+        }
+        Cycle { samples, reports }
+    }
+}
+
+/// Builds the batch for one cycle: every sample gets the node label and the
+/// cycle's timestamp. Duplicate series within a cycle keep the first value.
+pub fn to_batch(node: &str, timestamp_ms: i64, samples: &[Sample]) -> Batch {
+    let mut b = BatchBuilder::new();
+    let mut seen = std::collections::HashSet::new();
+    for s in samples {
+        let mut labels: Labels = s.labels.clone();
+        labels.insert("node".into(), node.into());
+        if seen.insert((s.name.clone(), labels.clone())) {
+            b.push(&s.name, &labels, timestamp_ms, s.value);
+        }
+    }
+    b.finish()
+}

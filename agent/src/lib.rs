@@ -1,0 +1,146 @@
+//! The Vitals agent: sources → batch → on-disk spool → mutual-TLS stream →
+//! deleted on ack. `run` is the whole daemon; `vitals dev` calls it in-process.
+
+pub mod config;
+pub mod cycle;
+pub mod ship;
+pub mod sources;
+pub mod spool;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Notify, watch};
+use vitals_common::model::Sample;
+
+pub use config::Settings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Spool(#[from] spool::SpoolError),
+    #[error(transparent)]
+    Source(#[from] cycle::UnknownSource),
+}
+
+/// What a run did, reported when it ends.
+#[derive(Debug, Clone, Copy)]
+pub struct Summary {
+    pub cycles: u64,
+    pub spooled_left: u64,
+}
+
+/// Runs the agent until `shutdown` resolves; then tries for
+/// `shutdown_grace` to deliver what is spooled.
+pub async fn run(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<Summary, AgentError> {
+    let spool = Arc::new(spool::Spool::open(
+        &settings.spool_dir,
+        settings.spool_max_bytes,
+    )?);
+    let sources = cycle::Sources::new(&settings.raw, &[])?;
+    tracing::info!(
+        node = %settings.node,
+        collector = %settings.collector_url,
+        interval = ?settings.interval,
+        sources = ?sources.names(),
+        spooled = spool.stats().batches,
+        instance = spool.instance_id(),
+        version = vitals_common::VERSION,
+        "agent started"
+    );
+    let sources = Arc::new(Mutex::new(sources));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let notify = Arc::new(Notify::new());
+    let shipper = tokio::spawn(
+        ship::Shipper {
+            url: settings.collector_url.clone(),
+            server_name: settings.server_name.clone(),
+            tls: settings.tls.clone(),
+            node: settings.node.clone(),
+            spool: spool.clone(),
+            notify: notify.clone(),
+            stop: stop_rx,
+        }
+        .run(),
+    );
+
+    let mut ticker = tokio::time::interval(settings.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cycles = 0u64;
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = &mut shutdown => break,
+        }
+        cycles += 1;
+        let ts = vitals_common::now_ms();
+        let (node, spool2, sources2) = (settings.node.clone(), spool.clone(), sources.clone());
+        let n = cycles;
+        let pushed = tokio::task::spawn_blocking(move || {
+            let mut cycle = match sources2.lock() {
+                Ok(mut s) => s.collect(),
+                Err(_) => return Err("source list lock poisoned".to_string()),
+            };
+            add_self_metrics(&mut cycle.samples, n, &spool2.stats());
+            let batch = cycle::to_batch(&node, ts, &cycle.samples);
+            spool2.push(batch, ts).map_err(|e| e.to_string())
+        })
+        .await;
+        match pushed {
+            Ok(Ok(_seq)) => notify.notify_one(),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot write this cycle to the spool; its samples are lost")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "collection cycle panicked; its samples are lost")
+            }
+        }
+    }
+
+    let _ = stop_tx.send(true);
+    let left = spool.stats().batches;
+    if left > 0 {
+        tracing::info!(spooled = left, grace = ?settings.shutdown_grace, "stopping: delivering the spool");
+    }
+    if tokio::time::timeout(settings.shutdown_grace, shipper)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            spooled = spool.stats().batches,
+            "shutdown grace ran out; unsent batches stay in the spool and go out on the next start"
+        );
+    }
+    let summary = Summary {
+        cycles,
+        spooled_left: spool.stats().batches,
+    };
+    tracing::info!(
+        cycles = summary.cycles,
+        spooled_left = summary.spooled_left,
+        "agent stopped"
+    );
+    Ok(summary)
+}
+
+/// The agent's own health, sent with every batch.
+fn add_self_metrics(samples: &mut Vec<Sample>, cycles: u64, spool: &spool::SpoolStats) {
+    samples.push(Sample::new("vitals_agent_cycles_total", cycles as f64));
+    samples.push(Sample::new(
+        "vitals_agent_spool_batches",
+        spool.batches as f64,
+    ));
+    samples.push(Sample::new("vitals_agent_spool_bytes", spool.bytes as f64));
+    samples.push(Sample::new(
+        "vitals_agent_spool_dropped_batches_total",
+        spool.dropped_total as f64,
+    ));
+    samples.push(Sample::new("vitals_agent_info", 1.0).label("version", vitals_common::VERSION));
+    // Counts itself, so a reader can check a stored cycle is complete.
+    let n = samples.len() + 1;
+    samples.push(Sample::new("vitals_agent_cycle_samples", n as f64));
+}

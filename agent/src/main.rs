@@ -1,0 +1,195 @@
+//! `vitals-agent`: the daemon, `once` and `check-config`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use vitals_agent::config;
+use vitals_common::{EXIT_CONFIG, EXIT_FAILURE};
+
+/// Vitals agent: collects this host's samples, spools them on disk and
+/// streams them to the collector over mutual TLS.
+///
+/// Examples:
+///   vitals-agent --config /etc/vitals/agent.toml
+///   vitals-agent check-config --config ./agent.toml
+///   vitals-agent once                       # one cycle, Prometheus text
+///   vitals-agent once --source host --format json
+///   vitals-agent once --procfs ./fixtures/proc --sysfs ./fixtures/sys
+#[derive(Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Cli {
+    /// Config file (TOML).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Prom,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (the default).
+    Run,
+    /// Parse and validate the config (and its TLS files), then exit: 0 if good, 2 if not.
+    CheckConfig,
+    /// Run one collection cycle, print it, and exit. Needs no collector and no certificates.
+    Once {
+        /// Root of the proc filesystem to read (default: from the config, else /proc).
+        #[arg(long)]
+        procfs: Option<PathBuf>,
+        /// Root of the sys filesystem to read (default: from the config, else /sys).
+        #[arg(long)]
+        sysfs: Option<PathBuf>,
+        /// Run only this source (repeatable); default: every enabled source.
+        #[arg(long = "source", value_name = "NAME")]
+        sources: Vec<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "prom")]
+        format: Format,
+    },
+}
+
+fn config_path(cli: &Option<PathBuf>) -> PathBuf {
+    cli.clone()
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    vitals_common::logging::init("info");
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Once {
+            procfs,
+            sysfs,
+            sources,
+            format,
+        } => once(cli.config.as_deref(), procfs, sysfs, &sources, format),
+        cmd @ (Command::Run | Command::CheckConfig) => {
+            let path = config_path(&cli.config);
+            let settings =
+                match config::load_raw(&path).and_then(|raw| config::validate(&path, raw)) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        vitals_common::report_error("vitals-agent", &e);
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                };
+            if matches!(cmd, Command::CheckConfig) {
+                println!(
+                    "{}: ok (node {}, collector {}, spool {})",
+                    path.display(),
+                    settings.node,
+                    settings.collector_url,
+                    settings.spool_dir.display()
+                );
+                return ExitCode::SUCCESS;
+            }
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    vitals_common::report_error("vitals-agent", &e);
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            };
+            match rt.block_on(vitals_agent::run(settings, termination_signal())) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    vitals_common::report_error("vitals-agent", &e);
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+    }
+}
+
+fn once(
+    config_file: Option<&Path>,
+    procfs: Option<PathBuf>,
+    sysfs: Option<PathBuf>,
+    only: &[String],
+    format: Format,
+) -> ExitCode {
+    let default = Path::new(config::DEFAULT_PATH);
+    let raw = match config_file {
+        Some(p) => config::load_raw(p),
+        None if default.exists() => config::load_raw(default),
+        None => Ok(config::RawConfig::default()),
+    };
+    let mut raw = match raw {
+        Ok(r) => r,
+        Err(e) => {
+            vitals_common::report_error("vitals-agent", &e);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(p) = procfs {
+        raw.paths.procfs = p;
+    }
+    if let Some(s) = sysfs {
+        raw.paths.sysfs = s;
+    }
+    let mut sources = match vitals_agent::cycle::Sources::new(&raw, only) {
+        Ok(s) => s,
+        Err(e) => {
+            vitals_common::report_error("vitals-agent", &e);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let cycle = sources.collect();
+    match format {
+        Format::Prom => {
+            for r in &cycle.reports {
+                if let Some(e) = &r.error {
+                    eprintln!("vitals-agent: source {} {}: {e}", r.source, r.status);
+                }
+            }
+            print!(
+                "{}",
+                vitals_common::model::prometheus_text(&cycle.samples, None)
+            );
+        }
+        Format::Json => {
+            let samples: Vec<serde_json::Value> = cycle
+                .samples
+                .iter()
+                .map(|s| serde_json::json!({"name": s.name, "labels": s.labels, "value": json_number(s.value)}))
+                .collect();
+            let out = serde_json::json!({"samples": samples, "sources": cycle.reports});
+            println!("{out}");
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// JSON has no NaN or infinities: write those as strings, as Prometheus does.
+fn json_number(v: f64) -> serde_json::Value {
+    if v.is_finite() {
+        serde_json::json!(v)
+    } else {
+        serde_json::json!(vitals_common::model::format_value(v))
+    }
+}
+
+async fn termination_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Shipping: stream spooled batches to the collector in order, forget them
+//! when acked, reconnect with exponential backoff and jitter.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use vitals_proto::v1::{
+    AgentMessage, Batch, CollectorMessage, Hello, agent_message, collector_message,
+    ingest_client::IngestClient,
+};
+
+use crate::spool::Spool;
+
+/// Batches sent but not yet acknowledged, at most.
+const WINDOW: usize = 64;
+
+pub struct Shipper {
+    pub url: String,
+    pub server_name: String,
+    pub tls: vitals_common::tls::TlsMaterial,
+    pub node: String,
+    pub spool: Arc<Spool>,
+    pub notify: Arc<Notify>,
+    pub stop: watch::Receiver<bool>,
+}
+
+enum End {
+    /// Stopping, and everything spooled was acknowledged.
+    Drained,
+    /// The collector closed the stream (e.g. it is shutting down).
+    Closed,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ShipError {
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("collector refused the stream: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("{0}")]
+    Other(String),
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+impl Shipper {
+    /// Runs until stopped; when stopping, keeps going while connected until
+    /// the spool is empty.
+    pub async fn run(mut self) {
+        let mut delay = Duration::from_millis(250);
+        let max_delay = Duration::from_secs(30);
+        let mut last_warn: Option<(Instant, String)> = None;
+        loop {
+            let stopping = *self.stop.borrow();
+            if stopping && self.spool.stats().batches == 0 {
+                return;
+            }
+            match self.session(&mut delay).await {
+                Ok(End::Drained) => return,
+                Ok(End::Closed) => tracing::info!("collector closed the stream; reconnecting"),
+                Err(e) => {
+                    let msg = chain(&e);
+                    let due = match &last_warn {
+                        None => true,
+                        Some((at, m)) => *m != msg || at.elapsed() >= Duration::from_secs(60),
+                    };
+                    let spooled = self.spool.stats().batches;
+                    if due {
+                        let permission = matches!(&e, ShipError::Status(s) if s.code() == tonic::Code::PermissionDenied || s.code() == tonic::Code::Unauthenticated);
+                        if permission {
+                            tracing::error!(error = %msg, spooled, "collector rejected this agent; fix the certificate or the node name, batches stay spooled");
+                        } else {
+                            tracing::warn!(error = %msg, spooled, retry_in = ?delay, "collector unreachable; collecting into the spool and retrying");
+                        }
+                        last_warn = Some((Instant::now(), msg));
+                    } else {
+                        tracing::debug!(error = %msg, spooled, "still cannot ship");
+                    }
+                }
+            }
+            if *self.stop.borrow() {
+                return;
+            }
+            let jittered = delay.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+            tokio::select! {
+                _ = tokio::time::sleep(jittered) => {}
+                _ = self.stop.changed() => return,
+            }
+            delay = (delay * 2).min(max_delay);
+        }
+    }
+
+    async fn connect(&self) -> Result<Channel, ShipError> {
+        let connect_err = |source| ShipError::Connect {
+            url: self.url.clone(),
+            source,
+        };
+        Endpoint::from_shared(self.url.clone())
+            .map_err(connect_err)?
+            .tls_config(self.tls.client_config(&self.server_name))
+            .map_err(connect_err)?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(connect_err)
+    }
+
+    async fn session(&mut self, delay: &mut Duration) -> Result<End, ShipError> {
+        let channel = self.connect().await?;
+        let mut client = IngestClient::new(channel).max_encoding_message_size(64 << 20);
+        let (out_tx, out_rx) = mpsc::channel::<AgentMessage>(WINDOW + 1);
+        let hello = AgentMessage {
+            msg: Some(agent_message::Msg::Hello(Hello {
+                node: self.node.clone(),
+                agent_version: vitals_common::VERSION.into(),
+                instance_id: self.spool.instance_id().to_string(),
+            })),
+        };
+        out_tx
+            .send(hello)
+            .await
+            .map_err(|_| ShipError::Other("stream closed before hello".into()))?;
+        let mut inbound = client
+            .stream(ReceiverStream::new(out_rx))
+            .await?
+            .into_inner();
+        let welcome = tokio::time::timeout(Duration::from_secs(15), inbound.message())
+            .await
+            .map_err(|_| ShipError::Other("no welcome from the collector within 15 s".into()))??;
+        let acked = match welcome.and_then(|m| m.msg) {
+            Some(collector_message::Msg::Welcome(w)) => w.acked_seq,
+            Some(_) => return Err(ShipError::Other("collector sent no welcome".into())),
+            None => return Ok(End::Closed),
+        };
+        self.ack(acked);
+        *delay = Duration::from_millis(250);
+        tracing::info!(url = %self.url, acked_seq = acked, spooled = self.spool.stats().batches, "connected to collector");
+
+        let mut last_sent = acked;
+        let mut inflight: VecDeque<u64> = VecDeque::new();
+        let mut stopping = *self.stop.borrow();
+        loop {
+            if inflight.len() < WINDOW {
+                let next = self
+                    .spool
+                    .next_after(last_sent, WINDOW - inflight.len())
+                    .map_err(|e| ShipError::Other(e.to_string()))?;
+                for (seq, data) in next {
+                    let batch = match Batch::decode(data.as_slice()) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            // A torn spool row: say so and move past it.
+                            tracing::error!(seq, error = %e, "spooled batch is unreadable; dropping it");
+                            let _ = self.spool.ack(seq);
+                            last_sent = seq;
+                            continue;
+                        }
+                    };
+                    let msg = AgentMessage {
+                        msg: Some(agent_message::Msg::Batch(batch)),
+                    };
+                    if out_tx.send(msg).await.is_err() {
+                        return Ok(End::Closed);
+                    }
+                    last_sent = seq;
+                    inflight.push_back(seq);
+                }
+            }
+            if stopping && inflight.is_empty() && self.spool.stats().batches == 0 {
+                return Ok(End::Drained);
+            }
+            tokio::select! {
+                m = inbound.message() => match m? {
+                    Some(CollectorMessage { msg: Some(collector_message::Msg::Ack(a)) }) => {
+                        self.ack(a.seq);
+                        while inflight.front().is_some_and(|s| *s <= a.seq) {
+                            inflight.pop_front();
+                        }
+                    }
+                    Some(_) => return Err(ShipError::Other("unexpected message from the collector".into())),
+                    None => return Ok(End::Closed),
+                },
+                _ = self.notify.notified(), if inflight.len() < WINDOW => {}
+                _ = self.stop.changed(), if !stopping => { stopping = true; }
+            }
+        }
+    }
+
+    fn ack(&self, seq: u64) {
+        if seq == 0 {
+            return;
+        }
+        if let Err(e) = self.spool.ack(seq) {
+            tracing::error!(seq, error = %e, "cannot remove acknowledged batches from the spool (they will be resent; the collector drops duplicates)");
+        }
+    }
+}

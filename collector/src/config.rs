@@ -1,0 +1,138 @@
+//! `collector.toml`: raw serde structs, then validated runtime settings.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vitals_common::config::{self, ConfigError};
+use vitals_common::tls::{TlsFiles, TlsMaterial};
+
+pub const DEFAULT_PATH: &str = "/etc/vitals/collector.toml";
+
+/// The collector's config file, as written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Address of the gRPC listener (TLS only; client certificates required).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// How long SIGTERM waits for in-flight batches to be stored and acked.
+    #[serde(default = "default_grace", with = "config::duration")]
+    pub shutdown_grace: Duration,
+    /// Certificates: the CA that signs agents and operators, and our own.
+    #[serde(default = "default_tls")]
+    pub tls: TlsFiles,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub query: QueryConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// SQLite database file (created if missing).
+    #[serde(default = "default_db")]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryConfig {
+    /// Most series one query may return.
+    #[serde(default = "default_max_series")]
+    pub max_series: usize,
+    /// Most points one query may return.
+    #[serde(default = "default_max_points")]
+    pub max_points: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { path: default_db() }
+    }
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        QueryConfig {
+            max_series: default_max_series(),
+            max_points: default_max_points(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:7443".into()
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_tls() -> TlsFiles {
+    TlsFiles {
+        ca: "/etc/vitals/tls/ca.pem".into(),
+        cert: "/etc/vitals/tls/collector.pem".into(),
+        key: "/etc/vitals/tls/collector.key".into(),
+    }
+}
+fn default_db() -> PathBuf {
+    "/var/lib/vitals/vitals.db".into()
+}
+fn default_max_series() -> usize {
+    10_000
+}
+fn default_max_points() -> usize {
+    5_000_000
+}
+
+/// Validated settings the collector runs with.
+#[derive(Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub shutdown_grace: Duration,
+    pub tls: TlsMaterial,
+    pub db_path: PathBuf,
+    pub max_series: usize,
+    pub max_points: usize,
+}
+
+/// Reads, parses and validates a collector config file.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let raw: RawConfig = config::load(path)?;
+    validate(path, raw)
+}
+
+pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
+    let base = path.parent().unwrap_or(Path::new("."));
+    let listen: SocketAddr = raw.listen.parse().map_err(|e| {
+        ConfigError::invalid(
+            path,
+            "listen",
+            format!(
+                "{:?} is not an address:port ({e}), e.g. \"0.0.0.0:7443\"",
+                raw.listen
+            ),
+        )
+    })?;
+    let tls = raw
+        .tls
+        .relative_to(base)
+        .load()
+        .map_err(|e| ConfigError::invalid(path, "tls", e.to_string()))?;
+    if raw.query.max_series == 0 || raw.query.max_points == 0 {
+        return Err(ConfigError::invalid(
+            path,
+            "query",
+            "limits must be above 0",
+        ));
+    }
+    Ok(Settings {
+        listen,
+        shutdown_grace: raw.shutdown_grace,
+        tls,
+        db_path: base.join(&raw.storage.path),
+        max_series: raw.query.max_series,
+        max_points: raw.query.max_points,
+    })
+}

@@ -1,0 +1,418 @@
+//! `vitals.v1.Ingest/Stream`: identity from the client certificate, strict
+//! validation, acks only after the store committed.
+
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use vitals_common::identity::{self, Role};
+use vitals_common::model::{Labels, valid_label_name, valid_metric_name};
+use vitals_proto::v1::{
+    Ack, AgentMessage, Batch, CollectorMessage, Welcome, agent_message, collector_message,
+    ingest_server::Ingest,
+};
+
+use crate::store::{CleanBatch, CleanEvent, Outcome, Writer};
+
+/// Most samples one batch may hold.
+pub const MAX_BATCH_SAMPLES: usize = 2_000_000;
+
+/// Nodes with a stream open now, and how many streams each has.
+#[derive(Default, Clone)]
+pub struct Connected(Arc<Mutex<HashMap<String, usize>>>);
+
+impl Connected {
+    pub fn is_connected(&self, node: &str) -> bool {
+        self.0.lock().map(|m| m.contains_key(node)).unwrap_or(false)
+    }
+    fn enter(&self, node: &str) -> ConnGuard {
+        if let Ok(mut m) = self.0.lock() {
+            *m.entry(node.to_string()).or_default() += 1;
+        }
+        ConnGuard {
+            map: self.clone(),
+            node: node.to_string(),
+        }
+    }
+}
+
+struct ConnGuard {
+    map: Connected,
+    node: String,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.map.0.lock()
+            && let Some(n) = m.get_mut(&self.node)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.node);
+            }
+        }
+    }
+}
+
+pub struct IngestService {
+    pub writer: Writer,
+    pub connected: Connected,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// The (name, role) proven by the peer's certificate.
+pub fn peer_identity<T>(req: &Request<T>) -> Result<(String, Role), Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let first = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    identity::identity(first.as_ref())
+        .map_err(|e| Status::unauthenticated(format!("client certificate not usable: {e}")))
+}
+
+type AckStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<CollectorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Ingest for IngestService {
+    type StreamStream = AckStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let (node, role) = peer_identity(&request)?;
+        if role != Role::Agent {
+            tracing::warn!(peer = %node, %role, "refused ingest from a non-agent certificate");
+            return Err(Status::permission_denied(format!(
+                "certificate of {node} has role {role}; only agent certificates may send samples"
+            )));
+        }
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(256);
+        let session = Session {
+            node,
+            writer: self.writer.clone(),
+            connected: self.connected.clone(),
+            shutdown: self.shutdown.clone(),
+            tx,
+        };
+        tokio::spawn(session.run(inbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct Session {
+    node: String,
+    writer: Writer,
+    connected: Connected,
+    shutdown: watch::Receiver<bool>,
+    tx: mpsc::Sender<Result<CollectorMessage, Status>>,
+}
+
+fn ack(seq: u64) -> CollectorMessage {
+    CollectorMessage {
+        msg: Some(collector_message::Msg::Ack(Ack { seq })),
+    }
+}
+
+impl Session {
+    async fn run(mut self, mut inbound: Streaming<AgentMessage>) {
+        if let Err(status) = self.serve(&mut inbound).await {
+            if status.code() != tonic::Code::Cancelled {
+                tracing::warn!(node = %self.node, code = ?status.code(), error = %status.message(), "ingest stream rejected");
+            }
+            let _ = self.tx.send(Err(status)).await;
+        }
+    }
+
+    async fn serve(&mut self, inbound: &mut Streaming<AgentMessage>) -> Result<(), Status> {
+        let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 30 s"))??;
+        let hello = match first.and_then(|m| m.msg) {
+            Some(agent_message::Msg::Hello(h)) => h,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a hello",
+                ));
+            }
+            None => return Ok(()),
+        };
+        if hello.node != self.node {
+            return Err(Status::permission_denied(format!(
+                "hello names node {:?} but the certificate is for {:?}",
+                hello.node, self.node
+            )));
+        }
+        if hello.instance_id.is_empty() || hello.instance_id.len() > 128 {
+            return Err(Status::invalid_argument(
+                "instance_id must be 1 to 128 characters",
+            ));
+        }
+        let instance = hello.instance_id;
+        let acked = self
+            .writer
+            .hello(&self.node, &instance, &hello.agent_version)
+            .await
+            .map_err(Status::unavailable)?;
+        let _guard = self.connected.enter(&self.node);
+        tracing::info!(node = %self.node, instance = %instance, version = %hello.agent_version, acked_seq = acked, "agent connected");
+        self.tx
+            .send(Ok(CollectorMessage {
+                msg: Some(collector_message::Msg::Welcome(Welcome {
+                    node: self.node.clone(),
+                    acked_seq: acked,
+                })),
+            }))
+            .await
+            .map_err(|_| Status::cancelled("agent went away"))?;
+
+        // Acks go out in order from a task of their own, so reading the next
+        // batch never waits for the previous commit.
+        let (pending_tx, mut pending_rx) =
+            mpsc::channel::<(u64, oneshot::Receiver<Result<Outcome, String>>)>(1024);
+        let ack_tx = self.tx.clone();
+        let node = self.node.clone();
+        let acker = tokio::spawn(async move {
+            while let Some((seq, rx)) = pending_rx.recv().await {
+                let res = match rx.await {
+                    Ok(Ok(_)) => Ok(ack(seq)),
+                    Ok(Err(e)) => Err(Status::unavailable(e)),
+                    Err(_) => Err(Status::unavailable(
+                        "store stopped before the batch was committed",
+                    )),
+                };
+                let failed = res.is_err();
+                if ack_tx.send(res).await.is_err() || failed {
+                    tracing::debug!(node = %node, seq, "ack stream closed");
+                    return;
+                }
+            }
+        });
+
+        let mut shutdown = self.shutdown.clone();
+        let mut last_seq = 0u64;
+        let result = loop {
+            if *shutdown.borrow() {
+                break Ok(());
+            }
+            let msg = tokio::select! {
+                m = inbound.message() => m,
+                _ = shutdown.changed() => break Ok(()),
+            };
+            let batch = match msg {
+                Ok(Some(AgentMessage {
+                    msg: Some(agent_message::Msg::Batch(b)),
+                })) => b,
+                Ok(Some(_)) => {
+                    break Err(Status::invalid_argument("expected a batch after the hello"));
+                }
+                Ok(None) => break Ok(()),
+                Err(status) => {
+                    tracing::debug!(node = %self.node, error = %status, "agent stream ended");
+                    break Ok(());
+                }
+            };
+            if batch.seq <= last_seq {
+                break Err(Status::invalid_argument(format!(
+                    "batch sequence numbers must increase: {} after {last_seq}",
+                    batch.seq
+                )));
+            }
+            last_seq = batch.seq;
+            let seq = batch.seq;
+            let clean = match validate(&self.node, batch) {
+                Ok(c) => c,
+                Err(status) => break Err(status),
+            };
+            let rx = match self.writer.write(&self.node, &instance, clean).await {
+                Ok(rx) => rx,
+                Err(e) => break Err(Status::unavailable(e)),
+            };
+            if pending_tx.send((seq, rx)).await.is_err() {
+                break Ok(());
+            }
+        };
+        // Let every batch already handed to the store be committed and acked.
+        drop(pending_tx);
+        let _ = acker.await;
+        result
+    }
+}
+
+fn pairs_to_labels(pairs: &[vitals_proto::v1::Label], what: &str) -> Result<Labels, Status> {
+    let mut labels = Labels::new();
+    for l in pairs {
+        if !valid_label_name(&l.name) {
+            return Err(Status::invalid_argument(format!(
+                "{what}: invalid label name {:?}",
+                l.name
+            )));
+        }
+        if labels.insert(l.name.clone(), l.value.clone()).is_some() {
+            return Err(Status::invalid_argument(format!(
+                "{what}: label {:?} given twice",
+                l.name
+            )));
+        }
+    }
+    Ok(labels)
+}
+
+/// Checks a batch whole; on any fault nothing of it is stored.
+pub fn validate(node: &str, b: Batch) -> Result<CleanBatch, Status> {
+    let n = b.values.len();
+    if b.series_ids.len() != n || b.timestamps_ms.len() != n {
+        return Err(Status::invalid_argument(format!(
+            "batch {}: columns differ in length (series_ids {}, timestamps_ms {}, values {})",
+            b.seq,
+            b.series_ids.len(),
+            b.timestamps_ms.len(),
+            n
+        )));
+    }
+    if n > MAX_BATCH_SAMPLES {
+        return Err(Status::invalid_argument(format!(
+            "batch {}: {n} samples, more than the limit of {MAX_BATCH_SAMPLES}",
+            b.seq
+        )));
+    }
+    let mut index: HashMap<u32, u32> = HashMap::with_capacity(b.series.len());
+    let mut series = Vec::with_capacity(b.series.len());
+    let mut seen = HashSet::new();
+    for def in &b.series {
+        if !valid_metric_name(&def.name) {
+            return Err(Status::invalid_argument(format!(
+                "batch {}: invalid metric name {:?}",
+                b.seq, def.name
+            )));
+        }
+        let mut labels = pairs_to_labels(&def.labels, &def.name)?;
+        match labels.get("node") {
+            Some(n) if n != node => {
+                return Err(Status::permission_denied(format!(
+                    "batch {}: series {} is labelled node={n:?} but the certificate is for {node:?}; the whole batch is rejected",
+                    b.seq, def.name
+                )));
+            }
+            Some(_) => {}
+            None => {
+                labels.insert("node".into(), node.into());
+            }
+        }
+        if index.insert(def.id, series.len() as u32).is_some() {
+            return Err(Status::invalid_argument(format!(
+                "batch {}: series id {} defined twice",
+                b.seq, def.id
+            )));
+        }
+        if !seen.insert((def.name.clone(), labels.clone())) {
+            return Err(Status::invalid_argument(format!(
+                "batch {}: series {} defined twice",
+                b.seq, def.name
+            )));
+        }
+        series.push((def.name.clone(), labels));
+    }
+    let mut series_idx = Vec::with_capacity(n);
+    for id in &b.series_ids {
+        match index.get(id) {
+            Some(i) => series_idx.push(*i),
+            None => {
+                return Err(Status::invalid_argument(format!(
+                    "batch {}: sample refers to undefined series id {id}",
+                    b.seq
+                )));
+            }
+        }
+    }
+    let mut events = Vec::with_capacity(b.events.len());
+    for e in b.events {
+        if !e.node.is_empty() && e.node != node {
+            return Err(Status::permission_denied(format!(
+                "batch {}: event for node {:?} but the certificate is for {node:?}; the whole batch is rejected",
+                b.seq, e.node
+            )));
+        }
+        if e.kind.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "batch {}: event without a kind",
+                b.seq
+            )));
+        }
+        events.push(CleanEvent {
+            timestamp_ms: e.timestamp_ms,
+            kind: e.kind,
+            severity: e.severity,
+            message: e.message,
+            labels: pairs_to_labels(&e.labels, "event")?,
+        });
+    }
+    Ok(CleanBatch {
+        seq: b.seq,
+        series,
+        series_idx,
+        timestamps_ms: b.timestamps_ms,
+        values: b.values,
+        events,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vitals_common::model::BatchBuilder;
+
+    fn labels(node: &str) -> Labels {
+        let mut l = Labels::new();
+        l.insert("node".into(), node.into());
+        l
+    }
+
+    #[test]
+    fn foreign_node_label_rejects_whole_batch() {
+        let mut b = BatchBuilder::new();
+        b.push("m", &labels("a"), 1, 1.0);
+        b.push("m", &labels("b"), 1, 1.0);
+        let mut batch = b.finish();
+        batch.seq = 1;
+        let err = validate("a", batch).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
+    fn malformed_batches_are_invalid() {
+        let mut b = BatchBuilder::new();
+        b.push("m", &Labels::new(), 1, 1.0);
+        let good = b.finish();
+        let ok = validate("a", good.clone()).unwrap();
+        assert_eq!(ok.series[0].1.get("node").map(String::as_str), Some("a"));
+
+        let mut short = good.clone();
+        short.values.clear();
+        assert_eq!(
+            validate("a", short).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+
+        let mut dangling = good.clone();
+        dangling.series_ids[0] = 7;
+        assert_eq!(
+            validate("a", dangling).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+
+        let mut badname = good;
+        badname.series[0].name = "bad-name".into();
+        assert_eq!(
+            validate("a", badname).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+}

@@ -1,0 +1,131 @@
+//! The Vitals collector: ingest over mutual-TLS gRPC, SQLite storage, query API.
+//!
+//! `run` is the whole daemon; `vitals dev` calls it in-process.
+
+pub mod config;
+pub mod ingest;
+pub mod query;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use tokio::sync::watch;
+use vitals_proto::v1::{ingest_server::IngestServer, query_server::QueryServer};
+
+pub use config::Settings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS setup failed: {0}")]
+    Tls(#[source] tonic::transport::Error),
+    #[error("server failed: {0}")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+/// Runs the collector until `shutdown` resolves, then drains in-flight
+/// batches under the configured grace period. `on_listen` receives the bound
+/// address (useful with port 0).
+pub async fn run(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_listen: impl FnOnce(SocketAddr) + Send,
+) -> Result<(), RunError> {
+    let conn = store::open(&settings.db_path)?;
+    let (writer, writer_thread) = store::spawn_writer(conn)?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| RunError::Bind {
+        addr: settings.listen,
+        source,
+    })?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let connected = ingest::Connected::default();
+    let ingest = ingest::IngestService {
+        writer: writer.clone(),
+        connected: connected.clone(),
+        shutdown: stop_rx.clone(),
+    };
+    let query = query::QueryService {
+        db_path: settings.db_path.clone(),
+        connected,
+        limits: store::QueryLimits {
+            max_series: settings.max_series,
+            max_points: settings.max_points,
+        },
+    };
+    drop(writer);
+
+    let mut server_stop = stop_rx.clone();
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = tonic::transport::Server::builder()
+        .tls_config(settings.tls.server_config())
+        .map_err(RunError::Tls)?
+        .add_service(IngestServer::new(ingest).max_decoding_message_size(64 << 20))
+        .add_service(QueryServer::new(query).max_encoding_message_size(256 << 20))
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = server_stop.wait_for(|s| *s).await;
+        });
+    tracing::info!(addr = %local, db = %settings.db_path.display(), version = vitals_common::VERSION, "collector listening (mutual TLS)");
+    on_listen(local);
+
+    let mut server = Box::pin(server);
+    let result = tokio::select! {
+        r = &mut server => r,
+        _ = shutdown => {
+            tracing::info!(grace = ?settings.shutdown_grace, "shutting down: draining in-flight batches");
+            let _ = stop_tx.send(true);
+            match tokio::time::timeout(settings.shutdown_grace, &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!(grace = ?settings.shutdown_grace, "shutdown grace period ran out; closing the remaining connections (unacked batches will be resent by their agents)");
+                    Ok(())
+                }
+            }
+        }
+    };
+    drop(server);
+    // Every sender is gone once the server is dropped: the writer commits
+    // what is queued and stops.
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    tracing::info!("collector stopped");
+    result.map_err(RunError::Serve)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = int.recv() => {},
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
