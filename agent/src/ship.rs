@@ -44,7 +44,7 @@ enum ShipError {
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("collector refused the stream: {0}")]
+    #[error("collector refused the stream: {:?}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
     #[error("{0}")]
     Other(String),

@@ -1,1 +1,426 @@
-//! Harness
+//! Harness for end-to-end tests: starts the real `vitals`, `vitals-agent`
+//! and `vitals-collector` binaries on 127.0.0.1 with certificates made by
+//! `vitals certs`, and reads what they stored.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs::File;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use rusqlite::{Connection, OpenFlags};
+use vitals_proto::v1::Batch;
+
+/// Path of a workspace binary, next to the test executable's `deps/`.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run the tests with `cargo nextest run --workspace` (or cargo test --workspace)",
+        p.display()
+    );
+    p
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it is true or `timeout` passes; returns whether it became true.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+/// A temporary deployment: a CA, a collector certificate, an operator certificate.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let env = Env {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        env.vitals_ok(&["certs", "init", "--dir", env.certs().to_str().unwrap()]);
+        env.issue(
+            "collector",
+            "collector",
+            &["--dns", "localhost", "--ip", "127.0.0.1"],
+        );
+        env.issue("operator", "operator", &[]);
+        env
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn certs(&self) -> PathBuf {
+        self.path().join("certs")
+    }
+
+    pub fn vitals(&self, args: &[&str]) -> Output {
+        Command::new(bin("vitals")).args(args).output().unwrap()
+    }
+
+    pub fn vitals_ok(&self, args: &[&str]) -> String {
+        let out = self.vitals(args);
+        assert!(
+            out.status.success(),
+            "vitals {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Issues `NAME.pem`/`NAME.key` in the env's CA directory.
+    pub fn issue(&self, name: &str, role: &str, extra: &[&str]) {
+        let certs = self.certs();
+        let mut args = vec![
+            "certs",
+            "issue",
+            "--dir",
+            certs.to_str().unwrap(),
+            "--name",
+            name,
+            "--role",
+            role,
+        ];
+        args.extend_from_slice(extra);
+        self.vitals_ok(&args);
+    }
+
+    pub fn cert(&self, name: &str) -> (PathBuf, PathBuf) {
+        (
+            self.certs().join(format!("{name}.pem")),
+            self.certs().join(format!("{name}.key")),
+        )
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.certs().join("ca.pem")
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.path().join("collector/vitals.db")
+    }
+
+    /// Writes cli.toml for the operator certificate.
+    pub fn cli_config(&self, port: u16) -> PathBuf {
+        let (cert, key) = self.cert("operator");
+        let p = self.path().join("cli.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "collector = \"https://127.0.0.1:{port}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                self.ca(),
+                cert,
+                key
+            ),
+        )
+        .unwrap();
+        p
+    }
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A running child process with its log file; killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(program: &Path, args: &[&str], log: &Path) -> Proc {
+        Proc::spawn_cmd(Command::new(program).args(args), log)
+    }
+
+    /// Starts `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn_cmd(cmd: &mut Command, log: &Path) -> Proc {
+        let file = File::options().create(true).append(true).open(log).unwrap();
+        let child = cmd
+            .env("VITALS_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Proc {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the exit.
+    pub fn term(&mut self, timeout: Duration) -> ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > end {
+                self.kill();
+                panic!(
+                    "process did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.kill();
+        }
+    }
+}
+
+/// Starts a collector on `port` with the env's certificates and database.
+pub fn start_collector(env: &Env, port: u16) -> Proc {
+    let dir = env.path().join("collector");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = env.cert("collector");
+    let cfg = dir.join("collector.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[storage]\npath = {:?}\n",
+            env.ca(),
+            cert,
+            key,
+            env.db()
+        ),
+    )
+    .unwrap();
+    let p = Proc::spawn(
+        &bin("vitals-collector"),
+        &["--config", cfg.to_str().unwrap()],
+        &dir.join("collector.log"),
+    );
+    let up = wait_until(Duration::from_secs(20), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(
+        up,
+        "collector did not listen on {port}; log:\n{}",
+        p.log_text()
+    );
+    p
+}
+
+/// How to start one agent.
+pub struct AgentOpts<'a> {
+    /// Certificate (and key) file stem to use; CA defaults to the env's.
+    pub cert: (PathBuf, PathBuf),
+    pub ca: Option<PathBuf>,
+    pub node: Option<&'a str>,
+    pub interval: &'a str,
+    pub spool_max_bytes: u64,
+}
+
+pub struct Agent {
+    pub proc: Proc,
+    pub spool: PathBuf,
+    pub config: PathBuf,
+}
+
+/// Writes an agent config under `env/agents/NAME/` and starts the agent.
+pub fn start_agent(env: &Env, name: &str, port: u16, opts: &AgentOpts<'_>) -> Agent {
+    let dir = env.path().join("agents").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("agent.toml");
+    let node = opts
+        .node
+        .map(|n| format!("node = {n:?}\n"))
+        .unwrap_or_default();
+    std::fs::write(
+        &cfg,
+        format!(
+            "collector = \"https://127.0.0.1:{port}\"\n{node}interval = {:?}\nshutdown_grace = \"10s\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[spool]\ndir = {:?}\nmax_bytes = {}\n",
+            opts.interval,
+            opts.ca.clone().unwrap_or_else(|| env.ca()),
+            opts.cert.0,
+            opts.cert.1,
+            dir.join("spool"),
+            opts.spool_max_bytes
+        ),
+    )
+    .unwrap();
+    restart_agent(&cfg)
+}
+
+/// Starts an agent from an existing config (same spool).
+pub fn restart_agent(cfg: &Path) -> Agent {
+    let dir = cfg.parent().unwrap();
+    let proc = Proc::spawn(
+        &bin("vitals-agent"),
+        &["--config", cfg.to_str().unwrap()],
+        &dir.join("agent.log"),
+    );
+    Agent {
+        proc,
+        spool: dir.join("spool"),
+        config: cfg.to_path_buf(),
+    }
+}
+
+/// The batches in an agent's spool (read-only), oldest first.
+pub fn spool_batches(spool_dir: &Path) -> Vec<(u64, Batch)> {
+    let path = spool_dir.join("spool.db");
+    if !path.exists() {
+        return Vec::new();
+    }
+    let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT seq, data FROM batches ORDER BY seq")
+        .unwrap();
+    stmt.query_map([], |r| {
+        let seq: i64 = r.get(0)?;
+        let data: Vec<u8> = r.get(1)?;
+        Ok((
+            seq as u64,
+            Batch::decode(data.as_slice()).expect("spooled batch decodes"),
+        ))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+/// Read access to the collector's database.
+pub struct Db(pub Connection);
+
+impl Db {
+    pub fn open(path: &Path) -> Db {
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        Db(conn)
+    }
+
+    pub fn count(&self, sql: &str) -> i64 {
+        self.0.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    /// (rowid, ts, value) of every stored sample of `metric` for `node`, in insertion order.
+    pub fn samples(&self, metric: &str, node: &str) -> Vec<(i64, i64, f64)> {
+        let mut stmt = self
+            .0
+            .prepare(
+                "SELECT s.rowid, s.ts, s.value FROM samples s JOIN series r ON r.id = s.series_id
+                 WHERE r.name = ?1 AND json_extract(r.labels, '$.node') = ?2 ORDER BY s.rowid",
+            )
+            .unwrap();
+        stmt.query_map([metric, node], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get::<_, Option<f64>>(2)?.unwrap_or(f64::NAN),
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    }
+
+    /// How many samples are stored for `node` at timestamp `ts`.
+    pub fn samples_at(&self, node: &str, ts: i64) -> i64 {
+        self.0
+            .query_row(
+                "SELECT count(*) FROM samples s JOIN series r ON r.id = s.series_id
+                 WHERE json_extract(r.labels, '$.node') = ?1 AND s.ts = ?2",
+                rusqlite::params![node, ts],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    /// How many times the series (name, labels) has a sample at `ts`.
+    pub fn occurrences(&self, name: &str, labels_json: &str, ts: i64) -> i64 {
+        self.0
+            .query_row(
+                "SELECT count(*) FROM samples s JOIN series r ON r.id = s.series_id
+                 WHERE r.name = ?1 AND r.labels = ?2 AND s.ts = ?3",
+                rusqlite::params![name, labels_json, ts],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    /// (series, ts) pairs stored more than once.
+    pub fn duplicates(&self) -> i64 {
+        self.count("SELECT count(*) FROM (SELECT series_id, ts FROM samples GROUP BY series_id, ts HAVING count(*) > 1)")
+    }
+}
+
+/// The `cycles=N` figure from an agent's "agent stopped" log line.
+pub fn stopped_cycles(log: &str) -> Option<u64> {
+    let line = log.lines().rev().find(|l| l.contains("agent stopped"))?;
+    let rest = line.split("cycles=").nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A tonic client channel presenting the given certificate (or none).
+pub async fn channel(
+    port: u16,
+    ca: &Path,
+    cert: Option<(&Path, &Path)>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
+        .domain_name("localhost");
+    if let Some((c, k)) = cert {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(c).unwrap(),
+            std::fs::read(k).unwrap(),
+        ));
+    }
+    Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}

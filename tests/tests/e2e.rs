@@ -1,0 +1,693 @@
+//! End-to-end: the real binaries, real mutual TLS on 127.0.0.1, certificates
+//! made by `vitals certs`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use tokio_stream::StreamExt;
+use vitals_e2e::*;
+use vitals_proto::v1::{
+    AgentMessage, Batch, Hello, Label, ListNodesRequest, SeriesDef, agent_message,
+    collector_message, ingest_client::IngestClient, query_client::QueryClient,
+};
+
+const SPOOL_BIG: u64 = 64 << 20;
+
+fn opts<'a>(env: &Env, cert: &str) -> AgentOpts<'a> {
+    AgentOpts {
+        cert: env.cert(cert),
+        ca: None,
+        node: None,
+        interval: "100ms",
+        spool_max_bytes: SPOOL_BIG,
+    }
+}
+
+fn nothing_stored(db: &Path) -> bool {
+    if !db.exists() {
+        return true;
+    }
+    let db = Db::open(db);
+    db.count("SELECT count(*) FROM samples") == 0
+        && db.count("SELECT count(*) FROM series") == 0
+        && db.count("SELECT count(*) FROM events") == 0
+}
+
+/// Stored values of `vitals_agent_cycles_total` for `node`, by timestamp.
+fn cycles_by_ts(db: &Db, node: &str) -> Vec<(i64, i64, u64)> {
+    db.samples("vitals_agent_cycles_total", node)
+        .into_iter()
+        .map(|(rowid, ts, v)| (rowid, ts, v as u64))
+        .collect()
+}
+
+/// Every cycle the agent ran is stored exactly once and complete: cycle
+/// numbers 1..=N without gap or repeat, and at each cycle's timestamp exactly
+/// as many samples as the cycle reported carrying.
+fn assert_complete_run(db: &Db, node: &str, expected_cycles: u64) {
+    let mut cycles = cycles_by_ts(db, node);
+    cycles.sort_by_key(|c| c.1);
+    let values: Vec<u64> = cycles.iter().map(|c| c.2).collect();
+    let want: Vec<u64> = (1..=expected_cycles).collect();
+    assert_eq!(values, want, "node {node}: stored cycle numbers");
+    let sizes: HashMap<i64, f64> = db
+        .samples("vitals_agent_cycle_samples", node)
+        .into_iter()
+        .map(|(_, ts, v)| (ts, v))
+        .collect();
+    for (_, ts, n) in &cycles {
+        let want = sizes.get(ts).copied().unwrap_or(-1.0) as i64;
+        assert_eq!(
+            db.samples_at(node, *ts),
+            want,
+            "node {node}: samples stored for cycle {n} at {ts}"
+        );
+    }
+    assert_eq!(
+        db.duplicates(),
+        0,
+        "a (series, timestamp) pair is stored twice"
+    );
+}
+
+fn stop_agent(agent: &mut Agent) -> u64 {
+    let st = agent.proc.term(Duration::from_secs(20));
+    assert!(
+        st.success(),
+        "agent exit {st:?}; log:\n{}",
+        agent.proc.log_text()
+    );
+    assert!(
+        spool_batches(&agent.spool).is_empty(),
+        "agent spool not empty after a clean stop"
+    );
+    let log = agent.proc.log_text();
+    stopped_cycles(&log).unwrap_or_else(|| panic!("agent did not log its cycle count:\n{log}"))
+}
+
+#[test]
+fn refuses_agents_without_a_valid_agent_certificate_and_stores_nothing() {
+    let env = Env::new();
+    let port = free_port();
+    let mut collector = start_collector(&env, port);
+
+    // Another CA, an expired certificate, an operator certificate.
+    let other = env.path().join("other-ca");
+    env.vitals_ok(&["certs", "init", "--dir", other.to_str().unwrap()]);
+    env.vitals_ok(&[
+        "certs",
+        "issue",
+        "--dir",
+        other.to_str().unwrap(),
+        "--name",
+        "intruder",
+        "--role",
+        "agent",
+    ]);
+    env.issue("stale", "agent", &["--not-after", "2021-01-01"]);
+    env.issue("ops", "operator", &[]);
+    let shown = env.vitals_ok(&["certs", "show", env.cert("stale").0.to_str().unwrap()]);
+    assert!(shown.contains("EXPIRED"), "{shown}");
+
+    let intruder = AgentOpts {
+        cert: (other.join("intruder.pem"), other.join("intruder.key")),
+        ..opts(&env, "unused")
+    };
+    let mut agents = vec![
+        start_agent(&env, "intruder", port, &intruder),
+        start_agent(&env, "stale", port, &opts(&env, "stale")),
+        start_agent(&env, "ops", port, &opts(&env, "ops")),
+    ];
+
+    // No client certificate at all, straight through tonic.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let bare = rt.block_on(async {
+        let ch = channel(port, &env.ca(), None).await?;
+        let hello = AgentMessage {
+            msg: Some(agent_message::Msg::Hello(Hello {
+                node: "x".into(),
+                agent_version: "t".into(),
+                instance_id: "i".into(),
+            })),
+        };
+        let mut resp = IngestClient::new(ch)
+            .stream(tokio_stream::iter(vec![hello]))
+            .await?
+            .into_inner();
+        resp.message().await?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    });
+    assert!(bare.is_err(), "a client without a certificate got through");
+
+    // Each agent keeps running, spools, and is refused.
+    for a in &mut agents {
+        let spooled = wait_until(Duration::from_secs(15), || {
+            spool_batches(&a.spool).len() >= 5
+        });
+        assert!(
+            spooled,
+            "agent did not keep collecting into its spool; log:\n{}",
+            a.proc.log_text()
+        );
+        assert!(
+            a.proc.is_running(),
+            "agent died; log:\n{}",
+            a.proc.log_text()
+        );
+    }
+    let ops_log = agents[2].proc.log_text();
+    assert!(
+        ops_log.contains("role operator"),
+        "operator refusal not explained:\n{ops_log}"
+    );
+    for a in &agents[..2] {
+        let log = a.proc.log_text();
+        assert!(
+            log.contains("collector unreachable"),
+            "TLS refusal not reported:\n{log}"
+        );
+    }
+    assert!(
+        nothing_stored(&env.db()),
+        "something was stored from a refused agent"
+    );
+    collector.term(Duration::from_secs(10));
+    assert!(nothing_stored(&env.db()));
+    let db = Db::open(&env.db());
+    assert_eq!(db.count("SELECT count(*) FROM nodes"), 0);
+}
+
+#[test]
+fn samples_for_another_node_are_permission_denied_whole() {
+    let env = Env::new();
+    env.issue("node-a", "agent", &[]);
+    let port = free_port();
+    let _collector = start_collector(&env, port);
+    let (cert, key) = env.cert("node-a");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let series = |id: u32, node: &str| SeriesDef {
+        id,
+        name: "test_metric".into(),
+        labels: vec![Label {
+            name: "node".into(),
+            value: node.into(),
+        }],
+    };
+    let send = |batch: Batch| {
+        let (cert, key, ca) = (cert.clone(), key.clone(), env.ca());
+        rt.block_on(async move {
+            let ch = channel(port, &ca, Some((&cert, &key))).await.unwrap();
+            let msgs = vec![
+                AgentMessage {
+                    msg: Some(agent_message::Msg::Hello(Hello {
+                        node: "node-a".into(),
+                        agent_version: "test".into(),
+                        instance_id: "inst-1".into(),
+                    })),
+                },
+                AgentMessage {
+                    msg: Some(agent_message::Msg::Batch(batch)),
+                },
+            ];
+            // Keep the request stream open until the answers are in.
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            for m in msgs {
+                tx.send(m).await.unwrap();
+            }
+            let mut resp = IngestClient::new(ch)
+                .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut got = Vec::new();
+            loop {
+                match tokio::time::timeout(Duration::from_secs(10), resp.next()).await {
+                    Ok(Some(Ok(m))) => {
+                        let is_ack = matches!(m.msg, Some(collector_message::Msg::Ack(_)));
+                        got.push(Ok(m));
+                        if is_ack {
+                            break;
+                        }
+                    }
+                    Ok(Some(Err(status))) => {
+                        got.push(Err(status));
+                        break;
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            drop(tx);
+            got
+        })
+    };
+
+    // One batch: a sample for node-a and one for node-b.
+    let mixed = Batch {
+        seq: 1,
+        series: vec![series(0, "node-a"), series(1, "node-b")],
+        series_ids: vec![0, 1],
+        timestamps_ms: vec![1000, 1000],
+        values: vec![1.0, 2.0],
+        events: vec![],
+    };
+    let got = send(mixed);
+    let status = got
+        .iter()
+        .find_map(|r| r.as_ref().err())
+        .unwrap_or_else(|| panic!("no error status; got {got:?}"));
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(
+        nothing_stored(&env.db()),
+        "part of a rejected batch was stored"
+    );
+
+    // The same identity with an honest batch is stored and acked.
+    let honest = Batch {
+        seq: 1,
+        series: vec![series(0, "node-a")],
+        series_ids: vec![0, 0],
+        timestamps_ms: vec![1000, 2000],
+        values: vec![1.0, 2.0],
+        events: vec![],
+    };
+    let got = send(honest);
+    assert!(
+        got.iter().any(|r| matches!(r, Ok(m) if matches!(m.msg, Some(collector_message::Msg::Ack(ref a)) if a.seq == 1))),
+        "honest batch not acked: {got:?}"
+    );
+    let db = Db::open(&env.db());
+    assert_eq!(db.samples("test_metric", "node-a").len(), 2);
+    assert_eq!(db.samples("test_metric", "node-b").len(), 0);
+
+    // The real agent, certified as node-a but configured as node-b.
+    let liar = AgentOpts {
+        node: Some("node-b"),
+        ..opts(&env, "node-a")
+    };
+    let mut agent = start_agent(&env, "liar", port, &liar);
+    let refused = wait_until(Duration::from_secs(15), || {
+        agent.proc.log_text().contains("PermissionDenied")
+    });
+    assert!(
+        refused,
+        "agent did not report the refusal:\n{}",
+        agent.proc.log_text()
+    );
+    assert!(agent.proc.is_running());
+    assert_eq!(
+        db.count("SELECT count(*) FROM series WHERE labels LIKE '%node-b%'"),
+        0
+    );
+    assert_eq!(db.count("SELECT count(*) FROM samples"), 2);
+
+    // An agent certificate may not query.
+    let denied = rt.block_on(async {
+        let ch = channel(port, &env.ca(), Some((&cert, &key))).await.unwrap();
+        QueryClient::new(ch).list_nodes(ListNodesRequest {}).await
+    });
+    assert_eq!(denied.unwrap_err().code(), tonic::Code::PermissionDenied);
+}
+
+#[test]
+fn collector_sigkill_while_two_agents_stream_loses_and_duplicates_nothing() {
+    let env = Env::new();
+    env.issue("a1", "agent", &[]);
+    env.issue("a2", "agent", &[]);
+    let port = free_port();
+    let mut collector = start_collector(&env, port);
+    let mut a1 = start_agent(&env, "a1", port, &opts(&env, "a1"));
+    let mut a2 = start_agent(&env, "a2", port, &opts(&env, "a2"));
+
+    let stored = |n: usize| {
+        let db = Db::open(&env.db());
+        cycles_by_ts(&db, "a1").len() >= n && cycles_by_ts(&db, "a2").len() >= n
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || stored(10)),
+        "agents did not start storing"
+    );
+    collector.kill();
+    std::thread::sleep(Duration::from_millis(800));
+    let mut collector = start_collector(&env, port);
+    assert!(
+        wait_until(Duration::from_secs(20), || stored(30)),
+        "agents did not resume"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    let n1 = stop_agent(&mut a1);
+    let n2 = stop_agent(&mut a2);
+    collector.term(Duration::from_secs(10));
+    let db = Db::open(&env.db());
+    assert_complete_run(&db, "a1", n1);
+    assert_complete_run(&db, "a2", n2);
+}
+
+#[test]
+fn collector_down_backlog_arrives_in_order_and_a_full_spool_drops_oldest() {
+    let env = Env::new();
+    env.issue("big", "agent", &[]);
+    env.issue("tiny", "agent", &[]);
+    let port = free_port();
+    let mut collector = start_collector(&env, port);
+    let mut big = start_agent(&env, "big", port, &opts(&env, "big"));
+    // Room for a few batches only.
+    let tiny_opts = AgentOpts {
+        spool_max_bytes: 6000,
+        ..opts(&env, "tiny")
+    };
+    let mut tiny = start_agent(&env, "tiny", port, &tiny_opts);
+    let stored = |node: &str, n: usize| cycles_by_ts(&Db::open(&env.db()), node).len() >= n;
+    assert!(wait_until(Duration::from_secs(20), || stored("big", 5)
+        && stored("tiny", 5)));
+
+    collector.term(Duration::from_secs(10));
+    // The agents keep collecting into their spools.
+    assert!(
+        wait_until(Duration::from_secs(20), || spool_batches(&big.spool).len()
+            >= 25),
+        "backlog did not build up; log:\n{}",
+        big.proc.log_text()
+    );
+    let tiny_spool = spool_batches(&tiny.spool).len();
+    assert!(tiny_spool < 10, "tiny spool holds {tiny_spool} batches");
+    assert!(wait_until(Duration::from_secs(10), || tiny
+        .proc
+        .log_text()
+        .contains("spool full")));
+
+    let mut collector = start_collector(&env, port);
+    assert!(
+        wait_until(Duration::from_secs(30), || spool_batches(&big.spool).len()
+            <= 1),
+        "backlog not delivered; log:\n{}",
+        big.proc.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let n_big = stop_agent(&mut big);
+    let n_tiny = stop_agent(&mut tiny);
+    collector.term(Duration::from_secs(10));
+
+    let db = Db::open(&env.db());
+    assert_complete_run(&db, "big", n_big);
+    // In order: insertion order is timestamp order.
+    let rows = cycles_by_ts(&db, "big");
+    assert!(
+        rows.windows(2).all(|w| w[0].1 < w[1].1),
+        "backlog stored out of order"
+    );
+
+    // The tiny spool lost a contiguous run of its oldest unsent batches, and
+    // its drop counter says exactly how many.
+    let mut got: Vec<u64> = cycles_by_ts(&db, "tiny").into_iter().map(|c| c.2).collect();
+    got.sort();
+    let missing: Vec<u64> = (1..=n_tiny).filter(|c| !got.contains(c)).collect();
+    assert!(!missing.is_empty(), "nothing was dropped from a tiny spool");
+    assert_eq!(
+        missing.last().unwrap() - missing.first().unwrap() + 1,
+        missing.len() as u64,
+        "dropped batches are not one contiguous run of the oldest: {missing:?}"
+    );
+    let dropped = db
+        .samples("vitals_agent_spool_dropped_batches_total", "tiny")
+        .into_iter()
+        .map(|(_, _, v)| v as u64)
+        .max()
+        .unwrap();
+    assert_eq!(
+        dropped,
+        missing.len() as u64,
+        "drop counter vs batches missing"
+    );
+    assert_eq!(db.duplicates(), 0);
+}
+
+#[test]
+fn agent_sigkill_then_restart_sends_its_unacked_spool() {
+    let env = Env::new();
+    env.issue("k1", "agent", &[]);
+    let port = free_port();
+    // No collector yet: everything stays unacked in the spool.
+    let mut agent = start_agent(&env, "k1", port, &opts(&env, "k1"));
+    assert!(wait_until(Duration::from_secs(20), || spool_batches(
+        &agent.spool
+    )
+    .len()
+        >= 10));
+    agent.proc.kill();
+    let before = spool_batches(&agent.spool);
+    assert!(before.len() >= 10);
+
+    let mut collector = start_collector(&env, port);
+    let mut agent = restart_agent(&agent.config);
+    let db_ready = || env.db().exists();
+    assert!(wait_until(Duration::from_secs(10), db_ready));
+    let delivered = || {
+        let db = Db::open(&env.db());
+        before.iter().all(|(_, b)| {
+            let ts = b.timestamps_ms[0];
+            db.samples_at("k1", ts) > 0
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), delivered),
+        "spool of the killed agent not delivered; log:\n{}",
+        agent.proc.log_text()
+    );
+    let n2 = stop_agent(&mut agent);
+    collector.term(Duration::from_secs(10));
+
+    // Every sample of every batch that was in the spool at the kill is stored exactly once.
+    let db = Db::open(&env.db());
+    for (seq, b) in &before {
+        for i in 0..b.values.len() {
+            let def = b.series.iter().find(|d| d.id == b.series_ids[i]).unwrap();
+            let labels: BTreeMap<String, String> = def
+                .labels
+                .iter()
+                .map(|l| (l.name.clone(), l.value.clone()))
+                .collect();
+            let labels = serde_json::to_string(&labels).unwrap();
+            assert_eq!(
+                db.occurrences(&def.name, &labels, b.timestamps_ms[i]),
+                1,
+                "batch {seq}: {} {labels} at {}",
+                def.name,
+                b.timestamps_ms[i]
+            );
+        }
+    }
+    // Both runs are complete: the first up to the kill, the second to the stop.
+    let mut cycles = cycles_by_ts(&db, "k1");
+    cycles.sort_by_key(|c| c.1);
+    let values: Vec<u64> = cycles.iter().map(|c| c.2).collect();
+    let restart = values
+        .iter()
+        .skip(1)
+        .position(|v| *v == 1)
+        .map(|p| p + 1)
+        .unwrap();
+    let first_run: Vec<u64> = (1..=restart as u64).collect();
+    let second_run: Vec<u64> = (1..=n2).collect();
+    assert_eq!(values[..restart], first_run[..]);
+    assert_eq!(values[restart..], second_run[..]);
+    assert!(restart >= before.len());
+    assert_eq!(db.duplicates(), 0);
+}
+
+#[test]
+fn malformed_config_names_file_line_and_key_and_exits_2() {
+    let env = Env::new();
+    let bad_agent = env.path().join("agent.toml");
+    std::fs::write(
+        &bad_agent,
+        "collector = \"https://127.0.0.1:1\"\n\n[spool]\nmax_bytes = \"lots\"\n",
+    )
+    .unwrap();
+    let unknown = env.path().join("agent2.toml");
+    std::fs::write(
+        &unknown,
+        "collector = \"https://127.0.0.1:1\"\nintreval = \"5s\"\n",
+    )
+    .unwrap();
+    let bad_collector = env.path().join("collector.toml");
+    std::fs::write(
+        &bad_collector,
+        "listen = \"127.0.0.1:7443\"\n[storage]\npath = 5\n",
+    )
+    .unwrap();
+    let syntax = env.path().join("collector2.toml");
+    std::fs::write(&syntax, "listen = \"127.0.0.1:7443\"\nshutdown_grace = \n").unwrap();
+
+    let cases: [(&str, &[&str], &Path, &str, &str); 6] = [
+        (
+            "vitals-agent",
+            &["check-config"],
+            &bad_agent,
+            ":4:",
+            "spool.max_bytes",
+        ),
+        ("vitals-agent", &[], &bad_agent, ":4:", "spool.max_bytes"),
+        (
+            "vitals-agent",
+            &["check-config"],
+            &unknown,
+            ":2:",
+            "intreval",
+        ),
+        (
+            "vitals-collector",
+            &["check-config"],
+            &bad_collector,
+            ":3:",
+            "storage.path",
+        ),
+        (
+            "vitals-collector",
+            &[],
+            &bad_collector,
+            ":3:",
+            "storage.path",
+        ),
+        (
+            "vitals-collector",
+            &["check-config"],
+            &syntax,
+            ":2:",
+            "shutdown_grace",
+        ),
+    ];
+    for (program, sub, file, line, key) in cases {
+        let out = Command::new(bin(program))
+            .args(sub)
+            .arg("--config")
+            .arg(file)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{program} {sub:?}: {err}");
+        let file_line = format!("{}{line}", file.display());
+        assert!(
+            err.contains(&file_line),
+            "{program}: no {file_line} in: {err}"
+        );
+        assert!(err.contains(key), "{program}: no key {key} in: {err}");
+    }
+    // A missing config file is also a config error.
+    let out = Command::new(bin("vitals-agent"))
+        .args(["check-config", "--config", "/nonexistent/agent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent.toml"));
+}
+
+#[test]
+fn dev_mode_serves_this_hosts_samples_and_keeps_its_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("vitals-dev");
+    let start = || {
+        Proc::spawn_cmd(
+            Command::new(bin("vitals")).args(["dev", "--dir", dir.to_str().unwrap()]),
+            &tmp.path().join("dev.log"),
+        )
+    };
+    let mut dev = start();
+    let cli = dir.join("cli.toml");
+    let query = || {
+        Command::new(bin("vitals"))
+            .args([
+                "--config",
+                cli.to_str().unwrap(),
+                "query",
+                "node_load1",
+                "--json",
+            ])
+            .output()
+            .unwrap()
+    };
+    let mut last = String::new();
+    let ok = wait_until(Duration::from_secs(15), || {
+        if !cli.exists() {
+            return false;
+        }
+        let out = query();
+        last = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.status.success() && {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            v["series"][0]["points"]
+                .as_array()
+                .is_some_and(|p| !p.is_empty())
+        }
+    });
+    assert!(
+        ok,
+        "no node_load1 samples within 15 s: {last}\nlog:\n{}",
+        dev.log_text()
+    );
+    let v: serde_json::Value = serde_json::from_slice(&query().stdout).unwrap();
+    let s = &v["series"][0];
+    assert_eq!(s["name"], "node_load1");
+    assert!(s["labels"]["node"].as_str().is_some_and(|n| !n.is_empty()));
+    assert!(s["points"][0][0].as_i64().is_some() && s["points"][0][1].as_f64().is_some());
+    let nodes = Command::new(bin("vitals"))
+        .args(["--config", cli.to_str().unwrap(), "nodes", "--json"])
+        .output()
+        .unwrap();
+    let nodes: serde_json::Value = serde_json::from_slice(&nodes.stdout).unwrap();
+    assert_eq!(nodes["nodes"][0]["connected"], true);
+    assert!(
+        dev.log_text().contains("--config"),
+        "dev did not print how to query"
+    );
+
+    let st = dev.term(Duration::from_secs(20));
+    assert!(st.success(), "dev exit {st:?}; log:\n{}", dev.log_text());
+
+    // A second run keeps edited configs and existing certificates.
+    let agent_toml = dir.join("agent.toml");
+    let edited = std::fs::read_to_string(&agent_toml)
+        .unwrap()
+        .replace("interval = \"5s\"", "interval = \"1s\"");
+    std::fs::write(&agent_toml, &edited).unwrap();
+    let ca_before = std::fs::read(dir.join("certs/ca.pem")).unwrap();
+    let mut dev = start();
+    assert!(wait_until(Duration::from_secs(15), || dev
+        .log_text()
+        .matches("agent started")
+        .count()
+        >= 2));
+    assert!(
+        dev.log_text().contains("interval=1s"),
+        "edited interval not used:\n{}",
+        dev.log_text()
+    );
+    assert_eq!(std::fs::read(dir.join("certs/ca.pem")).unwrap(), ca_before);
+    assert_eq!(std::fs::read_to_string(&agent_toml).unwrap(), edited);
+    let st = dev.term(Duration::from_secs(20));
+    assert!(st.success());
+
+    // The files work with the daemons as they are.
+    for (program, file) in [
+        ("vitals-collector", "collector.toml"),
+        ("vitals-agent", "agent.toml"),
+    ] {
+        let out = Command::new(bin(program))
+            .args(["check-config", "--config", dir.join(file).to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{program}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
