@@ -65,8 +65,9 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 impl Shipper {
-    /// Runs until stopped; when stopping, keeps going while connected until
-    /// the spool is empty.
+    /// Runs until stopped. When told to stop it keeps going while connected
+    /// until the spool is empty; if it was waiting to reconnect, it makes one
+    /// more attempt at once.
     pub async fn run(mut self) {
         let mut delay = Duration::from_millis(250);
         let max_delay = Duration::from_secs(30);
@@ -99,13 +100,16 @@ impl Shipper {
                     }
                 }
             }
-            if *self.stop.borrow() {
+            // Stopping: one more try was made after the stop; the rest of the
+            // spool goes out on the next start.
+            if stopping {
                 return;
             }
             let jittered = delay.mul_f64(0.5 + rand::random::<f64>() * 0.5);
             tokio::select! {
                 _ = tokio::time::sleep(jittered) => {}
-                _ = self.stop.changed() => return,
+                // Told to stop while waiting: try to deliver right away.
+                _ = self.stop.changed() => {}
             }
             delay = (delay * 2).min(max_delay);
         }

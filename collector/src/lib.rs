@@ -97,9 +97,18 @@ pub async fn run(
         }
     };
     drop(server);
-    // Every sender is gone once the server is dropped: the writer commits
-    // what is queued and stops.
-    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    // Once the streams are gone so are the writer's senders: it commits what
+    // is queued and stops. Each queued batch is either committed (and was or
+    // will be acked) or never acked, so a bounded wait loses nothing acked.
+    let join = tokio::task::spawn_blocking(move || writer_thread.join());
+    if tokio::time::timeout(std::time::Duration::from_secs(10), join)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "store writer still busy after 10 s; exiting without waiting (unacked batches will be resent)"
+        );
+    }
     tracing::info!("collector stopped");
     result.map_err(RunError::Serve)
 }

@@ -267,6 +267,9 @@ struct WriterState {
     conn: Connection,
     series_ids: HashMap<(String, String), i64>,
     acked: HashMap<(String, String), u64>,
+    /// Newest stored timestamp of each series: the out-of-order rule.
+    last_ts: HashMap<i64, i64>,
+    out_of_order_total: u64,
 }
 
 fn labels_json(labels: &Labels) -> String {
@@ -294,16 +297,30 @@ impl WriterState {
                 acked.insert((node, inst), seq as u64);
             }
         }
+        let mut last_ts = HashMap::new();
+        {
+            let mut stmt =
+                conn.prepare("SELECT series_id, max(ts) FROM samples GROUP BY series_id")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (id, ts) = row?;
+                last_ts.insert(id, ts);
+            }
+        }
         Ok(WriterState {
             conn,
             series_ids,
             acked,
+            last_ts,
+            out_of_order_total: 0,
         })
     }
 
     fn apply(&mut self, group: Vec<Command>) {
         let mut staged_acked: HashMap<(String, String), u64> = HashMap::new();
         let mut staged_series: HashMap<(String, String), i64> = HashMap::new();
+        let mut staged_last: HashMap<i64, i64> = HashMap::new();
+        let mut out_of_order = 0u64;
         let mut results: Vec<Result<CommandResult, String>> = Vec::with_capacity(group.len());
         let outcome = (|| -> Result<(), rusqlite::Error> {
             let tx = self.conn.unchecked_transaction()?;
@@ -345,7 +362,13 @@ impl WriterState {
                         if batch.seq <= last {
                             CommandResult::Write(Outcome::Duplicate)
                         } else {
-                            self.insert_batch(&tx, node, batch, &mut staged_series)?;
+                            out_of_order += self.insert_batch(
+                                &tx,
+                                node,
+                                batch,
+                                &mut staged_series,
+                                &mut staged_last,
+                            )?;
                             tx.prepare_cached(
                                 "INSERT INTO agent_instances (node, instance_id, acked_seq, updated_ms)
                                  VALUES (?1, ?2, ?3, ?4)
@@ -372,6 +395,15 @@ impl WriterState {
         } else {
             self.acked.extend(staged_acked);
             self.series_ids.extend(staged_series);
+            self.last_ts.extend(staged_last);
+            if out_of_order > 0 {
+                self.out_of_order_total += out_of_order;
+                tracing::warn!(
+                    dropped = out_of_order,
+                    dropped_total = self.out_of_order_total,
+                    "dropped samples not newer than the newest stored sample of their series (out of order or duplicate)"
+                );
+            }
         }
         for (cmd, res) in group.into_iter().zip(results) {
             match cmd {
@@ -397,7 +429,8 @@ impl WriterState {
         node: &str,
         batch: &CleanBatch,
         staged_series: &mut HashMap<(String, String), i64>,
-    ) -> Result<(), rusqlite::Error> {
+        staged_last: &mut HashMap<i64, i64>,
+    ) -> Result<u64, rusqlite::Error> {
         let mut ids = Vec::with_capacity(batch.series.len());
         for (name, labels) in &batch.series {
             let key = (name.clone(), labels_json(labels));
@@ -428,15 +461,25 @@ impl WriterState {
         }
         let mut ins =
             tx.prepare_cached("INSERT INTO samples (series_id, ts, value) VALUES (?1, ?2, ?3)")?;
+        let mut dropped = 0u64;
         for i in 0..batch.values.len() {
+            let id = ids[batch.series_idx[i] as usize];
+            let ts = batch.timestamps_ms[i];
+            // The rule: per series, timestamps only move forward. A sample at
+            // or before the newest stored one is dropped and counted.
+            let last = staged_last
+                .get(&id)
+                .or_else(|| self.last_ts.get(&id))
+                .copied();
+            if last.is_some_and(|l| ts <= l) {
+                dropped += 1;
+                continue;
+            }
+            staged_last.insert(id, ts);
             let v = batch.values[i];
             // SQLite has no NaN: it is stored as NULL and read back as NaN.
             let v = if v.is_nan() { None } else { Some(v) };
-            ins.execute(params![
-                ids[batch.series_idx[i] as usize],
-                batch.timestamps_ms[i],
-                v
-            ])?;
+            ins.execute(params![id, ts, v])?;
         }
         let mut ev = tx.prepare_cached(
             "INSERT INTO events (ts, node, kind, severity, message, labels) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -451,7 +494,7 @@ impl WriterState {
                 labels_json(&e.labels)
             ])?;
         }
-        Ok(())
+        Ok(dropped)
     }
 }
 
@@ -615,13 +658,20 @@ mod tests {
             .unwrap();
         assert_eq!(r3.await.unwrap().unwrap(), Outcome::Stored);
         assert_eq!(w.hello("a", "i1", "0").await.unwrap(), 1);
+        // Out of order (ts 5 < 10) and duplicate timestamps are dropped.
+        let r4 = w.write("a", "i1", batch(2, "a", 5, 9.0)).await.unwrap();
+        assert_eq!(r4.await.unwrap().unwrap(), Outcome::Stored);
         drop(w);
         h.join().unwrap();
         assert_eq!(count(&path), 2);
 
         // Restart: the acked sequence survives, the NaN reads back as NaN.
         let (w, h) = spawn_writer(open(&path).unwrap()).unwrap();
-        assert_eq!(w.hello("a", "i1", "0").await.unwrap(), 1);
+        assert_eq!(w.hello("a", "i1", "0").await.unwrap(), 2);
+        let r5 = w.write("a", "i1", batch(3, "a", 11, 3.0)).await.unwrap();
+        assert_eq!(r5.await.unwrap().unwrap(), Outcome::Stored);
+        let r6 = w.write("a", "i1", batch(4, "a", 12, 4.0)).await.unwrap();
+        assert_eq!(r6.await.unwrap().unwrap(), Outcome::Stored);
         drop(w);
         h.join().unwrap();
         let conn = open_reader(&path).unwrap();
@@ -632,15 +682,19 @@ mod tests {
         };
         let got = query_range(&conn, &sel, 0, 100, lim).unwrap();
         assert_eq!(got.len(), 1);
-        assert_eq!(got[0].points.len(), 2);
+        // ts 10, then i2's NaN at 11 (newest across the restart), so i1's
+        // ts 11 is dropped and ts 12 kept.
+        let ts: Vec<i64> = got[0].points.iter().map(|p| p.0).collect();
+        assert_eq!(ts, vec![10, 11, 12]);
         assert!(got[0].points[1].1.is_nan());
+        assert_eq!(got[0].points[2].1, 4.0);
         let lim1 = QueryLimits {
             max_series: 10,
-            max_points: 1,
+            max_points: 2,
         };
         assert!(matches!(
             query_range(&conn, &sel, 0, 100, lim1),
-            Err(QueryError::TooManyPoints(1))
+            Err(QueryError::TooManyPoints(2))
         ));
     }
 

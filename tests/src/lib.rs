@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 use rusqlite::{Connection, OpenFlags};
-use vitals_proto::v1::Batch;
+use vitals_proto::v1::query_client::QueryClient;
+use vitals_proto::v1::{Batch, MatchOp, Matcher, QueryRangeRequest, Series};
 
 /// Path of a workspace binary, next to the test executable's `deps/`.
 pub fn bin(name: &str) -> PathBuf {
@@ -311,9 +312,10 @@ pub fn spool_batches(spool_dir: &Path) -> Vec<(u64, Batch)> {
     }
     let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
     conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    let mut stmt = conn
-        .prepare("SELECT seq, data FROM batches ORDER BY seq")
-        .unwrap();
+    // The agent may be creating the file right now: no table yet is empty.
+    let Ok(mut stmt) = conn.prepare("SELECT seq, data FROM batches ORDER BY seq") else {
+        return Vec::new();
+    };
     stmt.query_map([], |r| {
         let seq: i64 = r.get(0)?;
         let data: Vec<u8> = r.get(1)?;
@@ -327,69 +329,115 @@ pub fn spool_batches(spool_dir: &Path) -> Vec<(u64, Batch)> {
     .unwrap()
 }
 
-/// Read access to the collector's database.
-pub struct Db(pub Connection);
+/// Reads what the collector stored through its query API (operator certificate).
+pub struct Reader {
+    rt: tokio::runtime::Runtime,
+    client: QueryClient<tonic::transport::Channel>,
+}
 
-impl Db {
-    pub fn open(path: &Path) -> Db {
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-        conn.busy_timeout(Duration::from_secs(5)).unwrap();
-        Db(conn)
+impl Reader {
+    pub fn new(env: &Env, port: u16) -> Reader {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (cert, key) = env.cert("operator");
+        let ch = rt
+            .block_on(channel(port, &env.ca(), Some((&cert, &key))))
+            .expect("operator connects to the collector");
+        Reader {
+            rt,
+            client: QueryClient::new(ch).max_decoding_message_size(256 << 20),
+        }
     }
 
-    pub fn count(&self, sql: &str) -> i64 {
-        self.0.query_row(sql, [], |r| r.get(0)).unwrap()
+    /// Every stored series matching `metric` (may be empty) and `matchers`.
+    pub fn series(&self, metric: &str, matchers: &[(&str, MatchOp, &str)]) -> Vec<Series> {
+        let req = QueryRangeRequest {
+            metric: metric.into(),
+            matchers: matchers
+                .iter()
+                .map(|(n, op, v)| Matcher {
+                    name: n.to_string(),
+                    op: *op as i32,
+                    value: v.to_string(),
+                })
+                .collect(),
+            start_ms: 0,
+            end_ms: i64::MAX,
+        };
+        let mut c = self.client.clone();
+        self.rt
+            .block_on(c.query_range(req))
+            .expect("query_range")
+            .into_inner()
+            .series
     }
 
-    /// (rowid, ts, value) of every stored sample of `metric` for `node`, in insertion order.
-    pub fn samples(&self, metric: &str, node: &str) -> Vec<(i64, i64, f64)> {
-        let mut stmt = self
-            .0
-            .prepare(
-                "SELECT s.rowid, s.ts, s.value FROM samples s JOIN series r ON r.id = s.series_id
-                 WHERE r.name = ?1 AND json_extract(r.labels, '$.node') = ?2 ORDER BY s.rowid",
-            )
-            .unwrap();
-        stmt.query_map([metric, node], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get::<_, Option<f64>>(2)?.unwrap_or(f64::NAN),
-            ))
-        })
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
+    /// Every series of one node.
+    pub fn node_series(&self, node: &str) -> Vec<Series> {
+        self.series("", &[("node", MatchOp::Equal, node)])
     }
 
-    /// How many samples are stored for `node` at timestamp `ts`.
-    pub fn samples_at(&self, node: &str, ts: i64) -> i64 {
-        self.0
-            .query_row(
-                "SELECT count(*) FROM samples s JOIN series r ON r.id = s.series_id
-                 WHERE json_extract(r.labels, '$.node') = ?1 AND s.ts = ?2",
-                rusqlite::params![node, ts],
-                |r| r.get(0),
-            )
-            .unwrap()
+    /// Everything stored, all nodes.
+    pub fn all(&self) -> Vec<Series> {
+        self.series("", &[("__name__", MatchOp::Regex, ".+")])
     }
 
-    /// How many times the series (name, labels) has a sample at `ts`.
-    pub fn occurrences(&self, name: &str, labels_json: &str, ts: i64) -> i64 {
-        self.0
-            .query_row(
-                "SELECT count(*) FROM samples s JOIN series r ON r.id = s.series_id
-                 WHERE r.name = ?1 AND r.labels = ?2 AND s.ts = ?3",
-                rusqlite::params![name, labels_json, ts],
-                |r| r.get(0),
-            )
-            .unwrap()
+    /// (timestamp, value) of every stored sample of `metric` for `node`.
+    pub fn samples(&self, metric: &str, node: &str) -> Vec<(i64, f64)> {
+        self.series(metric, &[("node", MatchOp::Equal, node)])
+            .into_iter()
+            .flat_map(|s| s.points.into_iter().map(|p| (p.timestamp_ms, p.value)))
+            .collect()
     }
 
-    /// (series, ts) pairs stored more than once.
-    pub fn duplicates(&self) -> i64 {
-        self.count("SELECT count(*) FROM (SELECT series_id, ts FROM samples GROUP BY series_id, ts HAVING count(*) > 1)")
+    /// How many samples `node` has at timestamp `ts`, all series together.
+    pub fn samples_at(series: &[Series], ts: i64) -> usize {
+        series
+            .iter()
+            .map(|s| s.points.iter().filter(|p| p.timestamp_ms == ts).count())
+            .sum()
     }
+
+    /// (series, timestamp) pairs that appear more than once.
+    pub fn duplicates(series: &[Series]) -> usize {
+        series
+            .iter()
+            .map(|s| {
+                s.points
+                    .windows(2)
+                    .filter(|w| w[0].timestamp_ms >= w[1].timestamp_ms)
+                    .count()
+            })
+            .sum()
+    }
+
+    pub fn nodes(&self) -> Vec<vitals_proto::v1::NodeInfo> {
+        let mut c = self.client.clone();
+        self.rt
+            .block_on(c.list_nodes(vitals_proto::v1::ListNodesRequest {}))
+            .expect("list_nodes")
+            .into_inner()
+            .nodes
+    }
+}
+
+/// Labels of a query result as a map.
+pub fn labels(s: &Series) -> std::collections::BTreeMap<String, String> {
+    s.labels
+        .iter()
+        .map(|l| (l.name.clone(), l.value.clone()))
+        .collect()
+}
+
+/// Events stored by the collector (read straight from its database).
+pub fn stored_events(db: &Path, sql_where: &str) -> i64 {
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.query_row(
+        &format!("SELECT count(*) FROM events WHERE {sql_where}"),
+        [],
+        |r| r.get(0),
+    )
+    .unwrap()
 }
 
 /// The `cycles=N` figure from an agent's "agent stopped" log line.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio_stream::StreamExt;
 use vitals_e2e::*;
 use vitals_proto::v1::{
-    AgentMessage, Batch, Hello, Label, ListNodesRequest, SeriesDef, agent_message,
+    AgentMessage, Batch, Event, Hello, Label, ListNodesRequest, SeriesDef, Severity, agent_message,
     collector_message, ingest_client::IngestClient, query_client::QueryClient,
 };
 
@@ -26,48 +26,48 @@ fn opts<'a>(env: &Env, cert: &str) -> AgentOpts<'a> {
     }
 }
 
-fn nothing_stored(db: &Path) -> bool {
-    if !db.exists() {
-        return true;
-    }
-    let db = Db::open(db);
-    db.count("SELECT count(*) FROM samples") == 0
-        && db.count("SELECT count(*) FROM series") == 0
-        && db.count("SELECT count(*) FROM events") == 0
+fn nothing_stored(env: &Env, reader: &Reader) -> bool {
+    let no_events = !env.db().exists() || stored_events(&env.db(), "1 = 1") == 0;
+    reader.all().is_empty() && no_events
 }
 
-/// Stored values of `vitals_agent_cycles_total` for `node`, by timestamp.
-fn cycles_by_ts(db: &Db, node: &str) -> Vec<(i64, i64, u64)> {
-    db.samples("vitals_agent_cycles_total", node)
+/// Stored (timestamp, value) of `vitals_agent_cycles_total` for `node`.
+fn cycles(reader: &Reader, node: &str) -> Vec<(i64, u64)> {
+    reader
+        .samples("vitals_agent_cycles_total", node)
         .into_iter()
-        .map(|(rowid, ts, v)| (rowid, ts, v as u64))
+        .map(|(ts, v)| (ts, v as u64))
         .collect()
 }
 
 /// Every cycle the agent ran is stored exactly once and complete: cycle
 /// numbers 1..=N without gap or repeat, and at each cycle's timestamp exactly
-/// as many samples as the cycle reported carrying.
-fn assert_complete_run(db: &Db, node: &str, expected_cycles: u64) {
-    let mut cycles = cycles_by_ts(db, node);
-    cycles.sort_by_key(|c| c.1);
-    let values: Vec<u64> = cycles.iter().map(|c| c.2).collect();
+/// as many samples as the cycle reported carrying. The store drops a sample
+/// that is not newer than its series' newest, so a backlog delivered out of
+/// order would show up here as a gap.
+fn assert_complete_run(reader: &Reader, node: &str, expected_cycles: u64) {
+    let all = reader.node_series(node);
+    let points = |name: &str| -> Vec<(i64, f64)> {
+        all.iter()
+            .filter(|s| s.name == name)
+            .flat_map(|s| s.points.iter().map(|p| (p.timestamp_ms, p.value)))
+            .collect()
+    };
+    let cycles: Vec<(i64, f64)> = points("vitals_agent_cycles_total");
+    let values: Vec<u64> = cycles.iter().map(|c| c.1 as u64).collect();
     let want: Vec<u64> = (1..=expected_cycles).collect();
     assert_eq!(values, want, "node {node}: stored cycle numbers");
-    let sizes: HashMap<i64, f64> = db
-        .samples("vitals_agent_cycle_samples", node)
-        .into_iter()
-        .map(|(_, ts, v)| (ts, v))
-        .collect();
-    for (_, ts, n) in &cycles {
-        let want = sizes.get(ts).copied().unwrap_or(-1.0) as i64;
+    let sizes: HashMap<i64, f64> = points("vitals_agent_cycle_samples").into_iter().collect();
+    for (ts, n) in &cycles {
+        let want = sizes.get(ts).copied().unwrap_or(-1.0) as usize;
         assert_eq!(
-            db.samples_at(node, *ts),
+            Reader::samples_at(&all, *ts),
             want,
             "node {node}: samples stored for cycle {n} at {ts}"
         );
     }
     assert_eq!(
-        db.duplicates(),
+        Reader::duplicates(&all),
         0,
         "a (series, timestamp) pair is stored twice"
     );
@@ -93,6 +93,7 @@ fn refuses_agents_without_a_valid_agent_certificate_and_stores_nothing() {
     let env = Env::new();
     let port = free_port();
     let mut collector = start_collector(&env, port);
+    let reader = Reader::new(&env, port);
 
     // Another CA, an expired certificate, an operator certificate.
     let other = env.path().join("other-ca");
@@ -171,13 +172,14 @@ fn refuses_agents_without_a_valid_agent_certificate_and_stores_nothing() {
         );
     }
     assert!(
-        nothing_stored(&env.db()),
+        nothing_stored(&env, &reader),
         "something was stored from a refused agent"
     );
-    collector.term(Duration::from_secs(10));
-    assert!(nothing_stored(&env.db()));
-    let db = Db::open(&env.db());
-    assert_eq!(db.count("SELECT count(*) FROM nodes"), 0);
+    assert!(
+        reader.nodes().is_empty(),
+        "a refused agent was registered as a node"
+    );
+    assert!(collector.term(Duration::from_secs(10)).success());
 }
 
 #[test]
@@ -186,6 +188,7 @@ fn samples_for_another_node_are_permission_denied_whole() {
     env.issue("node-a", "agent", &[]);
     let port = free_port();
     let _collector = start_collector(&env, port);
+    let reader = Reader::new(&env, port);
     let (cert, key) = env.cert("node-a");
 
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -261,7 +264,35 @@ fn samples_for_another_node_are_permission_denied_whole() {
         .unwrap_or_else(|| panic!("no error status; got {got:?}"));
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     assert!(
-        nothing_stored(&env.db()),
+        nothing_stored(&env, &reader),
+        "part of a rejected batch was stored"
+    );
+
+    // An event for another node is refused the same way.
+    let event = |node: &str| Event {
+        timestamp_ms: 1500,
+        node: node.into(),
+        kind: "oom".into(),
+        severity: Severity::Error as i32,
+        message: "out of memory".into(),
+        labels: vec![],
+    };
+    let foreign_event = Batch {
+        seq: 1,
+        series: vec![series(0, "node-a")],
+        series_ids: vec![0],
+        timestamps_ms: vec![1000],
+        values: vec![1.0],
+        events: vec![event("node-b")],
+    };
+    let got = send(foreign_event);
+    let status = got
+        .iter()
+        .find_map(|r| r.as_ref().err())
+        .expect("an error status");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(
+        nothing_stored(&env, &reader),
         "part of a rejected batch was stored"
     );
 
@@ -272,16 +303,23 @@ fn samples_for_another_node_are_permission_denied_whole() {
         series_ids: vec![0, 0],
         timestamps_ms: vec![1000, 2000],
         values: vec![1.0, 2.0],
-        events: vec![],
+        events: vec![event("")],
     };
     let got = send(honest);
     assert!(
         got.iter().any(|r| matches!(r, Ok(m) if matches!(m.msg, Some(collector_message::Msg::Ack(ref a)) if a.seq == 1))),
         "honest batch not acked: {got:?}"
     );
-    let db = Db::open(&env.db());
-    assert_eq!(db.samples("test_metric", "node-a").len(), 2);
-    assert_eq!(db.samples("test_metric", "node-b").len(), 0);
+    assert_eq!(
+        reader.samples("test_metric", "node-a"),
+        vec![(1000, 1.0), (2000, 2.0)]
+    );
+    assert!(reader.node_series("node-b").is_empty());
+    assert_eq!(
+        stored_events(&env.db(), "node = 'node-a' AND kind = 'oom' AND ts = 1500"),
+        1,
+        "the event travelled with the batch and took the certificate's node"
+    );
 
     // The real agent, certified as node-a but configured as node-b.
     let liar = AgentOpts {
@@ -298,11 +336,9 @@ fn samples_for_another_node_are_permission_denied_whole() {
         agent.proc.log_text()
     );
     assert!(agent.proc.is_running());
-    assert_eq!(
-        db.count("SELECT count(*) FROM series WHERE labels LIKE '%node-b%'"),
-        0
-    );
-    assert_eq!(db.count("SELECT count(*) FROM samples"), 2);
+    assert!(reader.node_series("node-b").is_empty());
+    let total: usize = reader.all().iter().map(|s| s.points.len()).sum();
+    assert_eq!(total, 2);
 
     // An agent certificate may not query.
     let denied = rt.block_on(async {
@@ -322,29 +358,27 @@ fn collector_sigkill_while_two_agents_stream_loses_and_duplicates_nothing() {
     let mut a1 = start_agent(&env, "a1", port, &opts(&env, "a1"));
     let mut a2 = start_agent(&env, "a2", port, &opts(&env, "a2"));
 
-    let stored = |n: usize| {
-        let db = Db::open(&env.db());
-        cycles_by_ts(&db, "a1").len() >= n && cycles_by_ts(&db, "a2").len() >= n
-    };
+    let stored = |r: &Reader, n: usize| cycles(r, "a1").len() >= n && cycles(r, "a2").len() >= n;
+    let reader = Reader::new(&env, port);
     assert!(
-        wait_until(Duration::from_secs(20), || stored(10)),
+        wait_until(Duration::from_secs(20), || stored(&reader, 10)),
         "agents did not start storing"
     );
     collector.kill();
     std::thread::sleep(Duration::from_millis(800));
     let mut collector = start_collector(&env, port);
+    let reader = Reader::new(&env, port);
     assert!(
-        wait_until(Duration::from_secs(20), || stored(30)),
+        wait_until(Duration::from_secs(20), || stored(&reader, 30)),
         "agents did not resume"
     );
     std::thread::sleep(Duration::from_millis(500));
 
     let n1 = stop_agent(&mut a1);
     let n2 = stop_agent(&mut a2);
-    collector.term(Duration::from_secs(10));
-    let db = Db::open(&env.db());
-    assert_complete_run(&db, "a1", n1);
-    assert_complete_run(&db, "a2", n2);
+    assert_complete_run(&reader, "a1", n1);
+    assert_complete_run(&reader, "a2", n2);
+    assert!(collector.term(Duration::from_secs(10)).success());
 }
 
 #[test]
@@ -361,11 +395,15 @@ fn collector_down_backlog_arrives_in_order_and_a_full_spool_drops_oldest() {
         ..opts(&env, "tiny")
     };
     let mut tiny = start_agent(&env, "tiny", port, &tiny_opts);
-    let stored = |node: &str, n: usize| cycles_by_ts(&Db::open(&env.db()), node).len() >= n;
+    let reader = Reader::new(&env, port);
+    let stored = |node: &str, n: usize| cycles(&reader, node).len() >= n;
     assert!(wait_until(Duration::from_secs(20), || stored("big", 5)
         && stored("tiny", 5)));
 
-    collector.term(Duration::from_secs(10));
+    assert!(
+        collector.term(Duration::from_secs(10)).success(),
+        "collector did not drain and exit cleanly"
+    );
     // The agents keep collecting into their spools.
     assert!(
         wait_until(Duration::from_secs(20), || spool_batches(&big.spool).len()
@@ -383,27 +421,20 @@ fn collector_down_backlog_arrives_in_order_and_a_full_spool_drops_oldest() {
     let mut collector = start_collector(&env, port);
     assert!(
         wait_until(Duration::from_secs(30), || spool_batches(&big.spool).len()
-            <= 1),
+            <= 1
+            && spool_batches(&tiny.spool).len() <= 1),
         "backlog not delivered; log:\n{}",
         big.proc.log_text()
     );
     std::thread::sleep(Duration::from_millis(800));
     let n_big = stop_agent(&mut big);
     let n_tiny = stop_agent(&mut tiny);
-    collector.term(Duration::from_secs(10));
-
-    let db = Db::open(&env.db());
-    assert_complete_run(&db, "big", n_big);
-    // In order: insertion order is timestamp order.
-    let rows = cycles_by_ts(&db, "big");
-    assert!(
-        rows.windows(2).all(|w| w[0].1 < w[1].1),
-        "backlog stored out of order"
-    );
+    let reader = Reader::new(&env, port);
+    assert_complete_run(&reader, "big", n_big);
 
     // The tiny spool lost a contiguous run of its oldest unsent batches, and
     // its drop counter says exactly how many.
-    let mut got: Vec<u64> = cycles_by_ts(&db, "tiny").into_iter().map(|c| c.2).collect();
+    let mut got: Vec<u64> = cycles(&reader, "tiny").into_iter().map(|c| c.1).collect();
     got.sort();
     let missing: Vec<u64> = (1..=n_tiny).filter(|c| !got.contains(c)).collect();
     assert!(!missing.is_empty(), "nothing was dropped from a tiny spool");
@@ -412,10 +443,10 @@ fn collector_down_backlog_arrives_in_order_and_a_full_spool_drops_oldest() {
         missing.len() as u64,
         "dropped batches are not one contiguous run of the oldest: {missing:?}"
     );
-    let dropped = db
+    let dropped = reader
         .samples("vitals_agent_spool_dropped_batches_total", "tiny")
         .into_iter()
-        .map(|(_, _, v)| v as u64)
+        .map(|(_, v)| v as u64)
         .max()
         .unwrap();
     assert_eq!(
@@ -423,7 +454,8 @@ fn collector_down_backlog_arrives_in_order_and_a_full_spool_drops_oldest() {
         missing.len() as u64,
         "drop counter vs batches missing"
     );
-    assert_eq!(db.duplicates(), 0);
+    assert_eq!(Reader::duplicates(&reader.node_series("tiny")), 0);
+    assert!(collector.term(Duration::from_secs(10)).success());
 }
 
 #[test]
@@ -444,14 +476,12 @@ fn agent_sigkill_then_restart_sends_its_unacked_spool() {
 
     let mut collector = start_collector(&env, port);
     let mut agent = restart_agent(&agent.config);
-    let db_ready = || env.db().exists();
-    assert!(wait_until(Duration::from_secs(10), db_ready));
+    let reader = Reader::new(&env, port);
     let delivered = || {
-        let db = Db::open(&env.db());
-        before.iter().all(|(_, b)| {
-            let ts = b.timestamps_ms[0];
-            db.samples_at("k1", ts) > 0
-        })
+        let all = reader.node_series("k1");
+        before
+            .iter()
+            .all(|(_, b)| Reader::samples_at(&all, b.timestamps_ms[0]) > 0)
     };
     assert!(
         wait_until(Duration::from_secs(30), delivered),
@@ -459,32 +489,40 @@ fn agent_sigkill_then_restart_sends_its_unacked_spool() {
         agent.proc.log_text()
     );
     let n2 = stop_agent(&mut agent);
-    collector.term(Duration::from_secs(10));
 
-    // Every sample of every batch that was in the spool at the kill is stored exactly once.
-    let db = Db::open(&env.db());
+    // Every sample of every batch that was in the spool at the kill is stored
+    // exactly once, with its value.
+    let all = reader.node_series("k1");
     for (seq, b) in &before {
         for i in 0..b.values.len() {
             let def = b.series.iter().find(|d| d.id == b.series_ids[i]).unwrap();
-            let labels: BTreeMap<String, String> = def
+            let want: BTreeMap<String, String> = def
                 .labels
                 .iter()
                 .map(|l| (l.name.clone(), l.value.clone()))
                 .collect();
-            let labels = serde_json::to_string(&labels).unwrap();
-            assert_eq!(
-                db.occurrences(&def.name, &labels, b.timestamps_ms[i]),
-                1,
-                "batch {seq}: {} {labels} at {}",
-                def.name,
-                b.timestamps_ms[i]
+            let ts = b.timestamps_ms[i];
+            let found: Vec<f64> = all
+                .iter()
+                .filter(|s| s.name == def.name && labels(s) == want)
+                .flat_map(|s| {
+                    s.points
+                        .iter()
+                        .filter(|p| p.timestamp_ms == ts)
+                        .map(|p| p.value)
+                })
+                .collect();
+            assert_eq!(found.len(), 1, "batch {seq}: {} {want:?} at {ts}", def.name);
+            let v = b.values[i];
+            assert!(
+                found[0] == v || (found[0].is_nan() && v.is_nan()),
+                "{} at {ts}",
+                def.name
             );
         }
     }
     // Both runs are complete: the first up to the kill, the second to the stop.
-    let mut cycles = cycles_by_ts(&db, "k1");
-    cycles.sort_by_key(|c| c.1);
-    let values: Vec<u64> = cycles.iter().map(|c| c.2).collect();
+    let values: Vec<u64> = cycles(&reader, "k1").into_iter().map(|c| c.1).collect();
     let restart = values
         .iter()
         .skip(1)
@@ -496,7 +534,8 @@ fn agent_sigkill_then_restart_sends_its_unacked_spool() {
     assert_eq!(values[..restart], first_run[..]);
     assert_eq!(values[restart..], second_run[..]);
     assert!(restart >= before.len());
-    assert_eq!(db.duplicates(), 0);
+    assert_eq!(Reader::duplicates(&all), 0);
+    assert!(collector.term(Duration::from_secs(10)).success());
 }
 
 #[test]
