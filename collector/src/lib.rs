@@ -2,6 +2,7 @@
 //!
 //! `run` is the whole daemon; `vitals dev` calls it in-process.
 
+pub mod chunk;
 pub mod config;
 pub mod ingest;
 pub mod query;
