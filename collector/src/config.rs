@@ -35,6 +35,12 @@ pub struct StorageConfig {
     /// SQLite database file (created if missing).
     #[serde(default = "default_db")]
     pub path: PathBuf,
+    /// How long samples are kept; older chunks are deleted whole.
+    #[serde(default = "default_retention", with = "config::duration")]
+    pub retention: Duration,
+    /// Time between checkpoints (open chunks snapshot, WAL truncated).
+    #[serde(default = "default_checkpoint", with = "config::duration")]
+    pub checkpoint_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -50,7 +56,11 @@ pub struct QueryConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { path: default_db() }
+        StorageConfig {
+            path: default_db(),
+            retention: default_retention(),
+            checkpoint_interval: default_checkpoint(),
+        }
     }
 }
 
@@ -79,6 +89,12 @@ fn default_tls() -> TlsFiles {
 fn default_db() -> PathBuf {
     "/var/lib/vitals/vitals.db".into()
 }
+fn default_retention() -> Duration {
+    crate::store::StoreOptions::default().retention
+}
+fn default_checkpoint() -> Duration {
+    crate::store::StoreOptions::default().checkpoint_interval
+}
 fn default_max_series() -> usize {
     10_000
 }
@@ -93,6 +109,7 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     pub tls: TlsMaterial,
     pub db_path: PathBuf,
+    pub store: crate::store::StoreOptions,
     pub max_series: usize,
     pub max_points: usize,
 }
@@ -132,6 +149,11 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
         shutdown_grace: raw.shutdown_grace,
         tls,
         db_path: base.join(&raw.storage.path),
+        store: crate::store::StoreOptions {
+            retention: raw.storage.retention,
+            checkpoint_interval: raw.storage.checkpoint_interval,
+            ..Default::default()
+        },
         max_series: raw.query.max_series,
         max_points: raw.query.max_points,
     })

@@ -41,7 +41,8 @@ pub async fn run(
     on_listen: impl FnOnce(SocketAddr) + Send,
 ) -> Result<(), RunError> {
     let conn = store::open(&settings.db_path)?;
-    let (writer, writer_thread) = store::spawn_writer(conn)?;
+    let (writer, reader, writer_thread) =
+        store::spawn_writer(conn, &settings.db_path, settings.store)?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|source| RunError::Bind {
@@ -60,7 +61,7 @@ pub async fn run(
         shutdown: stop_rx.clone(),
     };
     let query = query::QueryService {
-        db_path: settings.db_path.clone(),
+        store: reader,
         connected,
         limits: store::QueryLimits {
             max_series: settings.max_series,

@@ -1,7 +1,5 @@
 //! `vitals.v1.Query`: read-only, operator certificates only.
 
-use std::path::PathBuf;
-
 use tonic::{Request, Response, Status};
 use vitals_common::identity::Role;
 use vitals_common::selector::{Matcher, Op, Selector};
@@ -11,10 +9,10 @@ use vitals_proto::v1::{
 };
 
 use crate::ingest::{Connected, peer_identity};
-use crate::store::{self, QueryError, QueryLimits};
+use crate::store::{QueryError, QueryLimits, Store};
 
 pub struct QueryService {
-    pub db_path: PathBuf,
+    pub store: Store,
     pub connected: Connected,
     pub limits: QueryLimits,
 }
@@ -68,14 +66,11 @@ impl Query for QueryService {
         request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
         require_operator(&request)?;
-        let path = self.db_path.clone();
-        let rows = tokio::task::spawn_blocking(move || {
-            let conn = store::open_reader(&path)?;
-            store::list_nodes(&conn)
-        })
-        .await
-        .map_err(internal)?
-        .map_err(internal)?;
+        let store = self.store.clone();
+        let rows = tokio::task::spawn_blocking(move || store.list_nodes())
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
         let nodes = rows
             .into_iter()
             .map(|r| NodeInfo {
@@ -98,11 +93,10 @@ impl Query for QueryService {
             return Err(Status::invalid_argument("end is before start"));
         }
         let selector = selector_from_request(&req)?;
-        let path = self.db_path.clone();
+        let store = self.store.clone();
         let limits = self.limits;
         let found = tokio::task::spawn_blocking(move || {
-            let conn = store::open_reader(&path)?;
-            store::query_range(&conn, &selector, req.start_ms, req.end_ms, limits)
+            store.query_range(&selector, req.start_ms, req.end_ms, limits)
         })
         .await
         .map_err(internal)?
