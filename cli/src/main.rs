@@ -1,5 +1,6 @@
 //! `vitals`: the operator's command line.
 
+mod bench;
 mod certs;
 mod client;
 mod commands;
@@ -70,11 +71,40 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Benchmarks (figures, not tests; see docs/PERFORMANCE.md).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Run a local collector and an agent for this host, on embedded defaults.
     Dev {
         /// Directory for configs, certificates and data (kept between runs).
         #[arg(long, default_value = "vitals-dev")]
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Start a collector (the vitals-collector binary beside this one) and
+    /// drive it with simulated agents over real gRPC + mutual TLS; report
+    /// acked samples/s, ack latency, bytes on disk per sample and peak RSS.
+    Ingest {
+        /// Simulated agents, each with its own certificate and stream.
+        #[arg(long, default_value_t = 100)]
+        agents: usize,
+        /// Series per agent (GPU temperatures and utilisation, byte counters, NFS latencies).
+        #[arg(long, default_value_t = 1000)]
+        series_per_agent: usize,
+        /// How long to send.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Keep the collector's directory here instead of a temporary one.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+        /// One JSON object: samples_per_sec, ack_p50_ms, ack_p99_ms, bytes_per_sample, peak_rss_bytes.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -129,6 +159,26 @@ fn main() -> ExitCode {
     vitals_common::logging::init("info");
     let result = match cli.command {
         Command::Certs { command } => certs_cmd(command),
+        Command::Bench {
+            command:
+                BenchCommand::Ingest {
+                    agents,
+                    series_per_agent,
+                    seconds,
+                    keep,
+                    json,
+                },
+        } => runtime().and_then(|rt| {
+            let text = rt.block_on(bench::ingest(bench::IngestArgs {
+                agents,
+                series_per_agent,
+                seconds,
+                json,
+                keep,
+            }))?;
+            print_out(&text);
+            Ok(())
+        }),
         Command::Dev { dir } => runtime()
             .and_then(|rt| rt.block_on(dev::run(&dir)))
             .map(|_| ()),

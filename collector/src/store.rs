@@ -825,7 +825,12 @@ impl WriterState {
         let _ = self
             .conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
-        let _ = self.conn.execute_batch("PRAGMA incremental_vacuum;");
+        // incremental_vacuum answers with rows: step through them all.
+        if let Ok(mut st) = self.conn.prepare("PRAGMA incremental_vacuum")
+            && let Ok(mut rows) = st.query([])
+        {
+            while let Ok(Some(_)) = rows.next() {}
+        }
         tracing::debug!(took = ?started.elapsed(), expired_chunks = expired, "checkpoint done");
         Ok(())
     }
