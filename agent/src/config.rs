@@ -1,5 +1,6 @@
 //! `agent.toml`: raw serde structs, then validated runtime settings.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -54,8 +55,10 @@ pub struct SpoolConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PathsConfig {
+    /// Root of the proc filesystem (`/proc`; a fixture tree in tests).
     #[serde(default = "default_procfs")]
     pub procfs: PathBuf,
+    /// Root of the sys filesystem (`/sys`; a fixture tree in tests).
     #[serde(default = "default_sysfs")]
     pub sysfs: PathBuf,
 }
@@ -64,8 +67,68 @@ pub struct PathsConfig {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourcesConfig {
+    /// `[sources.host]`: CPU, memory, load, filesystems, uptime.
     #[serde(default)]
     pub host: SourceToggle,
+    /// `[sources.net]`: network devices and InfiniBand/RoCE ports.
+    #[serde(default)]
+    pub net: NetConfig,
+    /// `[sources.nfs]`: the NFS client (mountstats, /proc/net/rpc/nfs).
+    #[serde(default)]
+    pub nfs: SourceToggle,
+    /// `[sources.nfsd]`: the NFS server (/proc/net/rpc/nfsd).
+    #[serde(default)]
+    pub nfsd: SourceToggle,
+    /// `[sources.zfs]`: ZFS kstats and pool health commands.
+    #[serde(default)]
+    pub zfs: ZfsConfig,
+}
+
+/// `[sources.net]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Whether the source runs (default: yes).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Device name patterns (`*`, `?`) to report; empty: every device.
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// Device name patterns never reported (applied after `include`).
+    #[serde(default = "default_net_exclude")]
+    pub exclude: Vec<String>,
+    /// Link speed each device should have negotiated, in Mbit/s, by device
+    /// pattern, e.g. `{ "ens*" = 100000 }`. Exported as
+    /// `node_network_expected_speed_bytes` beside `node_network_speed_bytes`.
+    /// An exact name wins over a pattern; among patterns the longest wins.
+    #[serde(default)]
+    pub expected_speed_mbps: BTreeMap<String, u64>,
+    /// Whether InfiniBand/RoCE ports under /sys/class/infiniband are read.
+    #[serde(default = "default_true")]
+    pub infiniband: bool,
+}
+
+/// `[sources.zfs]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZfsConfig {
+    /// Whether the source runs (default: yes; quiet where there is no ZFS).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Whether pool health comes from running `zpool` and `zfs` (kstats are
+    /// always read).
+    #[serde(default = "default_true")]
+    pub commands: bool,
+    /// The `zpool` program.
+    #[serde(default = "default_zpool")]
+    pub zpool: PathBuf,
+    /// The `zfs` program.
+    #[serde(default = "default_zfs")]
+    pub zfs: PathBuf,
+    /// A command still running after this long is killed and reported as
+    /// hung (`vitals_zfs_command_timeouts_total`, `vitals_zfs_command_hung`).
+    #[serde(default = "default_command_timeout", with = "config::duration")]
+    pub command_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -74,6 +137,30 @@ pub struct SourceToggle {
     /// Whether the source runs (default: its enabled-by-default bit).
     #[serde(default)]
     pub enabled: Option<bool>,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            enabled: None,
+            include: Vec::new(),
+            exclude: default_net_exclude(),
+            expected_speed_mbps: BTreeMap::new(),
+            infiniband: true,
+        }
+    }
+}
+
+impl Default for ZfsConfig {
+    fn default() -> Self {
+        ZfsConfig {
+            enabled: None,
+            commands: true,
+            zpool: default_zpool(),
+            zfs: default_zfs(),
+            command_timeout: default_command_timeout(),
+        }
+    }
 }
 
 impl Default for SpoolConfig {
@@ -128,6 +215,21 @@ fn default_spool_dir() -> PathBuf {
 }
 fn default_spool_bytes() -> u64 {
     256 << 20
+}
+fn default_true() -> bool {
+    true
+}
+fn default_net_exclude() -> Vec<String> {
+    vec!["lo".into(), "veth*".into(), "docker*".into()]
+}
+fn default_zpool() -> PathBuf {
+    "/usr/sbin/zpool".into()
+}
+fn default_zfs() -> PathBuf {
+    "/usr/sbin/zfs".into()
+}
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_procfs() -> PathBuf {
     "/proc".into()
@@ -206,6 +308,22 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
             "node",
             format!("{node:?} is not a valid node name"),
         ));
+    }
+    if raw.sources.zfs.command_timeout < Duration::from_millis(10) {
+        return Err(ConfigError::invalid(
+            path,
+            "sources.zfs.command_timeout",
+            "must be at least 10ms",
+        ));
+    }
+    for (pattern, mbps) in &raw.sources.net.expected_speed_mbps {
+        if *mbps == 0 {
+            return Err(ConfigError::invalid(
+                path,
+                "sources.net.expected_speed_mbps",
+                format!("{pattern:?}: the speed must be above 0 Mbit/s"),
+            ));
+        }
     }
     if raw.spool.max_bytes < 1024 {
         return Err(ConfigError::invalid(

@@ -269,6 +269,9 @@ pub fn start_agent(env: &Env, name: &str, port: u16, opts: &AgentOpts<'_>) -> Ag
     let dir = env.path().join("agents").join(name);
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("agent.toml");
+    // These tests are about delivery, and size their spools for small
+    // batches: only the host source runs, whatever this machine has.
+    const ONLY_HOST: &str = "[sources.net]\nenabled = false\n[sources.nfs]\nenabled = false\n[sources.nfsd]\nenabled = false\n[sources.zfs]\nenabled = false\n";
     let node = opts
         .node
         .map(|n| format!("node = {n:?}\n"))
@@ -276,7 +279,7 @@ pub fn start_agent(env: &Env, name: &str, port: u16, opts: &AgentOpts<'_>) -> Ag
     std::fs::write(
         &cfg,
         format!(
-            "collector = \"https://127.0.0.1:{port}\"\n{node}interval = {:?}\nshutdown_grace = \"10s\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[spool]\ndir = {:?}\nmax_bytes = {}\n",
+            "collector = \"https://127.0.0.1:{port}\"\n{node}interval = {:?}\nshutdown_grace = \"10s\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[spool]\ndir = {:?}\nmax_bytes = {}\n{ONLY_HOST}",
             opts.interval,
             opts.ca.clone().unwrap_or_else(|| env.ca()),
             opts.cert.0,

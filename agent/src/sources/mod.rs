@@ -6,6 +6,11 @@
 //! source skips the cycle, its error counter goes up, the others go on.
 
 pub mod host;
+pub mod net;
+pub mod nfs;
+pub mod nfsd;
+pub mod util;
+pub mod zfs;
 
 use vitals_common::model::Sample;
 
@@ -19,6 +24,29 @@ pub enum SourceError {
     /// The inputs exist but could not be read or parsed this cycle.
     #[error("{0}")]
     Failed(String),
+}
+
+/// What a pure parser says about input it cannot read: the line (1-based)
+/// and why. The source adds the file name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {message}")]
+pub struct ParseError {
+    pub line: usize,
+    pub message: String,
+}
+
+impl ParseError {
+    pub fn new(line: usize, message: impl Into<String>) -> Self {
+        ParseError {
+            line,
+            message: message.into(),
+        }
+    }
+
+    /// The error as a source failure naming the file it came from.
+    pub fn in_file(self, path: &std::path::Path) -> SourceError {
+        SourceError::Failed(format!("{}: {self}", path.display()))
+    }
 }
 
 pub trait Source: Send {
@@ -37,17 +65,47 @@ pub struct SourceSpec {
 }
 
 /// Every source the agent knows, in collection order.
-pub const SOURCES: &[SourceSpec] = &[SourceSpec {
-    name: "host",
-    enabled_by_default: true,
-    help: "CPU, memory, load, filesystems and uptime (through sysinfo)",
-    build: host::build,
-}];
+pub const SOURCES: &[SourceSpec] = &[
+    SourceSpec {
+        name: "host",
+        enabled_by_default: true,
+        help: "CPU, memory, load, filesystems and uptime (through sysinfo)",
+        build: host::build,
+    },
+    SourceSpec {
+        name: "net",
+        enabled_by_default: true,
+        help: "network devices (/proc/net/dev, /sys/class/net) and InfiniBand/RoCE ports (/sys/class/infiniband)",
+        build: net::build,
+    },
+    SourceSpec {
+        name: "nfs",
+        enabled_by_default: true,
+        help: "NFS client: per-mount operations and transports (/proc/self/mountstats) and /proc/net/rpc/nfs",
+        build: nfs::build,
+    },
+    SourceSpec {
+        name: "nfsd",
+        enabled_by_default: true,
+        help: "NFS server (/proc/net/rpc/nfsd)",
+        build: nfsd::build,
+    },
+    SourceSpec {
+        name: "zfs",
+        enabled_by_default: true,
+        help: "ZFS kstats (ARC, L2ARC, ZIL, per-pool I/O, state and datasets) and pool health from zpool/zfs",
+        build: zfs::build,
+    },
+];
 
 /// Whether a source is enabled by the config (or its default).
 pub fn enabled(cfg: &RawConfig, spec: &SourceSpec) -> bool {
     let toggle = match spec.name {
         "host" => cfg.sources.host.enabled,
+        "net" => cfg.sources.net.enabled,
+        "nfs" => cfg.sources.nfs.enabled,
+        "nfsd" => cfg.sources.nfsd.enabled,
+        "zfs" => cfg.sources.zfs.enabled,
         _ => None,
     };
     toggle.unwrap_or(spec.enabled_by_default)

@@ -1,0 +1,250 @@
+//! `/sys/class/net/<dev>/`: link state, speed, MTU and the like, with
+//! node_exporter's netclass names.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use vitals_common::model::Sample;
+
+use crate::sources::ParseError;
+use crate::sources::util::read_attr;
+
+/// Attributes read from each device directory.
+pub const ATTRS: &[&str] = &[
+    "addr_assign_type",
+    "address",
+    "broadcast",
+    "carrier",
+    "carrier_changes",
+    "carrier_up_count",
+    "carrier_down_count",
+    "dev_id",
+    "dormant",
+    "duplex",
+    "flags",
+    "ifalias",
+    "ifindex",
+    "iflink",
+    "link_mode",
+    "mtu",
+    "name_assign_type",
+    "netdev_group",
+    "operstate",
+    "speed",
+    "tx_queue_len",
+    "type",
+];
+
+/// `statistics/` files that `/proc/net/dev` does not already carry, and the
+/// names they are exported under.
+pub const EXTRA_STATISTICS: &[(&str, &str)] = &[
+    ("rx_crc_errors", "node_network_receive_crc_errors_total"),
+    (
+        "rx_length_errors",
+        "node_network_receive_length_errors_total",
+    ),
+    (
+        "rx_missed_errors",
+        "node_network_receive_missed_errors_total",
+    ),
+    ("rx_over_errors", "node_network_receive_over_errors_total"),
+    ("rx_nohandler", "node_network_receive_nohandler_total"),
+    (
+        "tx_aborted_errors",
+        "node_network_transmit_aborted_errors_total",
+    ),
+    (
+        "tx_heartbeat_errors",
+        "node_network_transmit_heartbeat_errors_total",
+    ),
+    (
+        "tx_window_errors",
+        "node_network_transmit_window_errors_total",
+    ),
+];
+
+/// Reads the attributes of one device directory; unreadable ones are left
+/// out (a link that is down refuses `speed`, some drivers refuse `duplex`).
+pub fn read_iface(dir: &Path) -> BTreeMap<String, String> {
+    let mut attrs = BTreeMap::new();
+    for name in ATTRS {
+        if let Some(v) = read_attr(&dir.join(name)) {
+            attrs.insert((*name).to_string(), v);
+        }
+    }
+    for (file, _) in EXTRA_STATISTICS {
+        if let Some(v) = read_attr(&dir.join("statistics").join(file)) {
+            attrs.insert(format!("statistics/{file}"), v);
+        }
+    }
+    attrs
+}
+
+/// An integer attribute, decimal or `0x` hex (`dev_id`, `flags`).
+fn int(attrs: &BTreeMap<String, String>, name: &str) -> Result<Option<i64>, ParseError> {
+    let Some(v) = attrs.get(name) else {
+        return Ok(None);
+    };
+    if v.is_empty() {
+        return Ok(None);
+    }
+    let parsed = match v.strip_prefix("0x") {
+        Some(hex) => i64::from_str_radix(hex, 16).ok(),
+        None => v.parse::<i64>().ok(),
+    };
+    parsed
+        .map(Some)
+        .ok_or_else(|| ParseError::new(1, format!("{name}: {v:?} is not an integer")))
+}
+
+/// The samples for one device, from its attributes. Pure: tested as data.
+pub fn iface_samples(
+    device: &str,
+    attrs: &BTreeMap<String, String>,
+) -> Result<Vec<Sample>, ParseError> {
+    let mut out = Vec::new();
+    let mut push = |name: &str, v: f64| out.push(Sample::new(name, v).label("device", device));
+    const GAUGES: &[(&str, &str)] = &[
+        ("addr_assign_type", "node_network_address_assign_type"),
+        ("carrier", "node_network_carrier"),
+        ("carrier_changes", "node_network_carrier_changes_total"),
+        ("carrier_up_count", "node_network_carrier_up_changes_total"),
+        (
+            "carrier_down_count",
+            "node_network_carrier_down_changes_total",
+        ),
+        ("dev_id", "node_network_device_id"),
+        ("dormant", "node_network_dormant"),
+        ("flags", "node_network_flags"),
+        ("ifindex", "node_network_iface_id"),
+        ("iflink", "node_network_iface_link"),
+        ("link_mode", "node_network_iface_link_mode"),
+        ("mtu", "node_network_mtu_bytes"),
+        ("name_assign_type", "node_network_name_assign_type"),
+        ("netdev_group", "node_network_net_dev_group"),
+        ("type", "node_network_protocol_type"),
+        ("tx_queue_len", "node_network_transmit_queue_length"),
+    ];
+    for (attr, name) in GAUGES {
+        if let Some(v) = int(attrs, attr)? {
+            push(name, v as f64);
+        }
+    }
+    // The kernel reports -1 (or nothing) when the speed is unknown.
+    if let Some(mbps) = int(attrs, "speed")?
+        && mbps >= 0
+    {
+        push("node_network_speed_bytes", mbps as f64 * 125_000.0);
+    }
+    for (file, name) in EXTRA_STATISTICS {
+        let key = format!("statistics/{file}");
+        if let Some(v) = attrs.get(&key) {
+            let v = v
+                .parse::<u64>()
+                .map_err(|_| ParseError::new(1, format!("{key}: {v:?} is not a counter")))?;
+            push(name, v as f64);
+        }
+    }
+    let operstate = attrs.get("operstate").cloned().unwrap_or_default();
+    push("node_network_up", if operstate == "up" { 1.0 } else { 0.0 });
+    let adminstate = match int(attrs, "flags")? {
+        Some(flags) if flags & 1 == 1 => "up",
+        Some(_) => "down",
+        None => "unknown",
+    };
+    let text = |k: &str| attrs.get(k).cloned().unwrap_or_default();
+    out.push(
+        Sample::new("node_network_info", 1.0)
+            .label("device", device)
+            .label("address", text("address"))
+            .label("broadcast", text("broadcast"))
+            .label("duplex", text("duplex"))
+            .label("ifalias", text("ifalias"))
+            .label("operstate", operstate)
+            .label("adminstate", adminstate),
+    );
+    Ok(out)
+}
+
+/// The expected speed for `device` from `{pattern: mbps}`: an exact name
+/// wins, then the longest matching pattern.
+pub fn expected_speed_mbps(patterns: &BTreeMap<String, u64>, device: &str) -> Option<u64> {
+    if let Some(v) = patterns.get(device) {
+        return Some(*v);
+    }
+    patterns
+        .iter()
+        .filter(|(p, _)| crate::sources::util::glob_match(p, device))
+        .max_by_key(|(p, _)| p.len())
+        .map(|(_, v)| *v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn value(samples: &[Sample], name: &str) -> Option<f64> {
+        samples.iter().find(|s| s.name == name).map(|s| s.value)
+    }
+
+    #[test]
+    fn hex_flags_speed_and_state() {
+        let s = iface_samples(
+            "ens1f0",
+            &attrs(&[
+                ("flags", "0x1303"),
+                ("dev_id", "0x20"),
+                ("speed", "100000"),
+                ("operstate", "up"),
+                ("mtu", "9000"),
+                ("statistics/rx_crc_errors", "7"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(value(&s, "node_network_flags"), Some(4867.0));
+        assert_eq!(value(&s, "node_network_device_id"), Some(32.0));
+        assert_eq!(
+            value(&s, "node_network_speed_bytes"),
+            Some(12_500_000_000.0)
+        );
+        assert_eq!(value(&s, "node_network_up"), Some(1.0));
+        assert_eq!(value(&s, "node_network_mtu_bytes"), Some(9000.0));
+        assert_eq!(
+            value(&s, "node_network_receive_crc_errors_total"),
+            Some(7.0)
+        );
+        let info = s.iter().find(|s| s.name == "node_network_info").unwrap();
+        assert_eq!(info.labels["adminstate"], "up");
+        assert_eq!(info.labels["operstate"], "up");
+    }
+
+    #[test]
+    fn unknown_speed_is_left_out_and_garbage_is_an_error() {
+        let s = iface_samples("bond0", &attrs(&[("speed", "-1"), ("operstate", "down")])).unwrap();
+        assert_eq!(value(&s, "node_network_speed_bytes"), None);
+        assert_eq!(value(&s, "node_network_up"), Some(0.0));
+        let err = iface_samples("x", &attrs(&[("mtu", "lots")])).unwrap_err();
+        assert!(err.message.contains("mtu"), "{err}");
+    }
+
+    #[test]
+    fn expected_speed_prefers_exact_then_longest_pattern() {
+        let p: BTreeMap<String, u64> = [
+            ("ens*".to_string(), 100_000),
+            ("ens1f*".to_string(), 25_000),
+            ("ens9".to_string(), 10_000),
+        ]
+        .into();
+        assert_eq!(expected_speed_mbps(&p, "ens2f0"), Some(100_000));
+        assert_eq!(expected_speed_mbps(&p, "ens1f0"), Some(25_000));
+        assert_eq!(expected_speed_mbps(&p, "ens9"), Some(10_000));
+        assert_eq!(expected_speed_mbps(&p, "eth0"), None);
+    }
+}

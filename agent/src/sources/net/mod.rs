@@ -1,0 +1,153 @@
+//! Network devices and InfiniBand/RoCE ports.
+//!
+//! - `<procfs>/net/dev`: receive/transmit counters per device
+//!   (`node_network_{receive,transmit}_*_total`).
+//! - `<sysfs>/class/net/<dev>/`: speed, operstate, carrier and its changes,
+//!   MTU, duplex, `statistics/*` (node_exporter's netclass names).
+//! - `[sources.net] expected_speed_mbps`: `node_network_expected_speed_bytes`
+//!   so a rule can compare it with `node_network_speed_bytes` (a 100GbE port
+//!   that came up at 25G).
+//! - Per interval: `node_network_{receive,transmit}_utilization_ratio`, the
+//!   throughput of the last interval as a fraction of the link speed.
+//! - `<sysfs>/class/infiniband/<hca>/ports/<n>/` (see `infiniband`).
+
+pub mod class;
+pub mod infiniband;
+pub mod netdev;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use vitals_common::model::Sample;
+
+use super::util::{Deltas, NameFilter, list_dir, read_optional, resolve_dir};
+use super::{Source, SourceError};
+use crate::config::RawConfig;
+
+pub struct Net {
+    procfs: PathBuf,
+    sysfs: PathBuf,
+    filter: NameFilter,
+    expected_speed_mbps: BTreeMap<String, u64>,
+    infiniband: bool,
+    deltas: Deltas,
+}
+
+pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
+    let net = &cfg.sources.net;
+    Box::new(Net {
+        procfs: cfg.paths.procfs.clone(),
+        sysfs: cfg.paths.sysfs.clone(),
+        filter: NameFilter::new(&net.include, &net.exclude),
+        expected_speed_mbps: net.expected_speed_mbps.clone(),
+        infiniband: net.infiniband,
+        deltas: Deltas::default(),
+    })
+}
+
+impl Source for Net {
+    fn name(&self) -> &'static str {
+        "net"
+    }
+
+    fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), SourceError> {
+        let now = Instant::now();
+        let mut found = false;
+        // Bytes moved in the last interval and the seconds it lasted.
+        let mut moved: HashMap<(String, &'static str), (u64, f64)> = HashMap::new();
+
+        let dev_path = self.procfs.join("net/dev");
+        if let Some(text) = read_optional(&dev_path)? {
+            found = true;
+            let devs = netdev::parse_net_dev(&text).map_err(|e| e.in_file(&dev_path))?;
+            for dev in devs.iter().filter(|d| self.filter.allows(&d.device)) {
+                for (field, v) in &dev.counters {
+                    out.push(
+                        Sample::new(format!("node_network_{field}_total"), *v as f64)
+                            .label("device", dev.device.as_str()),
+                    );
+                }
+                for (field, dir) in [("receive_bytes", "receive"), ("transmit_bytes", "transmit")] {
+                    if let Some(v) = dev.get(field)
+                        && let Some(d) =
+                            self.deltas
+                                .update(&format!("{}/{field}", dev.device), v, now)
+                    {
+                        moved.insert((dev.device.clone(), dir), d);
+                    }
+                }
+            }
+        }
+
+        let class_dir = self.sysfs.join("class/net");
+        let mut speeds: HashMap<String, f64> = HashMap::new();
+        match list_dir(&class_dir) {
+            Ok(entries) => {
+                found = true;
+                for (device, path) in entries {
+                    if device == "bonding_masters" || !self.filter.allows(&device) {
+                        continue;
+                    }
+                    let Some(dir) = resolve_dir(&path) else {
+                        continue;
+                    };
+                    let attrs = class::read_iface(&dir);
+                    let samples =
+                        class::iface_samples(&device, &attrs).map_err(|e| e.in_file(&dir))?;
+                    if let Some(s) = samples
+                        .iter()
+                        .find(|s| s.name == "node_network_speed_bytes")
+                    {
+                        speeds.insert(device.clone(), s.value);
+                    }
+                    out.extend(samples);
+                    if let Some(mbps) =
+                        class::expected_speed_mbps(&self.expected_speed_mbps, &device)
+                    {
+                        out.push(
+                            Sample::new(
+                                "node_network_expected_speed_bytes",
+                                mbps as f64 * 125_000.0,
+                            )
+                            .label("device", device.as_str()),
+                        );
+                    }
+                }
+            }
+            Err(e) if super::util::is_absent(&e) => {}
+            Err(e) => {
+                return Err(SourceError::Failed(format!("{}: {e}", class_dir.display())));
+            }
+        }
+        self.deltas.finish_cycle();
+
+        let mut moved: Vec<_> = moved.into_iter().collect();
+        moved.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((device, dir), (bytes, secs)) in moved {
+            if let Some(speed) = speeds.get(&device).copied().filter(|s| *s > 0.0)
+                && secs > 0.0
+            {
+                out.push(
+                    Sample::new(
+                        format!("node_network_{dir}_utilization_ratio"),
+                        bytes as f64 / secs / speed,
+                    )
+                    .label("device", device),
+                );
+            }
+        }
+
+        if self.infiniband && infiniband::collect(&self.sysfs.join("class/infiniband"), out)? {
+            found = true;
+        }
+        if !found {
+            return Err(SourceError::Unavailable(format!(
+                "neither {} nor {} exists",
+                dev_path.display(),
+                class_dir.display()
+            )));
+        }
+        Ok(())
+    }
+}

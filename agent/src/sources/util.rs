@@ -1,0 +1,323 @@
+//! Small helpers shared by the file-reading sources: reading through a
+//! configured root, following links in copied fixture trees, number parsing
+//! that never overflows, device-name patterns and per-interval deltas.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::{ParseError, SourceError};
+
+/// Reads a whole file. `Ok(None)` when it does not exist (or a path component
+/// is not a directory): the caller decides whether that means "unavailable".
+pub fn read_optional(path: &Path) -> Result<Option<String>, SourceError> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if is_absent(&e) => Ok(None),
+        Err(e) => Err(SourceError::Failed(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Whether an I/O error means "this file is not there" rather than a failure.
+pub fn is_absent(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    ) || e.raw_os_error() == Some(20) // ENOTDIR on toolchains without the kind
+}
+
+/// A sysfs attribute, trimmed. `None` when absent or unreadable: many
+/// attributes refuse reads in some device states (`speed` of a link that is
+/// down answers EINVAL), which is not an error of the source.
+pub fn read_attr(path: &Path) -> Option<String> {
+    fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim_end_matches(['\n', '\r']).trim().to_string())
+}
+
+/// Resolves `path` to a directory, following a symbolic link the normal way,
+/// or a *link stub*: a small regular file whose whole content is the link's
+/// relative target (what a tree copied without symlink support, such as a git
+/// checkout with `core.symlinks=false`, holds where the original had a link;
+/// the fixture trees have `proc/self` → `10` and `sys/class/net/eth0` →
+/// `../../devices/...` stored that way). Follows at most a few stubs, so a
+/// cycle of stubs cannot loop.
+pub fn resolve_dir(path: &Path) -> Option<PathBuf> {
+    let mut current = path.to_path_buf();
+    for _ in 0..4 {
+        let meta = fs::metadata(&current).ok()?;
+        if meta.is_dir() {
+            return Some(current);
+        }
+        if !meta.is_file() || meta.len() == 0 || meta.len() > 1024 {
+            return None;
+        }
+        let target = fs::read_to_string(&current).ok()?;
+        let target = target.trim_end_matches('\n');
+        // A link target is a relative path or a bare number (`self` → `10`);
+        // anything else is an ordinary file that happens to be small.
+        let looks_like_link = target.contains('/') || target.bytes().all(|b| b.is_ascii_digit());
+        if target.is_empty()
+            || !looks_like_link
+            || target.contains(char::is_whitespace)
+            || target.contains('\0')
+            || target.starts_with('/')
+        {
+            return None;
+        }
+        current = current.parent()?.join(target);
+    }
+    None
+}
+
+/// Entries of a directory as (name, path), sorted by name. Names that are
+/// not UTF-8 are kept lossily (label values must be strings).
+pub fn list_dir(path: &Path) -> io::Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(path)? {
+        let entry = entry?;
+        out.push((
+            entry.file_name().to_string_lossy().into_owned(),
+            entry.path(),
+        ));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Parses an unsigned decimal counter (up to 2^64 - 1).
+pub fn parse_u64(field: &str, line: usize, what: &str) -> Result<u64, ParseError> {
+    field.parse::<u64>().map_err(|_| {
+        ParseError::new(
+            line,
+            format!("{what}: {field:?} is not an unsigned integer"),
+        )
+    })
+}
+
+/// Parses every whitespace-separated field of `text` as a u64 counter.
+pub fn parse_u64_fields(text: &str, line: usize, what: &str) -> Result<Vec<u64>, ParseError> {
+    text.split_whitespace()
+        .map(|f| parse_u64(f, line, what))
+        .collect()
+}
+
+/// A u64 counter as a sample value. Exact up to 2^53; above that the nearest
+/// f64, which is what every Prometheus-compatible store keeps anyway.
+pub fn f(v: u64) -> f64 {
+    v as f64
+}
+
+/// Shell-style pattern match with `*` (any run, also empty) and `?` (one
+/// character); everything else matches itself. Whole-name match.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    let (mut pi, mut ni) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        match p.get(pi) {
+            Some('*') => {
+                star = Some((pi, ni));
+                pi += 1;
+            }
+            Some(&c) if c == '?' || c == n[ni] => {
+                pi += 1;
+                ni += 1;
+            }
+            _ => match star {
+                Some((sp, sn)) => {
+                    pi = sp + 1;
+                    ni = sn + 1;
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// Include/exclude device filter: a name passes when it matches an include
+/// pattern (or the include list is empty) and matches no exclude pattern.
+#[derive(Debug, Clone)]
+pub struct NameFilter {
+    include: Vec<String>,
+    exclude: Vec<String>,
+}
+
+impl NameFilter {
+    pub fn new(include: &[String], exclude: &[String]) -> Self {
+        NameFilter {
+            include: include.to_vec(),
+            exclude: exclude.to_vec(),
+        }
+    }
+
+    pub fn allows(&self, name: &str) -> bool {
+        (self.include.is_empty() || self.include.iter().any(|p| glob_match(p, name)))
+            && !self.exclude.iter().any(|p| glob_match(p, name))
+    }
+}
+
+/// Remembers the previous value of counters so a source can report a ratio
+/// over the last interval. Keys are whatever identifies the counter.
+#[derive(Debug, Default)]
+pub struct Deltas {
+    previous: HashMap<String, (u64, Instant)>,
+    current: HashMap<String, (u64, Instant)>,
+}
+
+impl Deltas {
+    /// Records `value` for `key` at `now`; returns the increase since the
+    /// previous cycle and the seconds between them, or `None` on the first
+    /// sighting or when the counter went backwards (a reset).
+    pub fn update(&mut self, key: &str, value: u64, now: Instant) -> Option<(u64, f64)> {
+        self.current.insert(key.to_string(), (value, now));
+        let (prev, then) = *self.previous.get(key)?;
+        let delta = value.checked_sub(prev)?;
+        Some((delta, now.saturating_duration_since(then).as_secs_f64()))
+    }
+
+    /// Ends a cycle: counters not seen this cycle are forgotten.
+    pub fn finish_cycle(&mut self) {
+        self.previous = std::mem::take(&mut self.current);
+    }
+}
+
+/// `part / whole` when `whole` is not zero.
+pub fn ratio(part: u64, whole: u64) -> Option<f64> {
+    (whole > 0).then(|| part as f64 / whole as f64)
+}
+
+/// Undoes the octal escapes (`\040` for a space) the kernel writes in mount
+/// paths.
+pub fn unescape_octal(s: &str) -> String {
+    if !s.contains('\\') {
+        return s.to_string();
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            let oct = &bytes[i + 1..i + 4];
+            if oct.iter().all(|b| (b'0'..=b'7').contains(b)) {
+                let v = u32::from(oct[0] - b'0') * 64
+                    + u32::from(oct[1] - b'0') * 8
+                    + u32::from(oct[2] - b'0');
+                if let Ok(b) = u8::try_from(v) {
+                    out.push(b);
+                    i += 4;
+                    continue;
+                }
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_patterns() {
+        let cases = [
+            ("lo", "lo", true),
+            ("lo", "lo0", false),
+            ("veth*", "veth4B09XN", true),
+            ("veth*", "eth0", false),
+            ("docker*", "docker0", true),
+            ("*", "", true),
+            ("e?h0", "eth0", true),
+            ("e?h0", "eh0", false),
+            ("ens*f?", "ens1f0", true),
+            ("*np*", "ens1f0np0", true),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyy", false),
+            ("💩*", "💩0", true),
+        ];
+        for (p, n, want) in cases {
+            assert_eq!(glob_match(p, n), want, "{p} vs {n}");
+        }
+    }
+
+    #[test]
+    fn filter_include_then_exclude() {
+        let f = NameFilter::new(&[], &["lo".into(), "veth*".into()]);
+        assert!(f.allows("eth0"));
+        assert!(!f.allows("lo"));
+        assert!(!f.allows("veth123"));
+        let f = NameFilter::new(&["ens*".into()], &["ens9".into()]);
+        assert!(f.allows("ens1f0"));
+        assert!(!f.allows("ens9"));
+        assert!(!f.allows("eth0"));
+    }
+
+    #[test]
+    fn deltas_skip_first_cycle_and_resets() {
+        let mut d = Deltas::default();
+        let t0 = Instant::now();
+        assert_eq!(d.update("a", 100, t0), None);
+        d.finish_cycle();
+        let t1 = t0 + std::time::Duration::from_secs(2);
+        assert_eq!(d.update("a", 150, t1), Some((50, 2.0)));
+        d.finish_cycle();
+        assert_eq!(
+            d.update("a", 10, t1),
+            None,
+            "a counter reset is not a delta"
+        );
+        d.finish_cycle();
+        d.finish_cycle();
+        assert_eq!(
+            d.update("a", 20, t1),
+            None,
+            "forgotten after a cycle unseen"
+        );
+    }
+
+    #[test]
+    fn u64_near_the_top_parses() {
+        assert_eq!(parse_u64("18446744073709551615", 1, "x").unwrap(), u64::MAX);
+        assert!(parse_u64("18446744073709551616", 1, "x").is_err());
+        assert!(parse_u64("-1", 1, "x").is_err());
+        assert_eq!(f(18446744073709537686), 1.8446744073709537e19);
+    }
+
+    #[test]
+    fn octal_escapes() {
+        assert_eq!(unescape_octal(r"/mnt/my\040data"), "/mnt/my data");
+        assert_eq!(unescape_octal(r"/plain"), "/plain");
+        assert_eq!(unescape_octal(r"/odd\04"), r"/odd\04");
+        assert_eq!(unescape_octal(r"tab\011x"), "tab\tx");
+    }
+
+    #[test]
+    fn link_stubs_are_followed_and_cannot_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("10")).unwrap();
+        std::fs::write(dir.path().join("self"), "10").unwrap();
+        assert_eq!(
+            resolve_dir(&dir.path().join("self")).unwrap(),
+            dir.path().join("10")
+        );
+        std::fs::write(dir.path().join("a"), "./b").unwrap();
+        std::fs::write(dir.path().join("b"), "./a").unwrap();
+        assert_eq!(resolve_dir(&dir.path().join("a")), None);
+        std::fs::create_dir(dir.path().join("bond0")).unwrap();
+        std::fs::write(dir.path().join("bonding_masters"), "bond0\n").unwrap();
+        assert_eq!(resolve_dir(&dir.path().join("bonding_masters")), None);
+        std::fs::write(dir.path().join("list"), "bond0 dmz int\n").unwrap();
+        assert_eq!(resolve_dir(&dir.path().join("list")), None);
+        assert_eq!(resolve_dir(&dir.path().join("missing")), None);
+    }
+}

@@ -1,0 +1,497 @@
+//! ZFS: kstats and pool health.
+//!
+//! Kstats under `<procfs>/spl/kstat/zfs` (node_exporter's zfs names):
+//! `arcstats` → `node_zfs_arc_<field>` (every field: ARC and L2ARC sizes,
+//! targets, hits and misses, L2 bytes, errors, evictions), `zil` →
+//! `node_zfs_zil_<field>`, the other global kstats likewise, and per pool
+//! `io` → `node_zfs_zpool_<field>`, `state` → `node_zfs_zpool_state`,
+//! `objset-*` → `node_zfs_zpool_dataset_<field>` (dataset names may hold
+//! spaces). Per interval: `node_zfs_arc_hit_ratio` and
+//! `node_zfs_arc_l2_hit_ratio`.
+//!
+//! Pool health through the configured `zpool` and `zfs` programs, run off
+//! the collection thread with a timeout (see `command`): `zpool list` (size,
+//! allocated, free, fragmentation, capacity, dedup, health), `zpool status`
+//! (state and error counters of every vdev including log, cache and spare
+//! devices, scrub/resilver progress and last result, data errors) and
+//! `zfs list -t snapshot` (newest snapshot per dataset and its age). Each
+//! command reports on itself: `vitals_zfs_command_success`,
+//! `vitals_zfs_command_duration_seconds`, `vitals_zfs_command_timeouts_total`
+//! and `vitals_zfs_command_hung`.
+
+pub mod command;
+pub mod kstat;
+pub mod zpool;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use vitals_common::model::Sample;
+
+use self::command::{CommandSpec, Runner};
+use self::kstat::{KValue, metric_name, parse_kstat};
+use super::util::{Deltas, list_dir, ratio, read_optional};
+use super::{Source, SourceError};
+use crate::config::RawConfig;
+
+/// Global kstat files and the metric prefix node_exporter gives each.
+const KSTATS: &[(&str, &str)] = &[
+    ("arcstats", "arc"),
+    ("zil", "zil"),
+    ("abdstats", "abd"),
+    ("dbufstats", "dbuf"),
+    ("dmu_tx", "dmu_tx"),
+    ("dnodestats", "dnode"),
+    ("fm", "fm"),
+    ("vdev_cache_stats", "vdev_cache"),
+    ("vdev_mirror_stats", "vdev_mirror"),
+    ("xuio_stats", "xuio"),
+    ("zfetchstats", "zfetch"),
+];
+
+/// Pool states, as node_exporter enumerates them for `node_zfs_zpool_state`.
+pub const POOL_STATES: &[&str] = &[
+    "online",
+    "degraded",
+    "faulted",
+    "offline",
+    "removed",
+    "unavail",
+    "suspended",
+];
+
+/// Vdev states (`AVAIL` and `INUSE` are what spares show).
+pub const VDEV_STATES: &[&str] = &[
+    "online", "degraded", "faulted", "offline", "removed", "unavail", "avail", "inuse",
+];
+
+const LIST: usize = 0;
+const STATUS: usize = 1;
+const SNAPSHOTS: usize = 2;
+
+pub struct Zfs {
+    procfs: PathBuf,
+    zpool: PathBuf,
+    commands: Option<[Runner; 3]>,
+    /// How long one cycle waits for the commands it started.
+    wait: Duration,
+    deltas: Deltas,
+    /// The last failure logged per command, so each is logged once.
+    logged: HashMap<&'static str, String>,
+}
+
+pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
+    let z = &cfg.sources.zfs;
+    let runner = |label, program: &PathBuf, variants: Vec<Vec<&str>>| {
+        Runner::new(
+            CommandSpec {
+                label,
+                program: program.clone(),
+                variants: variants
+                    .into_iter()
+                    .map(|v| v.into_iter().map(str::to_string).collect())
+                    .collect(),
+            },
+            z.command_timeout,
+        )
+    };
+    let list = zpool::LIST_COLUMNS.join(",");
+    let legacy = zpool::LIST_COLUMNS_LEGACY.join(",");
+    let commands = z.commands.then(|| {
+        [
+            runner(
+                "zpool list",
+                &z.zpool,
+                vec![
+                    vec!["list", "-Hp", "-o", &list],
+                    vec!["list", "-H", "-o", &legacy],
+                ],
+            ),
+            runner(
+                "zpool status",
+                &z.zpool,
+                vec![vec!["status", "-p"], vec!["status"]],
+            ),
+            runner(
+                "zfs list snapshots",
+                &z.zfs,
+                vec![vec!["list", "-Hp", "-t", "snapshot", "-o", "name,creation"]],
+            ),
+        ]
+    });
+    Box::new(Zfs {
+        procfs: cfg.paths.procfs.clone(),
+        zpool: z.zpool.clone(),
+        commands,
+        wait: z.command_timeout.min(cfg.interval / 2),
+        deltas: Deltas::default(),
+        logged: HashMap::new(),
+    })
+}
+
+impl Source for Zfs {
+    fn name(&self) -> &'static str {
+        "zfs"
+    }
+
+    fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), SourceError> {
+        let now = Instant::now();
+        let have_zpool = self.commands.is_some() && self.zpool.exists();
+        if have_zpool && let Some(runners) = &mut self.commands {
+            for r in runners.iter_mut() {
+                r.start();
+            }
+        }
+
+        let kstat_dir = self.procfs.join("spl/kstat/zfs");
+        let mut states_from_kstat = BTreeSet::new();
+        let have_kstats = kstat_dir.is_dir();
+        if have_kstats {
+            self.read_kstats(&kstat_dir, now, out, &mut states_from_kstat)?;
+        }
+        self.deltas.finish_cycle();
+        if !have_kstats && !have_zpool {
+            return Err(SourceError::Unavailable(format!(
+                "no ZFS here: {} does not exist and {} is not installed",
+                kstat_dir.display(),
+                self.zpool.display()
+            )));
+        }
+        if have_zpool {
+            self.commands_samples(now, have_kstats, &states_from_kstat, out)?;
+        }
+        Ok(())
+    }
+}
+
+impl Zfs {
+    fn read_kstats(
+        &mut self,
+        dir: &Path,
+        now: Instant,
+        out: &mut Vec<Sample>,
+        states: &mut BTreeSet<String>,
+    ) -> Result<(), SourceError> {
+        for (file, prefix) in KSTATS {
+            let path = dir.join(file);
+            let Some(text) = read_optional(&path)? else {
+                continue;
+            };
+            let fields = parse_kstat(&text).map_err(|e| e.in_file(&path))?;
+            for (name, value) in &fields {
+                if let Some(v) = value.as_f64() {
+                    out.push(Sample::new(
+                        format!("node_zfs_{prefix}_{}", metric_name(name)),
+                        v,
+                    ));
+                }
+            }
+            if *file == "arcstats" {
+                self.arc_ratios(&fields, now, out);
+            }
+        }
+        let entries =
+            list_dir(dir).map_err(|e| SourceError::Failed(format!("{}: {e}", dir.display())))?;
+        for (pool, path) in entries {
+            if !path.is_dir() {
+                continue;
+            }
+            read_pool(&pool, &path, out, states)?;
+        }
+        Ok(())
+    }
+
+    /// Hit ratios over the last interval (nothing on the first cycle, or
+    /// when nothing was looked up).
+    fn arc_ratios(&mut self, fields: &[(String, KValue)], now: Instant, out: &mut Vec<Sample>) {
+        let get = |n: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == n)
+                .and_then(|(_, v)| v.as_u64())
+        };
+        for (hits, misses, metric) in [
+            ("hits", "misses", "node_zfs_arc_hit_ratio"),
+            ("l2_hits", "l2_misses", "node_zfs_arc_l2_hit_ratio"),
+        ] {
+            let (Some(h), Some(m)) = (get(hits), get(misses)) else {
+                continue;
+            };
+            let dh = self.deltas.update(hits, h, now);
+            let dm = self.deltas.update(misses, m, now);
+            if let (Some((dh, _)), Some((dm, _))) = (dh, dm)
+                && let Some(r) = ratio(dh, dh.saturating_add(dm))
+            {
+                out.push(Sample::new(metric, r));
+            }
+        }
+    }
+
+    fn commands_samples(
+        &mut self,
+        now: Instant,
+        have_kstats: bool,
+        states_from_kstat: &BTreeSet<String>,
+        out: &mut Vec<Sample>,
+    ) -> Result<(), SourceError> {
+        let Some(runners) = &mut self.commands else {
+            return Ok(());
+        };
+        let deadline = now + self.wait;
+        for r in runners.iter_mut() {
+            r.receive(Some(deadline));
+        }
+        // What each command said, if it succeeded and is not stuck.
+        let mut ok: [Option<(usize, String)>; 3] = [None, None, None];
+        for (i, r) in runners.iter().enumerate() {
+            let label = r.spec.label;
+            let hung = r.hung();
+            let sample = |name: &str, v: f64| Sample::new(name, v).label("command", label);
+            out.push(sample(
+                "vitals_zfs_command_hung",
+                if hung { 1.0 } else { 0.0 },
+            ));
+            out.push(sample(
+                "vitals_zfs_command_timeouts_total",
+                r.timeouts_total as f64,
+            ));
+            let Some(last) = &r.last else { continue };
+            if let Some(d) = last.duration() {
+                out.push(sample(
+                    "vitals_zfs_command_duration_seconds",
+                    d.as_secs_f64(),
+                ));
+            }
+            let success = last.success().filter(|_| !hung);
+            out.push(sample(
+                "vitals_zfs_command_success",
+                if success.is_some() { 1.0 } else { 0.0 },
+            ));
+            if let Some((variant, text)) = success {
+                ok[i] = Some((variant, text.to_string()));
+                self.logged.remove(label);
+            } else if let Some(why) = last.failure() {
+                // Without kstats, a failing `zpool list` means there is no
+                // ZFS here (no module, no daemon): unavailable, not an error.
+                if !have_kstats && i == LIST {
+                    return Err(SourceError::Unavailable(format!(
+                        "no kstats and `{label}` failed: {why}"
+                    )));
+                }
+                if self.logged.get(label) != Some(&why) {
+                    tracing::warn!(command = label, error = %why, "zfs command failed; its samples are left out");
+                    self.logged.insert(label, why);
+                }
+            }
+        }
+        if runners.iter().any(Runner::hung) && !self.logged.contains_key("hung") {
+            tracing::warn!(
+                "a zpool/zfs command is hung (still running after its kill); reported as vitals_zfs_command_hung"
+            );
+            self.logged.insert("hung", String::new());
+        }
+
+        let mut pool_states: HashMap<String, String> = HashMap::new();
+        if let Some((variant, text)) = &ok[LIST] {
+            let columns = if *variant == 0 {
+                zpool::LIST_COLUMNS
+            } else {
+                zpool::LIST_COLUMNS_LEGACY
+            };
+            let rows = zpool::parse_zpool_list(text, columns)
+                .map_err(|e| SourceError::Failed(format!("`zpool list` output: {e}")))?;
+            for row in rows {
+                let s = |name: &str, v: Option<f64>| {
+                    v.map(|v| Sample::new(name, v).label("zpool", row.name.as_str()))
+                };
+                out.extend(
+                    [
+                        s("node_zfs_zpool_size_bytes", row.size_bytes),
+                        s("node_zfs_zpool_allocated_bytes", row.allocated_bytes),
+                        s("node_zfs_zpool_free_bytes", row.free_bytes),
+                        s("node_zfs_zpool_fragmentation_ratio", row.fragmentation),
+                        s("node_zfs_zpool_capacity_ratio", row.capacity),
+                        s("node_zfs_zpool_dedup_ratio", row.dedup_ratio),
+                    ]
+                    .into_iter()
+                    .flatten(),
+                );
+                pool_states.insert(row.name.clone(), row.health.clone());
+            }
+        }
+        if let Some((_, text)) = &ok[STATUS] {
+            let pools = zpool::parse_zpool_status(text)
+                .map_err(|e| SourceError::Failed(format!("`zpool status` output: {e}")))?;
+            for p in &pools {
+                pool_states.insert(p.name.clone(), p.state.clone());
+                status_samples(p, out);
+            }
+        }
+        // Pools whose state no kstat gave (zfs-fuse, OpenZFS before 0.8).
+        let mut names: Vec<&String> = pool_states.keys().collect();
+        names.sort();
+        for name in names {
+            if states_from_kstat.contains(name) {
+                continue;
+            }
+            let state = pool_states[name].to_ascii_lowercase();
+            for s in POOL_STATES {
+                out.push(
+                    Sample::new("node_zfs_zpool_state", if state == *s { 1.0 } else { 0.0 })
+                        .label("zpool", name.as_str())
+                        .label("state", *s),
+                );
+            }
+        }
+        if let Some((_, text)) = &ok[SNAPSHOTS] {
+            let snaps = zpool::parse_snapshots(text)
+                .map_err(|e| SourceError::Failed(format!("`zfs list -t snapshot` output: {e}")))?;
+            let now_unix = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            for (dataset, count, newest) in snaps {
+                let pool = dataset.split('/').next().unwrap_or_default().to_string();
+                let s = |name: &str, v: f64| {
+                    Sample::new(name, v)
+                        .label("zpool", pool.as_str())
+                        .label("dataset", dataset.as_str())
+                };
+                out.push(s("node_zfs_dataset_snapshots", count as f64));
+                out.push(s(
+                    "node_zfs_dataset_newest_snapshot_timestamp_seconds",
+                    newest as f64,
+                ));
+                out.push(s(
+                    "node_zfs_dataset_newest_snapshot_age_seconds",
+                    (now_unix - newest as f64).max(0.0),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One pool's kstat directory: `io`, `state`, `objset-*`.
+fn read_pool(
+    pool: &str,
+    dir: &Path,
+    out: &mut Vec<Sample>,
+    states: &mut BTreeSet<String>,
+) -> Result<(), SourceError> {
+    let io = dir.join("io");
+    if let Some(text) = read_optional(&io)? {
+        for (name, v) in parse_kstat(&text).map_err(|e| e.in_file(&io))? {
+            if let Some(v) = v.as_f64() {
+                out.push(
+                    Sample::new(format!("node_zfs_zpool_{}", metric_name(&name)), v)
+                        .label("zpool", pool),
+                );
+            }
+        }
+    }
+    let state_path = dir.join("state");
+    if let Some(text) = read_optional(&state_path)? {
+        let state = text.trim().to_ascii_lowercase();
+        if state.is_empty() {
+            return Err(SourceError::Failed(format!(
+                "{}: empty",
+                state_path.display()
+            )));
+        }
+        states.insert(pool.to_string());
+        for s in POOL_STATES {
+            out.push(
+                Sample::new("node_zfs_zpool_state", if state == *s { 1.0 } else { 0.0 })
+                    .label("zpool", pool)
+                    .label("state", *s),
+            );
+        }
+    }
+    let entries =
+        list_dir(dir).map_err(|e| SourceError::Failed(format!("{}: {e}", dir.display())))?;
+    for (name, path) in entries {
+        if !name.starts_with("objset-") {
+            continue;
+        }
+        let Some(text) = read_optional(&path)? else {
+            continue;
+        };
+        let fields = parse_kstat(&text).map_err(|e| e.in_file(&path))?;
+        let dataset = fields.iter().find_map(|(k, v)| match (k.as_str(), v) {
+            ("dataset_name", KValue::Str(s)) => Some(s.clone()),
+            _ => None,
+        });
+        let Some(dataset) = dataset else {
+            return Err(SourceError::Failed(format!(
+                "{}: no dataset_name",
+                path.display()
+            )));
+        };
+        for (k, v) in &fields {
+            if let Some(v) = v.as_f64() {
+                out.push(
+                    Sample::new(format!("node_zfs_zpool_dataset_{}", metric_name(k)), v)
+                        .label("zpool", pool)
+                        .label("dataset", dataset.as_str()),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Vdev states and error counters, scan progress and result, data errors.
+fn status_samples(p: &zpool::PoolStatus, out: &mut Vec<Sample>) {
+    let pool = p.name.as_str();
+    for v in p.vdevs.iter().filter(|v| v.depth > 0) {
+        let state = v.state.to_ascii_lowercase();
+        let s = |name: &str, value: f64| {
+            Sample::new(name, value)
+                .label("zpool", pool)
+                .label("vdev", v.name.as_str())
+                .label("class", v.class)
+        };
+        for st in VDEV_STATES {
+            out.push(
+                s(
+                    "node_zfs_zpool_vdev_state",
+                    if state == *st { 1.0 } else { 0.0 },
+                )
+                .label("state", *st),
+            );
+        }
+        for (name, value) in [
+            ("node_zfs_zpool_vdev_read_errors_total", v.read_errors),
+            ("node_zfs_zpool_vdev_write_errors_total", v.write_errors),
+            (
+                "node_zfs_zpool_vdev_checksum_errors_total",
+                v.checksum_errors,
+            ),
+        ] {
+            if let Some(value) = value {
+                out.push(s(name, value));
+            }
+        }
+    }
+    if let Some(scan) = &p.scan {
+        let s = |name: &str, value: f64| {
+            Sample::new(name, value)
+                .label("zpool", pool)
+                .label("function", scan.function)
+        };
+        out.push(s("node_zfs_zpool_scan_info", 1.0).label("state", scan.state));
+        if let Some(v) = scan.progress {
+            out.push(s("node_zfs_zpool_scan_progress_ratio", v));
+        }
+        if let Some(v) = scan.repaired_bytes {
+            out.push(s("node_zfs_zpool_scan_repaired_bytes", v));
+        }
+        if let Some(v) = scan.errors {
+            out.push(s("node_zfs_zpool_scan_errors", v));
+        }
+    }
+    if let Some(v) = p.data_errors {
+        out.push(Sample::new("node_zfs_zpool_data_errors", v).label("zpool", pool));
+    }
+}
