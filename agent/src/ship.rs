@@ -1,7 +1,7 @@
 //! Shipping: stream spooled batches to the collector in order, forget them
 //! when acked, reconnect with exponential backoff and jitter.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,8 +10,8 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use vitals_proto::v1::{
-    AgentMessage, Batch, CollectorMessage, Hello, agent_message, collector_message,
-    ingest_client::IngestClient,
+    AgentMessage, Batch, CollectorMessage, Hello, Label, SeriesDef, agent_message,
+    collector_message, ingest_client::IngestClient,
 };
 
 use crate::spool::Spool;
@@ -167,6 +167,7 @@ impl Shipper {
 
         let mut last_sent = acked;
         let mut inflight: VecDeque<u64> = VecDeque::new();
+        let mut defs = StreamDefs::default();
         let mut stopping = *self.stop.borrow();
         loop {
             if inflight.len() < WINDOW {
@@ -186,7 +187,7 @@ impl Shipper {
                         }
                     };
                     let msg = AgentMessage {
-                        msg: Some(agent_message::Msg::Batch(batch)),
+                        msg: Some(agent_message::Msg::Batch(defs.rewrite(batch))),
                     };
                     if out_tx.send(msg).await.is_err() {
                         return Ok(End::Closed);
@@ -222,5 +223,83 @@ impl Shipper {
         if let Err(e) = self.spool.ack(seq) {
             tracing::error!(seq, error = %e, "cannot remove acknowledged batches from the spool (they will be resent; the collector drops duplicates)");
         }
+    }
+}
+
+/// Series ids bound on the current stream. A spooled batch is self-contained
+/// (its own ids and every definition); on the wire a definition is sent once
+/// per stream and later batches refer to its id alone.
+#[derive(Default)]
+struct StreamDefs {
+    ids: HashMap<(String, Vec<(String, String)>), u32>,
+}
+
+impl StreamDefs {
+    fn rewrite(&mut self, mut batch: Batch) -> Batch {
+        let mut local: HashMap<u32, u32> = HashMap::with_capacity(batch.series.len());
+        let mut new_defs = Vec::new();
+        for def in std::mem::take(&mut batch.series) {
+            let key = (
+                def.name,
+                def.labels
+                    .into_iter()
+                    .map(|l| (l.name, l.value))
+                    .collect::<Vec<_>>(),
+            );
+            let next = self.ids.len() as u32;
+            let id = match self.ids.get(&key) {
+                Some(id) => *id,
+                None => {
+                    self.ids.insert(key.clone(), next);
+                    new_defs.push(SeriesDef {
+                        id: next,
+                        name: key.0,
+                        labels: key
+                            .1
+                            .into_iter()
+                            .map(|(name, value)| Label { name, value })
+                            .collect(),
+                    });
+                    next
+                }
+            };
+            local.insert(def.id, id);
+        }
+        for id in &mut batch.series_ids {
+            // An id the batch never defined stays unknown: the collector says so.
+            *id = local.get(id).copied().unwrap_or(u32::MAX);
+        }
+        batch.series = new_defs;
+        batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vitals_common::model::{BatchBuilder, Labels};
+
+    #[test]
+    fn definitions_go_once_per_stream() {
+        let mut l = Labels::new();
+        l.insert("node".into(), "a".into());
+        let batch = |first: &str| {
+            let mut b = BatchBuilder::new();
+            b.push(first, &l, 1, 1.0);
+            b.push("common", &l, 1, 2.0);
+            b.finish()
+        };
+        let mut defs = StreamDefs::default();
+        let one = defs.rewrite(batch("x"));
+        assert_eq!(one.series.len(), 2);
+        assert_eq!(one.series_ids, vec![0, 1]);
+        // "common" is local id 1 again but already bound to stream id 1.
+        let two = defs.rewrite(batch("y"));
+        assert_eq!(two.series.len(), 1);
+        assert_eq!((two.series[0].name.as_str(), two.series[0].id), ("y", 2));
+        assert_eq!(two.series_ids, vec![2, 1]);
+        // A new stream starts over.
+        let fresh = StreamDefs::default().rewrite(batch("y"));
+        assert_eq!(fresh.series.len(), 2);
     }
 }

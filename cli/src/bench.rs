@@ -158,6 +158,18 @@ fn peak_rss(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// CPU time (user + system) a process has used so far, all threads, from
+/// /proc/PID/stat (in clock ticks of 1/100 s, Linux's USER_HZ).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the command name: state is field 3, utime 14, stime 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|rd| {
@@ -281,6 +293,8 @@ pub async fn ingest(args: IngestArgs) -> Result<String> {
     }
     let acked = shared.acked_samples.load(Ordering::SeqCst);
     let rss = peak_rss(pid).unwrap_or(0);
+    let collector_cpu = cpu_seconds(pid).unwrap_or(0.0);
+    let bench_cpu = cpu_seconds(std::process::id()).unwrap_or(0.0);
     // SIGTERM: the collector drains and checkpoints (head flushed, WAL emptied).
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -317,13 +331,16 @@ pub async fn ingest(args: IngestArgs) -> Result<String> {
             "seconds": elapsed,
             "agents": args.agents,
             "series_per_agent": args.series_per_agent,
-            "disk_bytes": disk,
+                        "disk_bytes": disk,
+            "collector_cpu_seconds": collector_cpu,
+            "bench_cpu_seconds": bench_cpu,
         })
         .to_string());
     }
     Ok(format!(
-        "acked samples:      {acked} in {elapsed:.1} s\nsamples/s:          {samples_per_sec:.0}\nack latency:        p50 {p50:.1} ms, p99 {p99:.1} ms\non disk:            {disk} bytes, {bytes_per_sample:.3} bytes/sample (after the head was flushed)\ncollector peak RSS: {:.1} MiB",
-        rss as f64 / (1 << 20) as f64
+        "acked samples:      {acked} in {elapsed:.1} s\nsamples/s:          {samples_per_sec:.0}\nack latency:        p50 {p50:.1} ms, p99 {p99:.1} ms\non disk:            {disk} bytes, {bytes_per_sample:.3} bytes/sample (after the head was flushed)\ncollector peak RSS: {:.1} MiB\nCPU:                collector {collector_cpu:.1} s ({:.0} samples per collector CPU second), simulated agents {bench_cpu:.1} s",
+        rss as f64 / (1 << 20) as f64,
+        acked as f64 / collector_cpu.max(1e-9)
     ))
 }
 
@@ -412,9 +429,10 @@ async fn run_agent(
             seq += 1;
             ts += 1000;
             let values: Vec<f64> = gens.iter_mut().map(SeriesGen::next).collect();
+            // Definitions go once per stream; later batches use the ids.
             let batch = Batch {
                 seq,
-                series: defs.clone(),
+                series: if seq == 1 { defs.clone() } else { Vec::new() },
                 series_ids: (0..m as u32).collect(),
                 timestamps_ms: vec![ts; m],
                 values,

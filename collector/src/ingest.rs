@@ -2,6 +2,7 @@
 //! validation, acks only after the store committed.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,11 +13,11 @@ use tonic::{Request, Response, Status, Streaming};
 use vitals_common::identity::{self, Role};
 use vitals_common::model::{Labels, valid_label_name, valid_metric_name};
 use vitals_proto::v1::{
-    Ack, AgentMessage, Batch, CollectorMessage, Welcome, agent_message, collector_message,
-    ingest_server::Ingest,
+    Ack, AgentMessage, Batch, CollectorMessage, SeriesDef, Welcome, agent_message,
+    collector_message, ingest_server::Ingest,
 };
 
-use crate::store::{CleanBatch, CleanEvent, Outcome, Writer};
+use crate::store::{CleanBatch, CleanEvent, Outcome, SeriesKey, Writer};
 
 /// Most samples one batch may hold.
 pub const MAX_BATCH_SAMPLES: usize = 2_000_000;
@@ -198,6 +199,7 @@ impl Session {
 
         let mut shutdown = self.shutdown.clone();
         let mut last_seq = 0u64;
+        let mut stream = StreamState::default();
         let result = loop {
             if *shutdown.borrow() {
                 break Ok(());
@@ -227,7 +229,7 @@ impl Session {
             }
             last_seq = batch.seq;
             let seq = batch.seq;
-            let clean = match validate(&self.node, batch) {
+            let clean = match validate(&self.node, batch, &mut stream) {
                 Ok(c) => c,
                 Err(status) => break Err(status),
             };
@@ -265,8 +267,65 @@ fn pairs_to_labels(pairs: &[vitals_proto::v1::Label], what: &str) -> Result<Labe
     Ok(labels)
 }
 
+/// Series definitions this stream already validated: each distinct
+/// definition is checked and keyed once per stream.
+#[derive(Default)]
+struct DefCache {
+    map: HashMap<u64, (SeriesDef, Arc<SeriesKey>)>,
+}
+
+/// Most definitions one stream's cache holds before it starts over.
+const DEF_CACHE_MAX: usize = 1 << 20;
+
+fn def_hash(def: &SeriesDef) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    def.name.hash(&mut h);
+    for l in &def.labels {
+        l.name.hash(&mut h);
+        l.value.hash(&mut h);
+    }
+    h.finish()
+}
+
+impl DefCache {
+    fn get(&self, def: &SeriesDef) -> Option<Arc<SeriesKey>> {
+        let (raw, key) = self.map.get(&def_hash(def))?;
+        (raw.name == def.name && raw.labels == def.labels).then(|| key.clone())
+    }
+
+    fn insert(&mut self, def: &SeriesDef, key: SeriesKey) -> Arc<SeriesKey> {
+        if self.map.len() >= DEF_CACHE_MAX {
+            self.map.clear();
+        }
+        let key = Arc::new(key);
+        let raw = SeriesDef {
+            id: 0,
+            name: def.name.clone(),
+            labels: def.labels.clone(),
+        };
+        self.map.insert(def_hash(def), (raw, key.clone()));
+        key
+    }
+}
+
+/// What one stream has bound so far: series ids → validated series.
+#[derive(Default)]
+pub struct StreamState {
+    cache: DefCache,
+    ids: Vec<Option<Arc<SeriesKey>>>,
+    /// Scratch: stream id → index in the batch's series list (u32::MAX: none).
+    local: Vec<u32>,
+}
+
+/// Series ids a stream may use: 0 up to this.
+pub const MAX_STREAM_SERIES: u32 = 1 << 22;
+
 /// Checks a batch whole; on any fault nothing of it is stored.
-pub fn validate(node: &str, b: Batch) -> Result<CleanBatch, Status> {
+///
+/// A definition binds its id for the rest of the stream (replacing an earlier
+/// binding of that id); a sample may use any id bound in this batch or before
+/// on the same stream.
+pub fn validate(node: &str, b: Batch, st: &mut StreamState) -> Result<CleanBatch, Status> {
     let n = b.values.len();
     if b.series_ids.len() != n || b.timestamps_ms.len() != n {
         return Err(Status::invalid_argument(format!(
@@ -283,54 +342,84 @@ pub fn validate(node: &str, b: Batch) -> Result<CleanBatch, Status> {
             b.seq
         )));
     }
-    let mut index: HashMap<u32, u32> = HashMap::with_capacity(b.series.len());
-    let mut series = Vec::with_capacity(b.series.len());
-    let mut seen = HashSet::new();
+    let mut defined_here = HashSet::with_capacity(b.series.len());
     for def in &b.series {
-        if !valid_metric_name(&def.name) {
+        if def.id >= MAX_STREAM_SERIES {
             return Err(Status::invalid_argument(format!(
-                "batch {}: invalid metric name {:?}",
-                b.seq, def.name
+                "batch {}: series id {} above the limit of {MAX_STREAM_SERIES}",
+                b.seq, def.id
             )));
         }
-        let mut labels = pairs_to_labels(&def.labels, &def.name)?;
-        match labels.get("node") {
-            Some(n) if n != node => {
-                return Err(Status::permission_denied(format!(
-                    "batch {}: series {} is labelled node={n:?} but the certificate is for {node:?}; the whole batch is rejected",
-                    b.seq, def.name
-                )));
-            }
-            Some(_) => {}
-            None => {
-                labels.insert("node".into(), node.into());
-            }
-        }
-        if index.insert(def.id, series.len() as u32).is_some() {
+        if !defined_here.insert(def.id) {
             return Err(Status::invalid_argument(format!(
                 "batch {}: series id {} defined twice",
                 b.seq, def.id
             )));
         }
-        if !seen.insert((def.name.clone(), labels.clone())) {
-            return Err(Status::invalid_argument(format!(
-                "batch {}: series {} defined twice",
-                b.seq, def.name
-            )));
-        }
-        series.push((def.name.clone(), labels));
-    }
-    let mut series_idx = Vec::with_capacity(n);
-    for id in &b.series_ids {
-        match index.get(id) {
-            Some(i) => series_idx.push(*i),
+        let key = match st.cache.get(def) {
+            Some(key) => key,
             None => {
-                return Err(Status::invalid_argument(format!(
-                    "batch {}: sample refers to undefined series id {id}",
-                    b.seq
-                )));
+                if !valid_metric_name(&def.name) {
+                    return Err(Status::invalid_argument(format!(
+                        "batch {}: invalid metric name {:?}",
+                        b.seq, def.name
+                    )));
+                }
+                let mut labels = pairs_to_labels(&def.labels, &def.name)?;
+                match labels.get("node") {
+                    Some(n) if n != node => {
+                        return Err(Status::permission_denied(format!(
+                            "batch {}: series {} is labelled node={n:?} but the certificate is for {node:?}; the whole batch is rejected",
+                            b.seq, def.name
+                        )));
+                    }
+                    Some(_) => {}
+                    None => {
+                        labels.insert("node".into(), node.into());
+                    }
+                }
+                st.cache
+                    .insert(def, SeriesKey::new(def.name.clone(), labels))
+            }
+        };
+        let i = def.id as usize;
+        if st.ids.len() <= i {
+            st.ids.resize(i + 1, None);
+        }
+        st.ids[i] = Some(key);
+    }
+    if st.local.len() < st.ids.len() {
+        st.local.resize(st.ids.len(), u32::MAX);
+    }
+    let mut series: Vec<Arc<SeriesKey>> = Vec::new();
+    let mut used: Vec<usize> = Vec::new();
+    let mut series_idx = Vec::with_capacity(n);
+    let mut undefined = None;
+    for &id in &b.series_ids {
+        let i = id as usize;
+        match st.ids.get(i).and_then(Option::as_ref) {
+            Some(key) => {
+                if st.local[i] == u32::MAX {
+                    st.local[i] = series.len() as u32;
+                    series.push(key.clone());
+                    used.push(i);
+                }
+                series_idx.push(st.local[i]);
+            }
+            None => {
+                undefined = Some(id);
+                break;
             }
         }
+    }
+    for i in used {
+        st.local[i] = u32::MAX;
+    }
+    if let Some(id) = undefined {
+        return Err(Status::invalid_argument(format!(
+            "batch {}: sample refers to series id {id}, which this stream never defined",
+            b.seq
+        )));
     }
     let mut events = Vec::with_capacity(b.events.len());
     for e in b.events {
@@ -382,8 +471,31 @@ mod tests {
         b.push("m", &labels("b"), 1, 1.0);
         let mut batch = b.finish();
         batch.seq = 1;
-        let err = validate("a", batch).unwrap_err();
+        let err = validate("a", batch, &mut StreamState::default()).unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
+    fn ids_stay_bound_for_the_stream() {
+        let mut st = StreamState::default();
+        let mut b = BatchBuilder::new();
+        b.push("m", &labels("a"), 1, 1.0);
+        b.push("n", &labels("a"), 1, 2.0);
+        let mut first = b.finish();
+        first.seq = 1;
+        let c1 = validate("a", first.clone(), &mut st).unwrap();
+        // Later batches may leave the definitions out.
+        let mut second = first.clone();
+        second.seq = 2;
+        second.series.clear();
+        second.series_ids = vec![1, 0];
+        let c2 = validate("a", second.clone(), &mut st).unwrap();
+        assert_eq!(c2.series[c2.series_idx[0] as usize].name, "n");
+        assert_eq!(c2.series[c2.series_idx[1] as usize].name, "m");
+        assert!(Arc::ptr_eq(&c1.series[0], &c2.series[1]));
+        // A new stream knows nothing of them.
+        let err = validate("a", second, &mut StreamState::default()).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
     }
 
     #[test]
@@ -391,27 +503,36 @@ mod tests {
         let mut b = BatchBuilder::new();
         b.push("m", &Labels::new(), 1, 1.0);
         let good = b.finish();
-        let ok = validate("a", good.clone()).unwrap();
-        assert_eq!(ok.series[0].1.get("node").map(String::as_str), Some("a"));
+        let ok = validate("a", good.clone(), &mut StreamState::default()).unwrap();
+        assert_eq!(
+            ok.series[0].labels.get("node").map(String::as_str),
+            Some("a")
+        );
 
         let mut short = good.clone();
         short.values.clear();
         assert_eq!(
-            validate("a", short).unwrap_err().code(),
+            validate("a", short, &mut StreamState::default())
+                .unwrap_err()
+                .code(),
             tonic::Code::InvalidArgument
         );
 
         let mut dangling = good.clone();
         dangling.series_ids[0] = 7;
         assert_eq!(
-            validate("a", dangling).unwrap_err().code(),
+            validate("a", dangling, &mut StreamState::default())
+                .unwrap_err()
+                .code(),
             tonic::Code::InvalidArgument
         );
 
         let mut badname = good;
         badname.series[0].name = "bad-name".into();
         assert_eq!(
-            validate("a", badname).unwrap_err().code(),
+            validate("a", badname, &mut StreamState::default())
+                .unwrap_err()
+                .code(),
             tonic::Code::InvalidArgument
         );
     }

@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -208,11 +209,38 @@ pub enum StoreError {
     Closed,
 }
 
-/// A batch that passed validation, ready to store. Labels include `node`.
+/// A validated series identity, shared by an ingest stream's cache and the
+/// writer. Labels include `node`.
+#[derive(Debug)]
+pub struct SeriesKey {
+    pub name: String,
+    pub labels: Labels,
+    pub labels_json: String,
+    /// `name` followed by `labels_json`: the writer's lookup key.
+    pub key: String,
+    /// The store's id for this series once the writer committed it (0: not yet).
+    pub id: AtomicI64,
+}
+
+impl SeriesKey {
+    pub fn new(name: String, labels: Labels) -> SeriesKey {
+        let labels_json = labels_json(&labels);
+        let key = format!("{name}{labels_json}");
+        SeriesKey {
+            name,
+            labels,
+            labels_json,
+            key,
+            id: AtomicI64::new(0),
+        }
+    }
+}
+
+/// A batch that passed validation, ready to store.
 #[derive(Debug)]
 pub struct CleanBatch {
     pub seq: u64,
-    pub series: Vec<(String, Labels)>,
+    pub series: Vec<Arc<SeriesKey>>,
     pub series_idx: Vec<u32>,
     pub timestamps_ms: Vec<i64>,
     pub values: Vec<f64>,
@@ -328,7 +356,7 @@ struct HeadSeries {
 pub struct Head {
     series: Vec<Option<HeadSeries>>,
     by_name: HashMap<String, Vec<i64>>,
-    by_key: HashMap<(String, String), i64>,
+    by_key: HashMap<String, i64>,
     wal_bytes: u64,
     out_of_order_total: u64,
 }
@@ -344,7 +372,7 @@ impl Head {
             self.series.resize_with(idx + 1, || None);
         }
         self.by_name.entry(name.clone()).or_default().push(id);
-        self.by_key.insert((name.clone(), key_json), id);
+        self.by_key.insert(format!("{name}{key_json}"), id);
         self.series[idx] = Some(HeadSeries {
             name,
             labels,
@@ -661,6 +689,7 @@ impl WriterState {
         let mut out_of_order = 0u64;
         let mut wal_bytes = 0u64;
         let mut checkpoint_asked = false;
+        let mut new_series: Vec<(Arc<SeriesKey>, i64)> = Vec::new();
         let outcome = (|| -> Result<(), rusqlite::Error> {
             let tx = self.conn.unchecked_transaction()?;
             let now = vitals_common::now_ms();
@@ -705,8 +734,15 @@ impl WriterState {
                         if batch.seq <= last {
                             CommandResult::Write(Outcome::Duplicate)
                         } else {
-                            let (dropped, bytes) =
-                                insert_batch(&tx, &mut head, node, instance_id, batch, now)?;
+                            let (dropped, bytes) = insert_batch(
+                                &tx,
+                                &mut head,
+                                node,
+                                instance_id,
+                                batch,
+                                now,
+                                &mut new_series,
+                            )?;
                             out_of_order += dropped;
                             wal_bytes += bytes;
                             tx.prepare_cached(
@@ -736,6 +772,9 @@ impl WriterState {
             reload = true;
         } else {
             self.acked.extend(staged_acked);
+            for (sk, id) in new_series {
+                sk.id.store(id, Ordering::Relaxed);
+            }
             head.wal_bytes += wal_bytes;
             if out_of_order > 0 {
                 head.out_of_order_total += out_of_order;
@@ -846,18 +885,33 @@ fn insert_batch(
     instance_id: &str,
     batch: &CleanBatch,
     now: i64,
+    new_series: &mut Vec<(Arc<SeriesKey>, i64)>,
 ) -> Result<(u64, u64), rusqlite::Error> {
     let mut ids = Vec::with_capacity(batch.series.len());
-    for (name, labels) in &batch.series {
-        let key_json = labels_json(labels);
-        let id = match head.by_key.get(&(name.clone(), key_json.clone())) {
-            Some(id) => *id,
-            None => {
-                tx.prepare_cached("INSERT INTO series (name, labels) VALUES (?1, ?2)")?
-                    .execute(params![name, key_json])?;
-                let id = tx.last_insert_rowid();
-                head.insert(id, name.clone(), labels.clone(), key_json);
-                id
+    for sk in &batch.series {
+        let cached = sk.id.load(Ordering::Relaxed);
+        let id = if cached > 0 {
+            cached
+        } else {
+            match head.by_key.get(sk.key.as_str()) {
+                Some(id) => {
+                    sk.id.store(*id, Ordering::Relaxed);
+                    *id
+                }
+                None => {
+                    tx.prepare_cached("INSERT INTO series (name, labels) VALUES (?1, ?2)")?
+                        .execute(params![sk.name, sk.labels_json])?;
+                    let id = tx.last_insert_rowid();
+                    head.insert(
+                        id,
+                        sk.name.clone(),
+                        sk.labels.clone(),
+                        sk.labels_json.clone(),
+                    );
+                    // Remembered on the key only once the row is committed.
+                    new_series.push((sk.clone(), id));
+                    id
+                }
             }
         };
         ids.push(id);
@@ -1093,7 +1147,7 @@ mod tests {
         labels.insert("node".into(), node.into());
         CleanBatch {
             seq,
-            series: vec![("m".into(), labels)],
+            series: vec![Arc::new(SeriesKey::new("m".into(), labels))],
             series_idx: vec![0],
             timestamps_ms: vec![ts],
             values: vec![v],
