@@ -52,7 +52,7 @@ impl Default for StoreOptions {
         StoreOptions {
             retention: Duration::from_secs(30 * 86400),
             checkpoint_interval: Duration::from_secs(300),
-            checkpoint_wal_bytes: 256 << 20,
+            checkpoint_wal_bytes: 1 << 30,
         }
     }
 }
