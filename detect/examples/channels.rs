@@ -20,7 +20,7 @@ fn params() -> Result<Params, Box<dyn Error>> {
         let v: f64 = v.parse()?;
         match name {
             "warmup" => p.warmup = v as u32,
-            "season_warmup_days" => p.season_warmup_days = v as i64,
+            "season_warmup_periods" => p.season_warmup_periods = v as i64,
             "level_alpha" => p.level_alpha = v,
             "season_smooth_alpha" => p.season_smooth_alpha = v,
             "center_alpha" => p.center_alpha = v,
@@ -31,6 +31,7 @@ fn params() -> Result<Params, Box<dyn Error>> {
             "w0" => p.weights[0] = v,
             "w1" => p.weights[1] = v,
             "w2" => p.weights[2] = v,
+            "w3" => p.weights[3] = v,
             _ => return Err(format!("unknown parameter {name}").into()),
         }
     }
@@ -46,7 +47,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     for rel in csv::csv_files(&data)? {
         let rows = csv::parse(&std::fs::read_to_string(data.join(&rel))?, &rel)?;
         let mut d = Detector::new(&p);
-        let mut s = String::from("value,level,season,surprise,score\n");
+        let mut s = String::from("value,level,season,week,surprise,score\n");
         for r in &rows {
             let c = d.observe(r.ts_ms, r.value);
             for e in c.exceed {

@@ -2,13 +2,16 @@
 //! refractory memory, and a squashing to `[0, 1]`.
 
 const DAY_MS: i64 = 86_400_000;
+const WEEK_MS: i64 = 7 * DAY_MS;
 /// Buckets of the daily profile (30 minutes each).
-const BUCKETS: usize = 48;
+const DAY_BUCKETS: usize = 48;
+/// Buckets of the weekly profile (2 hours each).
+const WEEK_BUCKETS: usize = 84;
 /// Larger magnitudes are skipped like infinities: the state's arithmetic
 /// (differences of extremes) must not overflow.
 pub const MAX_ABS: f64 = 1e150;
 /// Number of derived series watched (see [`Channel`]).
-pub const CHANNELS: usize = 3;
+pub const CHANNELS: usize = 4;
 
 /// The derived series a detector watches, each against its own envelope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +24,9 @@ pub enum Channel {
     /// A moving average of the value minus its daily profile: a day that
     /// does not look like the days before it.
     Season = 2,
+    /// A moving average of the value minus its weekly profile: a day that
+    /// does not look like the same weekday before it.
+    Week = 3,
 }
 
 /// The detector's parameters: one set for every series.
@@ -42,8 +48,10 @@ pub struct Params {
     pub relax: f64,
     /// Memory of each bucket of the daily profile, per visit.
     pub season_alpha: f64,
-    /// Days of data before the [`Channel::Season`] scores.
-    pub season_warmup_days: i64,
+    /// Periods (days for [`Channel::Season`], weeks for [`Channel::Week`])
+    /// of data before a seasonal channel scores, so that its envelope has
+    /// seen every phase several times.
+    pub season_warmup_periods: i64,
     /// Weight of each channel's exceedance (indexed by [`Channel`]).
     pub weights: [f64; CHANNELS],
     /// Per sample, the memory of the last alarm is multiplied by this.
@@ -61,8 +69,8 @@ impl Default for Params {
             center_alpha: 0.003,
             relax: 0.00005,
             season_alpha: 0.2,
-            season_warmup_days: 4,
-            weights: [4.0, 1.0, 1.0],
+            season_warmup_periods: 4,
+            weights: [4.0, 1.0, 1.0, 1.0],
             refractory_decay: 0.98,
             half_score: 0.08,
         }
@@ -138,7 +146,9 @@ pub struct Detector {
     season_level: f64,
     peak: f64,
     env: [Envelope; CHANNELS],
-    profile: [f32; BUCKETS],
+    week_level: f64,
+    daily: Profile<DAY_BUCKETS>,
+    weekly: Profile<WEEK_BUCKETS>,
 }
 
 impl Detector {
@@ -151,7 +161,9 @@ impl Detector {
             season_level: 0.0,
             peak: 0.0,
             env: [Envelope::new(); CHANNELS],
-            profile: [f32::NAN; BUCKETS],
+            week_level: 0.0,
+            daily: Profile::new(),
+            weekly: Profile::new(),
         }
     }
 
@@ -181,31 +193,44 @@ impl Detector {
         self.level += p.level_alpha * (x - self.level);
 
         let age = ts_ms.saturating_sub(self.first_ts);
-        // The profile predicts once it has seen a day and a half; the
-        // residual's envelope needs whole days before it covers every time
-        // of day.
-        let season = match self.seasonal_predict(ts_ms) {
-            Some(pred) if age >= DAY_MS + DAY_MS / 2 => {
+        // A profile predicts once it has seen a period and a half; the
+        // residual's envelope needs several whole periods before it has
+        // seen every phase.
+        let season = match self.daily.predict(ts_ms, DAY_MS) {
+            Some(pred) if age >= DAY_MS * 3 / 2 => {
                 self.season_level += p.season_smooth_alpha * (x - pred - self.season_level);
                 Some(self.season_level)
             }
             _ => None,
         };
-        let season_scores = age >= p.season_warmup_days.saturating_mul(DAY_MS);
-        let derived = [Some(x), Some(self.level), season];
+        let week = match self.weekly.predict(ts_ms, WEEK_MS) {
+            Some(pred) if age >= WEEK_MS * 3 / 2 => {
+                self.week_level += p.season_smooth_alpha * (x - pred - self.week_level);
+                Some(self.week_level)
+            }
+            _ => None,
+        };
+        let season_scores = age >= p.season_warmup_periods.saturating_mul(DAY_MS);
+        let week_scores = age >= p.season_warmup_periods.saturating_mul(WEEK_MS);
+        let derived = [Some(x), Some(self.level), season, week];
 
         let mut ch = Channels::default();
         for (k, d) in derived.into_iter().enumerate() {
             let Some(v) = d else { continue };
             let env = &mut self.env[k];
-            let may_score = k != Channel::Season as usize || season_scores;
+            let may_score = match k {
+                k if k == Channel::Season as usize => season_scores,
+                k if k == Channel::Week as usize => week_scores,
+                _ => true,
+            };
             if env.n >= p.warmup && may_score {
                 ch.exceed[k] = env.exceed(v);
                 ch.surprise = ch.surprise.max(p.weights[k] * ch.exceed[k]);
             }
             env.update(v, &p);
         }
-        self.seasonal_update(ts_ms, x, p.season_alpha);
+        self.daily.update(ts_ms, DAY_MS, x, p.season_alpha);
+        self.weekly.update(ts_ms, WEEK_MS, x, p.season_alpha);
 
         // Refractory: while the surprise stays below the last alarm (which
         // fades), it is not reported again; only a larger one scores.
@@ -218,18 +243,33 @@ impl Detector {
         ch.score = if q.is_finite() { q / (1.0 + q) } else { 1.0 };
         ch
     }
+}
 
-    /// Bucket pair around the time of day and the weight of the second.
-    fn bucket_pos(ts_ms: i64) -> (usize, usize, f64) {
-        let u = ts_ms.rem_euclid(DAY_MS) as f64 / DAY_MS as f64 * BUCKETS as f64 - 0.5;
-        let u = if u < 0.0 { u + BUCKETS as f64 } else { u };
-        let i = (u.floor() as usize).min(BUCKETS - 1);
-        (i, (i + 1) % BUCKETS, u - u.floor())
+/// A periodic profile: `N` buckets over `period_ms`, predicting by linear
+/// interpolation between the two buckets around the phase.
+#[derive(Debug, Clone, Copy)]
+struct Profile<const N: usize> {
+    buckets: [f32; N],
+}
+
+impl<const N: usize> Profile<N> {
+    const fn new() -> Self {
+        Self {
+            buckets: [f32::NAN; N],
+        }
     }
 
-    fn seasonal_predict(&self, ts_ms: i64) -> Option<f64> {
-        let (i, j, w) = Self::bucket_pos(ts_ms);
-        let (a, b) = (f64::from(self.profile[i]), f64::from(self.profile[j]));
+    /// Bucket pair around the phase of `ts_ms` and the weight of the second.
+    fn pos(ts_ms: i64, period_ms: i64) -> (usize, usize, f64) {
+        let u = ts_ms.rem_euclid(period_ms) as f64 / period_ms as f64 * N as f64 - 0.5;
+        let u = if u < 0.0 { u + N as f64 } else { u };
+        let i = (u.floor() as usize).min(N - 1);
+        (i, (i + 1) % N, u - u.floor())
+    }
+
+    fn predict(&self, ts_ms: i64, period_ms: i64) -> Option<f64> {
+        let (i, j, w) = Self::pos(ts_ms, period_ms);
+        let (a, b) = (f64::from(self.buckets[i]), f64::from(self.buckets[j]));
         match (a.is_nan(), b.is_nan()) {
             (false, false) => Some(a * (1.0 - w) + b * w),
             (false, true) => Some(a),
@@ -238,11 +278,13 @@ impl Detector {
         }
     }
 
-    fn seasonal_update(&mut self, ts_ms: i64, x: f64, alpha: f64) {
-        let (i, j, w) = Self::bucket_pos(ts_ms);
+    /// Moves the two buckets around the phase towards `x`, by `alpha`
+    /// weighted by closeness; an empty bucket takes `x`.
+    fn update(&mut self, ts_ms: i64, period_ms: i64, x: f64, alpha: f64) {
+        let (i, j, w) = Self::pos(ts_ms, period_ms);
         for (k, wk) in [(i, 1.0 - w), (j, w)] {
-            let old = f64::from(self.profile[k]);
-            self.profile[k] = if old.is_nan() {
+            let old = f64::from(self.buckets[k]);
+            self.buckets[k] = if old.is_nan() {
                 x as f32
             } else {
                 (old + alpha * wk * (x - old)) as f32
@@ -373,10 +415,44 @@ mod tests {
     }
 
     #[test]
+    fn a_day_without_its_usual_peak_is_caught_by_the_daily_profile() {
+        // High during the day, low at night, every day; then one day stays
+        // low: every value of it lies inside the usual range.
+        let mut d = Detector::new(&Params::default());
+        let per_day = 288u64;
+        let mut during_missing_day: f64 = 0.0;
+        let mut season_fired = false;
+        let mut before: f64 = 0.0;
+        for i in 0..(12 * per_day) {
+            let (day, slot) = (i / per_day, i % per_day);
+            let peak = day != 9 && (96..216).contains(&slot);
+            let v = if peak { 80.0 } else { 20.0 } + 2.0 * noise(i);
+            let c = d.observe(i as i64 * 5 * MIN, v);
+            match day {
+                5..=8 => before = before.max(c.score),
+                9 => {
+                    during_missing_day = during_missing_day.max(c.score);
+                    season_fired |= c.score > 0.5 && c.exceed[Channel::Season as usize] > 0.0;
+                }
+                _ => {}
+            }
+        }
+        assert!(before < 0.5, "ordinary days scored {before}");
+        assert!(
+            during_missing_day > 0.5,
+            "missing peak scored {during_missing_day}"
+        );
+        assert!(
+            season_fired,
+            "the alarm did not come from the daily profile"
+        );
+    }
+
+    #[test]
     fn state_is_small() {
         // 100,000 series must fit comfortably in memory: see docs/DETECTION.md.
         assert!(
-            std::mem::size_of::<Detector>() <= 512,
+            std::mem::size_of::<Detector>() <= 1024,
             "{}",
             std::mem::size_of::<Detector>()
         );
