@@ -39,14 +39,15 @@ pub struct Params {
     pub warmup: u32,
     /// Smoothing of the [`Channel::Level`] moving average.
     pub level_alpha: f64,
-    /// Smoothing of the [`Channel::Season`] moving average.
+    /// Smoothing of the [`Channel::Season`] and [`Channel::Week`] moving
+    /// averages.
     pub season_smooth_alpha: f64,
     /// Memory of the centre each envelope relaxes towards.
     pub center_alpha: f64,
     /// How fast an envelope relaxes towards its centre: the gap shrinks by
     /// this fraction per sample (0.00005: half-life of ~14,000 samples).
     pub relax: f64,
-    /// Memory of each bucket of the daily profile, per visit.
+    /// Memory of each bucket of the daily and weekly profiles, per visit.
     pub season_alpha: f64,
     /// Periods (days for [`Channel::Season`], weeks for [`Channel::Week`])
     /// of data before a seasonal channel scores, so that its envelope has
@@ -144,9 +145,9 @@ pub struct Detector {
     first_ts: i64,
     level: f64,
     season_level: f64,
+    week_level: f64,
     peak: f64,
     env: [Envelope; CHANNELS],
-    week_level: f64,
     daily: Profile<DAY_BUCKETS>,
     weekly: Profile<WEEK_BUCKETS>,
 }
@@ -159,9 +160,9 @@ impl Detector {
             first_ts: 0,
             level: 0.0,
             season_level: 0.0,
+            week_level: 0.0,
             peak: 0.0,
             env: [Envelope::new(); CHANNELS],
-            week_level: 0.0,
             daily: Profile::new(),
             weekly: Profile::new(),
         }
