@@ -4,6 +4,7 @@ mod bench;
 mod certs;
 mod client;
 mod commands;
+mod detect;
 mod dev;
 
 use std::io::Write;
@@ -23,6 +24,7 @@ use vitals_common::{EXIT_CONFIG, EXIT_FAILURE};
 /// Machine-readable output:       add --json to nodes and query
 /// Make certificates:             vitals certs init --dir /etc/vitals/tls
 ///                                vitals certs issue --dir /etc/vitals/tls --name train-01 --role agent
+/// Score a CSV for anomalies:     vitals detect data.csv --out scored.csv
 ///
 /// The collector address and TLS files come from --config FILE, else
 /// ~/.config/vitals/cli.toml, else VITALS_COLLECTOR, VITALS_CA, VITALS_CERT, VITALS_KEY.
@@ -71,7 +73,31 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
-    /// Benchmarks (figures, not tests; see docs/PERFORMANCE.md).
+    /// Score timestamp,value CSV files with the anomaly detector, offline.
+    ///
+    /// Reads `timestamp,value` rows (NAB format; other columns are ignored)
+    /// and writes `timestamp,value,anomaly_score` rows in the same order,
+    /// each score in [0, 1] from the same detector the collector runs.
+    /// Output is written to a temporary file and renamed: an error (it names
+    /// the file and line) leaves nothing half-written.
+    ///
+    /// Examples:
+    ///   vitals detect latency.csv                      # to stdout
+    ///   vitals detect latency.csv --out scored.csv
+    ///   vitals detect --dir NAB/data --out results/    # mirrors relative paths
+    #[command(verbatim_doc_comment)]
+    Detect {
+        /// One CSV file to score.
+        #[arg(required_unless_present = "dir", conflicts_with = "dir")]
+        file: Option<PathBuf>,
+        /// Score every *.csv under this directory instead (needs --out).
+        #[arg(long, requires = "out")]
+        dir: Option<PathBuf>,
+        /// Output CSV (with FILE; default stdout) or results directory (with --dir).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Benchmarks (figures, not tests; see docs/PERFORMANCE.md and docs/DETECTION.md).
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
@@ -103,6 +129,17 @@ enum BenchCommand {
         #[arg(long)]
         keep: Option<PathBuf>,
         /// One JSON object: samples_per_sec, ack_p50_ms, ack_p99_ms, bytes_per_sample, peak_rss_bytes.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Anomaly detector: samples per second on one core, bytes per series.
+    Detect {
+        /// Series scored round-robin, one detector each.
+        #[arg(long, default_value_t = 100_000)]
+        series: usize,
+        /// Samples per series.
+        #[arg(long, default_value_t = 100)]
+        rounds: u64,
         #[arg(long)]
         json: bool,
     },
@@ -179,6 +216,18 @@ fn main() -> ExitCode {
             print_out(&text);
             Ok(())
         }),
+        Command::Detect { file, dir, out } => detect::run(file, dir, out),
+        Command::Bench {
+            command:
+                BenchCommand::Detect {
+                    series,
+                    rounds,
+                    json,
+                },
+        } => {
+            print_out(&detect::bench(series, rounds, json));
+            Ok(())
+        }
         Command::Dev { dir } => runtime()
             .and_then(|rt| rt.block_on(dev::run(&dir)))
             .map(|_| ()),

@@ -449,10 +449,15 @@ fn collector_down_backlog_arrives_in_order_and_a_full_spool_drops_oldest() {
         .map(|(_, v)| v as u64)
         .max()
         .unwrap();
-    assert_eq!(
-        dropped,
-        missing.len() as u64,
-        "drop counter vs batches missing"
+    // The counter counts batches dropped from the spool. A batch in flight
+    // when the collector stopped can be stored while its ack is lost; if the
+    // spool later drops it, the counter counts one batch that is not missing.
+    // So the counter never says less than what is missing, and at most the
+    // few batches in flight at the stop more.
+    let missing_n = missing.len() as u64;
+    assert!(
+        dropped >= missing_n && dropped <= missing_n + 2,
+        "drop counter {dropped} vs {missing_n} batches missing"
     );
     assert_eq!(Reader::duplicates(&reader.node_series("tiny")), 0);
     assert!(collector.term(Duration::from_secs(10)).success());
