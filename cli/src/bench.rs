@@ -26,10 +26,9 @@ pub struct IngestArgs {
     pub seconds: u64,
     pub json: bool,
     pub keep: Option<PathBuf>,
+    /// Batches in flight per simulated agent.
+    pub window: usize,
 }
-
-/// Batches in flight per simulated agent.
-const WINDOW: usize = 8;
 
 #[derive(Clone, Copy)]
 enum Kind {
@@ -272,8 +271,9 @@ pub async fn ingest(args: IngestArgs) -> Result<String> {
             Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?.tls_config(tls)?;
         let shared = shared.clone();
         let m = args.series_per_agent;
+        let window = args.window.max(1);
         tasks.push(tokio::spawn(async move {
-            run_agent(a, name, endpoint, m, shared).await
+            run_agent(a, name, endpoint, m, window, shared).await
         }));
     }
     let started = Instant::now();
@@ -331,6 +331,7 @@ pub async fn ingest(args: IngestArgs) -> Result<String> {
             "seconds": elapsed,
             "agents": args.agents,
             "series_per_agent": args.series_per_agent,
+            "window": args.window,
                         "disk_bytes": disk,
             "collector_cpu_seconds": collector_cpu,
             "bench_cpu_seconds": bench_cpu,
@@ -396,6 +397,7 @@ async fn run_agent(
     node: String,
     endpoint: Endpoint,
     m: usize,
+    window: usize,
     shared: Arc<Shared>,
 ) -> Result<()> {
     let channel = endpoint
@@ -403,7 +405,7 @@ async fn run_agent(
         .await
         .with_context(|| format!("agent {node} cannot connect"))?;
     let mut client = IngestClient::new(channel).max_encoding_message_size(64 << 20);
-    let (tx, rx) = mpsc::channel::<AgentMessage>(WINDOW + 2);
+    let (tx, rx) = mpsc::channel::<AgentMessage>(window + 2);
     tx.send(AgentMessage {
         msg: Some(agent_message::Msg::Hello(Hello {
             node: node.clone(),
@@ -425,7 +427,7 @@ async fn run_agent(
     let mut latencies = Vec::new();
     loop {
         let stopping = shared.stop.load(Ordering::Relaxed);
-        while !stopping && inflight.len() < WINDOW {
+        while !stopping && inflight.len() < window {
             seq += 1;
             ts += 1000;
             let values: Vec<f64> = gens.iter_mut().map(SeriesGen::next).collect();

@@ -128,6 +128,9 @@ enum BenchCommand {
         /// Keep the collector's directory here instead of a temporary one.
         #[arg(long)]
         keep: Option<PathBuf>,
+        /// Batches each simulated agent may have unacked (more: more throughput, more latency).
+        #[arg(long, default_value_t = 2)]
+        window: usize,
         /// One JSON object: samples_per_sec, ack_p50_ms, ack_p99_ms, bytes_per_sample, peak_rss_bytes.
         #[arg(long)]
         json: bool,
@@ -204,6 +207,7 @@ fn main() -> ExitCode {
                     seconds,
                     keep,
                     json,
+                    window,
                 },
         } => runtime().and_then(|rt| {
             let text = rt.block_on(bench::ingest(bench::IngestArgs {
@@ -212,6 +216,7 @@ fn main() -> ExitCode {
                 seconds,
                 json,
                 keep,
+                window,
             }))?;
             print_out(&text);
             Ok(())
