@@ -1,5 +1,7 @@
 //! `vitals`: the operator's command line.
 
+mod alloc_count;
+mod bench;
 mod certs;
 mod client;
 mod commands;
@@ -14,6 +16,10 @@ use clap::{Parser, Subcommand};
 use vitals_common::identity::Role;
 use vitals_common::{EXIT_CONFIG, EXIT_FAILURE};
 
+/// Counts allocations for `vitals bench agent`; otherwise the system allocator.
+#[global_allocator]
+static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;
+
 /// Vitals: monitoring for ML training clusters, storage and inference.
 ///
 /// Start everything locally:      vitals dev
@@ -22,6 +28,7 @@ use vitals_common::{EXIT_CONFIG, EXIT_FAILURE};
 /// Machine-readable output:       add --json to nodes and query
 /// Make certificates:             vitals certs init --dir /etc/vitals/tls
 ///                                vitals certs issue --dir /etc/vitals/tls --name train-01 --role agent
+/// Cost of the agent's collection: vitals bench agent [--procfs DIR] [--sysfs DIR] [--cycles N] [--json]
 ///
 /// The collector address and TLS files come from --config FILE, else
 /// ~/.config/vitals/cli.toml, else VITALS_COLLECTOR, VITALS_CA, VITALS_CERT, VITALS_KEY.
@@ -70,11 +77,46 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Measure what Vitals costs on this machine.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Run a local collector and an agent for this host, on embedded defaults.
     Dev {
         /// Directory for configs, certificates and data (kept between runs).
         #[arg(long, default_value = "vitals-dev")]
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Run N collection cycles of the agent in this process over a tree and
+    /// report CPU time and allocations per cycle and peak RSS.
+    ///
+    /// `zpool`/`zfs` are not run (they would measure ZFS, not the agent).
+    ///
+    /// Examples:
+    ///   vitals bench agent
+    ///   vitals bench agent --procfs shared/fixtures/node_exporter/proc --sysfs shared/fixtures/node_exporter/sys --cycles 2000 --json
+    #[command(verbatim_doc_comment)]
+    Agent {
+        /// Root of the proc filesystem to read (default /proc).
+        #[arg(long)]
+        procfs: Option<PathBuf>,
+        /// Root of the sys filesystem to read (default /sys).
+        #[arg(long)]
+        sysfs: Option<PathBuf>,
+        /// Collection cycles to measure (after one warm-up cycle).
+        #[arg(long, default_value_t = 1000)]
+        cycles: u32,
+        /// Run only this source (repeatable); default: every source enabled by default.
+        #[arg(long = "source", value_name = "NAME")]
+        sources: Vec<String>,
+        /// Print {"cpu_per_cycle_ms","allocs_per_cycle","peak_rss_bytes",...}.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -129,6 +171,23 @@ fn main() -> ExitCode {
     vitals_common::logging::init("info");
     let result = match cli.command {
         Command::Certs { command } => certs_cmd(command),
+        Command::Bench {
+            command:
+                BenchCommand::Agent {
+                    procfs,
+                    sysfs,
+                    cycles,
+                    sources,
+                    json,
+                },
+        } => bench::agent(&bench::Options {
+            procfs,
+            sysfs,
+            cycles,
+            sources,
+            json,
+        })
+        .map(|text| print_out(&text)),
         Command::Dev { dir } => runtime()
             .and_then(|rt| rt.block_on(dev::run(&dir)))
             .map(|_| ()),
