@@ -1841,3 +1841,25 @@ fn zfs_fuse_raidz2_pool_goes_degraded_when_a_vdev_is_offline() {
         0.0
     );
 }
+
+#[test]
+fn the_readme_agent_config_parses_with_every_source_table() {
+    let readme = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"));
+    let start = readme
+        .find("`/etc/vitals/agent.toml`:\n\n```toml\n")
+        .unwrap();
+    let body = &readme[start..];
+    let body = &body[body.find("```toml\n").unwrap() + 8..];
+    let toml = &body[..body.find("```").unwrap()];
+    let cfg: RawConfig = vitals_common::config::parse(Path::new("README.md"), toml)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.sources.net.exclude, ["lo", "veth*", "docker*"]);
+    assert_eq!(cfg.sources.net.expected_speed_mbps["ens*"], 100_000);
+    assert_eq!(cfg.sources.zfs.command_timeout, Duration::from_secs(5));
+    assert_eq!(cfg.sources.zfs.zpool, Path::new("/usr/sbin/zpool"));
+    assert!(cfg.sources.zfs.commands);
+    // And the defaults are what it shows.
+    let d = RawConfig::default();
+    assert_eq!(d.sources.net.exclude, cfg.sources.net.exclude);
+    assert_eq!(d.sources.zfs.zfs, cfg.sources.zfs.zfs);
+}

@@ -1,6 +1,8 @@
 //! `vitals`: the operator's command line.
 
+mod alloc_count;
 mod bench;
+mod bench_agent;
 mod certs;
 mod client;
 mod commands;
@@ -16,6 +18,10 @@ use clap::{Parser, Subcommand};
 use vitals_common::identity::Role;
 use vitals_common::{EXIT_CONFIG, EXIT_FAILURE};
 
+/// Counts allocations for `vitals bench agent`; otherwise the system allocator.
+#[global_allocator]
+static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;
+
 /// Vitals: monitoring for ML training clusters, storage and inference.
 ///
 /// Start everything locally:      vitals dev
@@ -24,6 +30,8 @@ use vitals_common::{EXIT_CONFIG, EXIT_FAILURE};
 /// Machine-readable output:       add --json to nodes and query
 /// Make certificates:             vitals certs init --dir /etc/vitals/tls
 ///                                vitals certs issue --dir /etc/vitals/tls --name train-01 --role agent
+/// Cost of the agent's collection: vitals bench agent [--procfs DIR] [--sysfs DIR] [--cycles N] [--json]
+/// Ingest throughput:             vitals bench ingest [--agents N] [--series-per-agent M] [--seconds S] [--json]
 /// Score a CSV for anomalies:     vitals detect data.csv --out scored.csv
 ///
 /// The collector address and TLS files come from --config FILE, else
@@ -112,6 +120,32 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Run N collection cycles of the agent in this process over a tree and
+    /// report CPU time and allocations per cycle and peak RSS.
+    ///
+    /// `zpool`/`zfs` are not run (they would measure ZFS, not the agent).
+    ///
+    /// Examples:
+    ///   vitals bench agent
+    ///   vitals bench agent --procfs shared/fixtures/node_exporter/proc --sysfs shared/fixtures/node_exporter/sys --cycles 2000 --json
+    #[command(verbatim_doc_comment)]
+    Agent {
+        /// Root of the proc filesystem to read (default /proc).
+        #[arg(long)]
+        procfs: Option<PathBuf>,
+        /// Root of the sys filesystem to read (default /sys).
+        #[arg(long)]
+        sysfs: Option<PathBuf>,
+        /// Collection cycles to measure (after one warm-up cycle).
+        #[arg(long, default_value_t = 1000)]
+        cycles: u32,
+        /// Run only this source (repeatable); default: every source enabled by default.
+        #[arg(long = "source", value_name = "NAME")]
+        sources: Vec<String>,
+        /// Print {"cpu_per_cycle_ms","allocs_per_cycle","peak_rss_bytes",...}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a collector (the vitals-collector binary beside this one) and
     /// drive it with simulated agents over real gRPC + mutual TLS; report
     /// acked samples/s, ack latency, bytes on disk per sample and peak RSS.
@@ -199,6 +233,23 @@ fn main() -> ExitCode {
     vitals_common::logging::init("info");
     let result = match cli.command {
         Command::Certs { command } => certs_cmd(command),
+        Command::Bench {
+            command:
+                BenchCommand::Agent {
+                    procfs,
+                    sysfs,
+                    cycles,
+                    sources,
+                    json,
+                },
+        } => bench_agent::agent(&bench_agent::Options {
+            procfs,
+            sysfs,
+            cycles,
+            sources,
+            json,
+        })
+        .map(|text| print_out(&text)),
         Command::Bench {
             command:
                 BenchCommand::Ingest {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use vitals_common::model::Sample;
 
 use super::nfs::rpc::{V2_PROCS, V3_PROCS, parse_counted, parse_fixed};
-use super::util::{f, parse_u64_fields, read_optional};
+use super::util::{Files, f, parse_u64_fields};
 use super::{ParseError, Source, SourceError};
 use crate::config::RawConfig;
 
@@ -178,11 +178,13 @@ pub fn parse_nfsd(text: &str) -> Result<ServerRpc, ParseError> {
 
 pub struct Nfsd {
     procfs: PathBuf,
+    files: Files,
 }
 
 pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
     Box::new(Nfsd {
         procfs: cfg.paths.procfs.clone(),
+        files: Files::default(),
     })
 }
 
@@ -193,7 +195,9 @@ impl Source for Nfsd {
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), SourceError> {
         let path = self.procfs.join("net/rpc/nfsd");
-        let Some(text) = read_optional(&path)? else {
+        let text = self.files.read(&path);
+        self.files.end_cycle();
+        let Some(text) = text? else {
             return Err(SourceError::Unavailable(format!(
                 "{} does not exist (no NFS server here)",
                 path.display()

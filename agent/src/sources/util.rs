@@ -10,17 +10,127 @@ use std::time::Instant;
 
 use super::{ParseError, SourceError};
 
-/// Reads a whole file. `Ok(None)` when it does not exist (or a path component
-/// is not a directory): the caller decides whether that means "unavailable".
-pub fn read_optional(path: &Path) -> Result<Option<String>, SourceError> {
-    match fs::read_to_string(path) {
-        Ok(text) => Ok(Some(text)),
-        Err(e) if is_absent(&e) => Ok(None),
-        Err(e) => Err(SourceError::Failed(format!(
-            "cannot read {}: {e}",
-            path.display()
-        ))),
+/// Most files one `Files` keeps open; past it, files are opened per read.
+const MAX_OPEN: usize = 256;
+
+/// The files a source reads, kept open between cycles and re-read from
+/// offset 0 with `pread`. A sysfs attribute or a proc file produces its
+/// content afresh on every read from the start (as `top` relies on for
+/// `/proc/stat`), so one or two system calls replace open, stat, read, read
+/// and close. Files not read during a cycle are closed at its end (a device
+/// that went away lets go of its files); a file whose read fails is reopened
+/// once. (A tree of ordinary files, such as a fixture tree, is read the same
+/// way: a file there must be rewritten in place to be seen changed; one
+/// replaced by a rename is read from its old inode while it stays open.)
+#[derive(Debug, Default)]
+pub struct Files {
+    /// Keyed by the path's bytes (hashing an `OsStr` is much cheaper than
+    /// hashing a `Path` component by component).
+    open: HashMap<std::ffi::OsString, (fs::File, bool)>,
+    /// Read buffer, grown (and zeroed) only when a file needs more room;
+    /// `len` bytes of it hold the last file read.
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl Files {
+    /// The whole file as text; `Ok(None)` when it does not exist.
+    pub fn read(&mut self, path: &Path) -> Result<Option<String>, SourceError> {
+        match self.read_bytes(path, false) {
+            Ok(Some(())) => Ok(Some(
+                String::from_utf8_lossy(&self.buf[..self.len]).into_owned(),
+            )),
+            Ok(None) => Ok(None),
+            Err(e) => Err(SourceError::Failed(format!(
+                "cannot read {}: {e}",
+                path.display()
+            ))),
+        }
     }
+
+    /// A sysfs attribute, trimmed; `None` when absent or unreadable (many
+    /// attributes refuse reads in some device states: `speed` of a link that
+    /// is down answers EINVAL, which is not an error of the source).
+    pub fn attr(&mut self, path: &Path) -> Option<String> {
+        match self.read_bytes(path, true) {
+            Ok(Some(())) => Some(
+                String::from_utf8_lossy(&self.buf[..self.len])
+                    .trim()
+                    .to_string(),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Closes the files that were not read since the last call.
+    pub fn end_cycle(&mut self) {
+        self.open.retain(|_, (_, used)| std::mem::take(used));
+    }
+
+    /// Reads `path` into `self.buf`. `attr`: a sysfs attribute, whose whole
+    /// content (at most a page) comes in one read.
+    fn read_bytes(&mut self, path: &Path, attr: bool) -> io::Result<Option<()>> {
+        if let Some((file, used)) = self.open.get_mut(path.as_os_str()) {
+            *used = true;
+            if let Ok(n) = read_all_at(file, &mut self.buf, attr) {
+                self.len = n;
+                return Ok(Some(()));
+            }
+            // Replaced or gone since the last cycle: open it again.
+            self.open.remove(path.as_os_str());
+        }
+        let file = match fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if is_absent(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        self.len = read_all_at(&file, &mut self.buf, attr)?;
+        if self.open.len() < MAX_OPEN {
+            self.open.insert(path.as_os_str().to_owned(), (file, true));
+        }
+        Ok(Some(()))
+    }
+}
+
+/// Reads a file from offset 0 to its end into the start of `buf`; returns
+/// how many bytes it has. `attr`: a sysfs attribute, whole in one read when
+/// shorter than the room given (at most a page).
+fn read_all_at(file: &fs::File, buf: &mut Vec<u8>, attr: bool) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    const MIN_ROOM: usize = 8 << 10;
+    let mut len = 0;
+    loop {
+        if buf.len() < len + MIN_ROOM {
+            buf.resize((len + MIN_ROOM).max(buf.len() * 2), 0);
+        }
+        let room = buf.len() - len;
+        let n = match file.read_at(&mut buf[len..], len as u64) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        len += n;
+        if n == 0 || (attr && n < room) {
+            return Ok(len);
+        }
+    }
+}
+
+/// The subdirectories of a directory as (name, path), sorted by name
+/// (the entry types come with the listing: no stat per entry).
+pub fn subdirs(path: &Path) -> io::Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(path)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            out.push((
+                entry.file_name().to_string_lossy().into_owned(),
+                entry.path(),
+            ));
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Whether an I/O error means "this file is not there" rather than a failure.
@@ -29,15 +139,6 @@ pub fn is_absent(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
     ) || e.raw_os_error() == Some(20) // ENOTDIR on toolchains without the kind
-}
-
-/// A sysfs attribute, trimmed. `None` when absent or unreadable: many
-/// attributes refuse reads in some device states (`speed` of a link that is
-/// down answers EINVAL), which is not an error of the source.
-pub fn read_attr(path: &Path) -> Option<String> {
-    fs::read_to_string(path)
-        .ok()
-        .map(|s| s.trim_end_matches(['\n', '\r']).trim().to_string())
 }
 
 /// Resolves `path` to a directory, following a symbolic link the normal way,
@@ -299,6 +400,35 @@ mod tests {
         assert_eq!(unescape_octal(r"/plain"), "/plain");
         assert_eq!(unescape_octal(r"/odd\04"), r"/odd\04");
         assert_eq!(unescape_octal(r"tab\011x"), "tab\tx");
+    }
+
+    #[test]
+    fn files_are_reread_from_the_start_and_closed_when_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::write(&a, "one\n").unwrap();
+        let mut files = Files::default();
+        assert_eq!(files.read(&a).unwrap().as_deref(), Some("one\n"));
+        assert_eq!(files.open.len(), 1);
+        std::fs::write(&a, "two, longer\n").unwrap();
+        assert_eq!(files.attr(&a).as_deref(), Some("two, longer"));
+        // Larger than one read.
+        let big = "x".repeat(100_000);
+        std::fs::write(&a, &big).unwrap();
+        assert_eq!(files.read(&a).unwrap().unwrap().len(), 100_000);
+        files.end_cycle();
+        assert_eq!(files.open.len(), 1, "read this cycle: kept");
+        files.end_cycle();
+        assert_eq!(files.open.len(), 0, "not read for a cycle: closed");
+        assert_eq!(files.read(&dir.path().join("missing")).unwrap(), None);
+        assert_eq!(files.attr(&dir.path().join("missing/x")), None);
+        std::fs::write(&a, "three").unwrap();
+        assert_eq!(files.read(&a).unwrap().as_deref(), Some("three"));
+        std::fs::remove_file(&a).unwrap();
+        // Still open: the unlinked file reads until the next cycle without it.
+        files.end_cycle();
+        files.end_cycle();
+        assert_eq!(files.read(&a).unwrap(), None);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::path::Path;
 use vitals_common::model::Sample;
 
 use crate::sources::ParseError;
-use crate::sources::util::read_attr;
+use crate::sources::util::Files;
 
 /// Attributes read from each device directory.
 pub const ATTRS: &[&str] = &[
@@ -65,16 +65,19 @@ pub const EXTRA_STATISTICS: &[(&str, &str)] = &[
 
 /// Reads the attributes of one device directory; unreadable ones are left
 /// out (a link that is down refuses `speed`, some drivers refuse `duplex`).
-pub fn read_iface(dir: &Path) -> BTreeMap<String, String> {
+pub fn read_iface(files: &mut Files, dir: &Path) -> BTreeMap<String, String> {
     let mut attrs = BTreeMap::new();
     for name in ATTRS {
-        if let Some(v) = read_attr(&dir.join(name)) {
+        if let Some(v) = files.attr(&dir.join(name)) {
             attrs.insert((*name).to_string(), v);
         }
     }
-    for (file, _) in EXTRA_STATISTICS {
-        if let Some(v) = read_attr(&dir.join("statistics").join(file)) {
-            attrs.insert(format!("statistics/{file}"), v);
+    let stats = dir.join("statistics");
+    if stats.is_dir() {
+        for (file, _) in EXTRA_STATISTICS {
+            if let Some(v) = files.attr(&stats.join(file)) {
+                attrs.insert(format!("statistics/{file}"), v);
+            }
         }
     }
     attrs

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use vitals_common::model::Sample;
 
-use crate::sources::util::{list_dir, read_attr, resolve_dir};
+use crate::sources::util::{Files, list_dir, resolve_dir};
 use crate::sources::{ParseError, SourceError};
 
 /// `counters/` files: (file, metric, multiplier). The data counters count
@@ -199,7 +199,11 @@ fn counter(text: &str) -> Result<Option<u64>, ParseError> {
 
 /// Reads every HCA and port under `class_dir` (`<sysfs>/class/infiniband`).
 /// `Ok(false)` when the directory does not exist.
-pub fn collect(class_dir: &Path, out: &mut Vec<Sample>) -> Result<bool, SourceError> {
+pub fn collect(
+    files: &mut Files,
+    class_dir: &Path,
+    out: &mut Vec<Sample>,
+) -> Result<bool, SourceError> {
     let hcas = match list_dir(class_dir) {
         Ok(h) => h,
         Err(e) if crate::sources::util::is_absent(&e) => return Ok(false),
@@ -216,26 +220,27 @@ pub fn collect(class_dir: &Path, out: &mut Vec<Sample>) -> Result<bool, SourceEr
                 .label("device", hca.as_str())
                 .label(
                     "board_id",
-                    read_attr(&dir.join("board_id")).unwrap_or_default(),
+                    files.attr(&dir.join("board_id")).unwrap_or_default(),
                 )
                 .label(
                     "firmware_version",
-                    read_attr(&dir.join("fw_ver")).unwrap_or_default(),
+                    files.attr(&dir.join("fw_ver")).unwrap_or_default(),
                 )
                 .label(
                     "hca_type",
-                    read_attr(&dir.join("hca_type")).unwrap_or_default(),
+                    files.attr(&dir.join("hca_type")).unwrap_or_default(),
                 ),
         );
         let ports = list_dir(&dir.join("ports")).unwrap_or_default();
         for (port, port_dir) in ports {
-            collect_port(&hca, &port, &port_dir, out)?;
+            collect_port(files, &hca, &port, &port_dir, out)?;
         }
     }
     Ok(true)
 }
 
 fn collect_port(
+    files: &mut Files,
     hca: &str,
     port: &str,
     dir: &Path,
@@ -247,22 +252,25 @@ fn collect_port(
             .label("port", port)
     };
     let fail = |file: &Path, e: ParseError| e.in_file(file);
-    if let Some(text) = read_attr(&dir.join("state")) {
+    if let Some(text) = files.attr(&dir.join("state")) {
         let (id, _) = parse_state(&text).map_err(|e| fail(&dir.join("state"), e))?;
         out.push(sample("node_infiniband_state_id", id as f64));
     }
-    if let Some(text) = read_attr(&dir.join("phys_state")) {
+    if let Some(text) = files.attr(&dir.join("phys_state")) {
         let (id, _) = parse_state(&text).map_err(|e| fail(&dir.join("phys_state"), e))?;
         out.push(sample("node_infiniband_physical_state_id", id as f64));
     }
-    if let Some(text) = read_attr(&dir.join("rate")) {
+    if let Some(text) = files.attr(&dir.join("rate")) {
         let rate = parse_rate(&text).map_err(|e| fail(&dir.join("rate"), e))?;
         out.push(sample("node_infiniband_rate_bytes_per_second", rate));
     }
+    // Which counters a port has depends on the driver: read the ones listed.
     for (sub, table) in [("counters", COUNTERS), ("counters_ext", COUNTERS_EXT)] {
-        for (file, name, mult) in table {
-            let path = dir.join(sub).join(file);
-            if let Some(text) = read_attr(&path)
+        for (file, path) in list_dir(&dir.join(sub)).unwrap_or_default() {
+            let Some((_, name, mult)) = table.iter().find(|(f, _, _)| *f == file) else {
+                continue;
+            };
+            if let Some(text) = files.attr(&path)
                 && let Some(v) = counter(&text).map_err(|e| fail(&path, e))?
             {
                 out.push(sample(name, v as f64 * mult));
@@ -271,13 +279,13 @@ fn collect_port(
     }
     // Driver-specific counters (RoCE congestion, retransmissions, ...):
     // one series per file, the file name as the `counter` label.
-    if let Ok(files) = list_dir(&dir.join("hw_counters")) {
-        for (name, path) in files {
+    if let Ok(entries) = list_dir(&dir.join("hw_counters")) {
+        for (name, path) in entries {
             // `lifespan` is a setting (ms between counter refreshes), not a count.
             if name == "lifespan" {
                 continue;
             }
-            if let Some(text) = read_attr(&path)
+            if let Some(text) = files.attr(&path)
                 && let Some(v) = counter(&text).map_err(|e| fail(&path, e))?
             {
                 out.push(

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use vitals_common::model::Sample;
 
-use super::util::{Deltas, NameFilter, list_dir, read_optional, resolve_dir};
+use super::util::{Deltas, Files, NameFilter, list_dir, resolve_dir};
 use super::{Source, SourceError};
 use crate::config::RawConfig;
 
@@ -32,6 +32,7 @@ pub struct Net {
     expected_speed_mbps: BTreeMap<String, u64>,
     infiniband: bool,
     deltas: Deltas,
+    files: Files,
 }
 
 pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
@@ -43,6 +44,7 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
         expected_speed_mbps: net.expected_speed_mbps.clone(),
         infiniband: net.infiniband,
         deltas: Deltas::default(),
+        files: Files::default(),
     })
 }
 
@@ -52,13 +54,21 @@ impl Source for Net {
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), SourceError> {
+        let result = self.read(out);
+        self.files.end_cycle();
+        result
+    }
+}
+
+impl Net {
+    fn read(&mut self, out: &mut Vec<Sample>) -> Result<(), SourceError> {
         let now = Instant::now();
         let mut found = false;
         // Bytes moved in the last interval and the seconds it lasted.
         let mut moved: HashMap<(String, &'static str), (u64, f64)> = HashMap::new();
 
         let dev_path = self.procfs.join("net/dev");
-        if let Some(text) = read_optional(&dev_path)? {
+        if let Some(text) = self.files.read(&dev_path)? {
             found = true;
             let devs = netdev::parse_net_dev(&text).map_err(|e| e.in_file(&dev_path))?;
             for dev in devs.iter().filter(|d| self.filter.allows(&d.device)) {
@@ -92,7 +102,7 @@ impl Source for Net {
                     let Some(dir) = resolve_dir(&path) else {
                         continue;
                     };
-                    let attrs = class::read_iface(&dir);
+                    let attrs = class::read_iface(&mut self.files, &dir);
                     let samples =
                         class::iface_samples(&device, &attrs).map_err(|e| e.in_file(&dir))?;
                     if let Some(s) = samples
@@ -138,7 +148,9 @@ impl Source for Net {
             }
         }
 
-        if self.infiniband && infiniband::collect(&self.sysfs.join("class/infiniband"), out)? {
+        if self.infiniband
+            && infiniband::collect(&mut self.files, &self.sysfs.join("class/infiniband"), out)?
+        {
             found = true;
         }
         if !found {

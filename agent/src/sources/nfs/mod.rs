@@ -20,19 +20,21 @@ use std::time::Instant;
 use vitals_common::model::Sample;
 
 use self::mountstats::{BYTES, EVENTS, Mount, NfsStats, RDMA_FIELDS};
-use super::util::{Deltas, f, read_optional, resolve_dir};
+use super::util::{Deltas, Files, f, resolve_dir};
 use super::{Source, SourceError};
 use crate::config::RawConfig;
 
 pub struct Nfs {
     procfs: PathBuf,
     deltas: Deltas,
+    files: Files,
 }
 
 pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
     Box::new(Nfs {
         procfs: cfg.paths.procfs.clone(),
         deltas: Deltas::default(),
+        files: Files::default(),
     })
 }
 
@@ -42,6 +44,14 @@ impl Source for Nfs {
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), SourceError> {
+        let result = self.read(out);
+        self.files.end_cycle();
+        result
+    }
+}
+
+impl Nfs {
+    fn read(&mut self, out: &mut Vec<Sample>) -> Result<(), SourceError> {
         let now = Instant::now();
         let mut found = false;
         // `self` is this process's directory; through a link stub in a
@@ -49,11 +59,11 @@ impl Source for Nfs {
         let own = resolve_dir(&self.procfs.join("self"));
         if let Some(own) = &own {
             let path = own.join("mountstats");
-            if let Some(text) = read_optional(&path)? {
+            if let Some(text) = self.files.read(&path)? {
                 let mounts = mountstats::parse_mountstats(&text).map_err(|e| e.in_file(&path))?;
                 if mounts.iter().any(|m| m.nfs.is_some()) {
                     found = true;
-                    let addrs = mount_addrs(own)?;
+                    let addrs = mount_addrs(&mut self.files, own)?;
                     self.emit_mounts(&mounts, &addrs, now, out);
                 }
             }
@@ -61,7 +71,7 @@ impl Source for Nfs {
         self.deltas.finish_cycle();
 
         let rpc_path = self.procfs.join("net/rpc/nfs");
-        if let Some(text) = read_optional(&rpc_path)? {
+        if let Some(text) = self.files.read(&rpc_path)? {
             found = true;
             let stats = rpc::parse_client_rpc(&text).map_err(|e| e.in_file(&rpc_path))?;
             emit_client_rpc(&stats, out);
@@ -78,9 +88,12 @@ impl Source for Nfs {
 }
 
 /// `addr=` of each mount from `mountinfo`, when the tree has one.
-fn mount_addrs(own: &Path) -> Result<BTreeMap<(String, String), String>, SourceError> {
+fn mount_addrs(
+    files: &mut Files,
+    own: &Path,
+) -> Result<BTreeMap<(String, String), String>, SourceError> {
     let path = own.join("mountinfo");
-    match read_optional(&path)? {
+    match files.read(&path)? {
         Some(text) => mountstats::parse_mountinfo_addrs(&text).map_err(|e| e.in_file(&path)),
         None => Ok(BTreeMap::new()),
     }

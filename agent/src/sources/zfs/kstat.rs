@@ -150,8 +150,12 @@ fn parse_io<'a>(
 
 /// A kstat name as a metric name part: anything but `[A-Za-z0-9_]` becomes
 /// `_` (node_exporter's `erpt-dropped` → `erpt_dropped`).
-pub fn metric_name(name: &str) -> String {
-    name.chars()
+pub fn metric_name(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return std::borrow::Cow::Borrowed(name);
+    }
+    let clean: String = name
+        .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '_' {
                 c
@@ -159,12 +163,20 @@ pub fn metric_name(name: &str) -> String {
                 '_'
             }
         })
-        .collect()
+        .collect();
+    clean.into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metric_names() {
+        assert_eq!(metric_name("erpt-dropped"), "erpt_dropped");
+        assert_eq!(metric_name("hits"), "hits");
+        assert_eq!(metric_name("a.b c"), "a_b_c");
+    }
 
     #[test]
     fn named_types_and_strings_with_spaces() {

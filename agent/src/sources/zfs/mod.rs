@@ -31,7 +31,7 @@ use vitals_common::model::Sample;
 
 use self::command::{CommandSpec, Runner};
 use self::kstat::{KValue, metric_name, parse_kstat};
-use super::util::{Deltas, list_dir, ratio, read_optional};
+use super::util::{Deltas, Files, list_dir, ratio, subdirs};
 use super::{Source, SourceError};
 use crate::config::RawConfig;
 
@@ -77,6 +77,7 @@ pub struct Zfs {
     /// How long one cycle waits for the commands it started.
     wait: Duration,
     deltas: Deltas,
+    files: Files,
     /// The last failure logged per command, so each is logged once.
     logged: HashMap<&'static str, String>,
 }
@@ -126,6 +127,7 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
         commands,
         wait: z.command_timeout.min(cfg.interval / 2),
         deltas: Deltas::default(),
+        files: Files::default(),
         logged: HashMap::new(),
     })
 }
@@ -148,7 +150,9 @@ impl Source for Zfs {
         let mut states_from_kstat = BTreeSet::new();
         let have_kstats = kstat_dir.is_dir();
         if have_kstats {
-            self.read_kstats(&kstat_dir, now, out, &mut states_from_kstat)?;
+            let read = self.read_kstats(&kstat_dir, now, out, &mut states_from_kstat);
+            self.files.end_cycle();
+            read?;
         }
         self.deltas.finish_cycle();
         if !have_kstats && !have_zpool {
@@ -175,7 +179,7 @@ impl Zfs {
     ) -> Result<(), SourceError> {
         for (file, prefix) in KSTATS {
             let path = dir.join(file);
-            let Some(text) = read_optional(&path)? else {
+            let Some(text) = self.files.read(&path)? else {
                 continue;
             };
             let fields = parse_kstat(&text).map_err(|e| e.in_file(&path))?;
@@ -191,13 +195,10 @@ impl Zfs {
                 self.arc_ratios(&fields, now, out);
             }
         }
-        let entries =
-            list_dir(dir).map_err(|e| SourceError::Failed(format!("{}: {e}", dir.display())))?;
-        for (pool, path) in entries {
-            if !path.is_dir() {
-                continue;
-            }
-            read_pool(&pool, &path, out, states)?;
+        let pools =
+            subdirs(dir).map_err(|e| SourceError::Failed(format!("{}: {e}", dir.display())))?;
+        for (pool, path) in pools {
+            read_pool(&mut self.files, &pool, &path, out, states)?;
         }
         Ok(())
     }
@@ -374,13 +375,14 @@ impl Zfs {
 
 /// One pool's kstat directory: `io`, `state`, `objset-*`.
 fn read_pool(
+    files: &mut Files,
     pool: &str,
     dir: &Path,
     out: &mut Vec<Sample>,
     states: &mut BTreeSet<String>,
 ) -> Result<(), SourceError> {
     let io = dir.join("io");
-    if let Some(text) = read_optional(&io)? {
+    if let Some(text) = files.read(&io)? {
         for (name, v) in parse_kstat(&text).map_err(|e| e.in_file(&io))? {
             if let Some(v) = v.as_f64() {
                 out.push(
@@ -391,7 +393,7 @@ fn read_pool(
         }
     }
     let state_path = dir.join("state");
-    if let Some(text) = read_optional(&state_path)? {
+    if let Some(text) = files.read(&state_path)? {
         let state = text.trim().to_ascii_lowercase();
         if state.is_empty() {
             return Err(SourceError::Failed(format!(
@@ -414,7 +416,7 @@ fn read_pool(
         if !name.starts_with("objset-") {
             continue;
         }
-        let Some(text) = read_optional(&path)? else {
+        let Some(text) = files.read(&path)? else {
             continue;
         };
         let fields = parse_kstat(&text).map_err(|e| e.in_file(&path))?;
