@@ -735,3 +735,120 @@ fn dev_mode_serves_this_hosts_samples_and_keeps_its_files() {
         );
     }
 }
+
+#[test]
+fn collector_sigkill_under_load_loses_no_acked_sample() {
+    let env = Env::new();
+    env.issue("load-1", "agent", &[]);
+    let port = free_port();
+    let mut collector = start_collector(&env, port);
+    let (cert, key) = env.cert("load-1");
+    const SERIES: u32 = 500;
+    let t0 = 1_700_000_000_000i64;
+    let value = |k: i64, i: u32| (k * 7 + i as i64) as f64 * 0.25;
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ca = env.ca();
+    // One client streams numbered batches as fast as acks come, eight in
+    // flight, and records every acknowledged batch until the stream breaks.
+    let sender = rt.spawn(async move {
+        let ch = channel(port, &ca, Some((&cert, &key))).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(AgentMessage {
+            msg: Some(agent_message::Msg::Hello(Hello {
+                node: "load-1".into(),
+                agent_version: "test".into(),
+                instance_id: "load".into(),
+            })),
+        })
+        .await
+        .unwrap();
+        let mut resp = IngestClient::new(ch)
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut acked: Vec<u64> = Vec::new();
+        let mut sent = 0u64;
+        let mut inflight = 0usize;
+        loop {
+            while inflight < 8 && sent < 100_000 {
+                sent += 1;
+                let k = sent as i64;
+                let batch = Batch {
+                    seq: sent,
+                    series: if sent == 1 {
+                        (0..SERIES)
+                            .map(|i| SeriesDef {
+                                id: i,
+                                name: "load_metric".into(),
+                                labels: vec![Label {
+                                    name: "idx".into(),
+                                    value: i.to_string(),
+                                }],
+                            })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
+                    series_ids: (0..SERIES).collect(),
+                    timestamps_ms: vec![t0 + k * 1000; SERIES as usize],
+                    values: (0..SERIES).map(|i| value(k, i)).collect(),
+                    events: vec![],
+                };
+                let msg = AgentMessage {
+                    msg: Some(agent_message::Msg::Batch(batch)),
+                };
+                if tx.send(msg).await.is_err() {
+                    return acked;
+                }
+                inflight += 1;
+            }
+            match resp.next().await {
+                Some(Ok(m)) => {
+                    if let Some(collector_message::Msg::Ack(a)) = m.msg {
+                        while acked.last().copied().unwrap_or(0) < a.seq {
+                            acked.push(acked.last().copied().unwrap_or(0) + 1);
+                            inflight -= 1;
+                        }
+                    }
+                }
+                _ => return acked,
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    collector.kill();
+    let acked = rt.block_on(sender).unwrap();
+    assert!(
+        acked.len() >= 20,
+        "only {} batches acked before the kill",
+        acked.len()
+    );
+
+    let mut collector = start_collector(&env, port);
+    let reader = Reader::new(&env, port);
+    let all = reader.node_series("load-1");
+    assert_eq!(all.len(), SERIES as usize);
+    let mut checked = 0usize;
+    for s in &all {
+        let i: u32 = labels(s)["idx"].parse().unwrap();
+        let got: HashMap<i64, f64> = s.points.iter().map(|p| (p.timestamp_ms, p.value)).collect();
+        assert_eq!(
+            got.len(),
+            s.points.len(),
+            "duplicate timestamps in series {i}"
+        );
+        for seq in &acked {
+            let k = *seq as i64;
+            assert_eq!(
+                got.get(&(t0 + k * 1000)),
+                Some(&value(k, i)),
+                "acked batch {seq}: sample of series {i} lost"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, acked.len() * SERIES as usize);
+    assert!(collector.term(Duration::from_secs(10)).success());
+}
