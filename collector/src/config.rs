@@ -27,6 +27,37 @@ pub struct RawConfig {
     pub storage: StorageConfig,
     #[serde(default)]
     pub query: QueryConfig,
+    #[serde(default)]
+    pub detect: DetectConfig,
+}
+
+/// The anomaly detector on ingest (see docs/DETECTION.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectConfig {
+    /// Score selected series as their samples arrive; each score is stored in
+    /// `vitals_anomaly_score{...the series' labels..., metric="NAME"}`.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Which series to score: a selector. Default: all but Vitals' own.
+    #[serde(default = "default_detect_series")]
+    pub series: String,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        DetectConfig {
+            enabled: true,
+            series: default_detect_series(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_detect_series() -> String {
+    r#"{__name__!~"vitals_.*"}"#.into()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -137,6 +168,14 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
         .relative_to(base)
         .load()
         .map_err(|e| ConfigError::invalid(path, "tls", e.to_string()))?;
+    let detect = if raw.detect.enabled {
+        Some(
+            vitals_common::selector::parse(&raw.detect.series)
+                .map_err(|e| ConfigError::invalid(path, "detect.series", e))?,
+        )
+    } else {
+        None
+    };
     if raw.query.max_series == 0 || raw.query.max_points == 0 {
         return Err(ConfigError::invalid(
             path,
@@ -150,6 +189,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
         tls,
         db_path: base.join(&raw.storage.path),
         store: crate::store::StoreOptions {
+            detect,
             retention: raw.storage.retention,
             checkpoint_interval: raw.storage.checkpoint_interval,
             ..Default::default()

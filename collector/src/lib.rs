@@ -42,7 +42,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let conn = store::open(&settings.db_path)?;
     let (writer, reader, writer_thread) =
-        store::spawn_writer(conn, &settings.db_path, settings.store)?;
+        store::spawn_writer(conn, &settings.db_path, settings.store.clone())?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|source| RunError::Bind {

@@ -30,6 +30,7 @@ use vitals_common::model::Labels;
 use vitals_common::selector::Selector;
 
 use crate::chunk::{self, ChunkEncoder};
+use vitals_detect::{DetectorSet, Params as DetectParams};
 
 /// A chunk is closed at this many samples...
 pub const CHUNK_MAX_SAMPLES: usize = 1024;
@@ -37,8 +38,10 @@ pub const CHUNK_MAX_SAMPLES: usize = 1024;
 pub const CHUNK_MAX_SPAN_MS: i64 = 2 * 3600 * 1000;
 
 /// How the store runs; defaults in one place.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StoreOptions {
+    /// Series the anomaly detector scores as they arrive (None: detection off).
+    pub detect: Option<Selector>,
     /// Chunks whose newest sample is older than this are deleted.
     pub retention: Duration,
     /// Time between checkpoints (head snapshot + WAL truncation + retention).
@@ -50,6 +53,7 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
+            detect: None,
             retention: Duration::from_secs(30 * 86400),
             checkpoint_interval: Duration::from_secs(300),
             checkpoint_wal_bytes: 1 << 30,
@@ -349,6 +353,9 @@ struct HeadSeries {
     open: ChunkEncoder,
     /// Newest stored timestamp (head or closed chunks), if any.
     last_ts: Option<i64>,
+    /// Whether the detector scores it (decided once), and its score series.
+    detect: Option<bool>,
+    score_id: Option<i64>,
 }
 
 /// Every series, indexed by id and by name. Shared with readers.
@@ -378,6 +385,8 @@ impl Head {
             labels,
             open: ChunkEncoder::new(),
             last_ts: None,
+            detect: None,
+            score_id: None,
         });
     }
 
@@ -522,7 +531,17 @@ struct WriterState {
     acked: HashMap<(String, String), u64>,
     opts: StoreOptions,
     last_checkpoint: Instant,
+    detectors: DetectorSet<i64>,
+    /// Scores at or above `ALARM` per node since start (a counter).
+    alarms: HashMap<String, u64>,
 }
+
+/// The series each scored series' anomaly scores are stored in.
+pub const SCORE_METRIC: &str = "vitals_anomaly_score";
+/// Per node: how many samples scored at or above `ALARM` (a counter).
+pub const ALARMS_METRIC: &str = "vitals_anomaly_alarms_total";
+/// A score at or above this is an anomaly.
+pub const ALARM: f64 = 0.5;
 
 /// Loads the head (series, snapshot, WAL replay) and starts the writer thread.
 pub fn spawn_writer(
@@ -550,6 +569,8 @@ pub fn spawn_writer(
         acked,
         opts,
         last_checkpoint: Instant::now(),
+        detectors: DetectorSet::new(&DetectParams::default()),
+        alarms: HashMap::new(),
     };
     let (tx, mut rx) = mpsc::channel::<Command>(4096);
     let handle = std::thread::Builder::new()
@@ -734,6 +755,11 @@ impl WriterState {
                         if batch.seq <= last {
                             CommandResult::Write(Outcome::Duplicate)
                         } else {
+                            let mut detect = self.opts.detect.as_ref().map(|sel| Detection {
+                                selector: sel,
+                                detectors: &mut self.detectors,
+                                alarms: &mut self.alarms,
+                            });
                             let (dropped, bytes) = insert_batch(
                                 &tx,
                                 &mut head,
@@ -742,6 +768,7 @@ impl WriterState {
                                 batch,
                                 now,
                                 &mut new_series,
+                                detect.as_mut(),
                             )?;
                             out_of_order += dropped;
                             wal_bytes += bytes;
@@ -875,9 +902,97 @@ impl WriterState {
     }
 }
 
+/// What `insert_batch` needs to score samples.
+struct Detection<'a> {
+    selector: &'a Selector,
+    detectors: &'a mut DetectorSet<i64>,
+    alarms: &'a mut HashMap<String, u64>,
+}
+
+/// Appends one sample to a series' open chunk, closing the chunk into
+/// `chunks` when full. False when the sample is not newer than the series'
+/// newest (the forward-only rule).
+fn append(
+    head: &mut Head,
+    close: &mut rusqlite::CachedStatement<'_>,
+    id: i64,
+    ts: i64,
+    v: f64,
+) -> Result<bool, rusqlite::Error> {
+    let Some(s) = head.get_mut(id) else {
+        return Ok(false);
+    };
+    if s.last_ts.is_some_and(|l| ts <= l) {
+        return Ok(false);
+    }
+    if let Some((lo, hi)) = s.open.time_range()
+        && (s.open.len() >= CHUNK_MAX_SAMPLES || ts.saturating_sub(lo) >= CHUNK_MAX_SPAN_MS)
+    {
+        close.execute(params![id, lo, hi, s.open.len() as i64, s.open.bytes()])?;
+        s.open = ChunkEncoder::new();
+    }
+    s.open.push(ts, v);
+    s.last_ts = Some(ts);
+    Ok(true)
+}
+
+/// The id of the series (name, labels), created if new.
+fn series_id(
+    tx: &Transaction<'_>,
+    head: &mut Head,
+    name: &str,
+    labels: Labels,
+) -> Result<i64, rusqlite::Error> {
+    let json = labels_json(&labels);
+    if let Some(id) = head.by_key.get(&format!("{name}{json}")) {
+        return Ok(*id);
+    }
+    tx.prepare_cached("INSERT INTO series (name, labels) VALUES (?1, ?2)")?
+        .execute(params![name, json])?;
+    let id = tx.last_insert_rowid();
+    head.insert(id, name.to_string(), labels, json);
+    Ok(id)
+}
+
+/// The score series of series `id`, if the detector scores it: named
+/// `vitals_anomaly_score`, with the series' labels plus `metric` (its name).
+fn score_series(
+    tx: &Transaction<'_>,
+    head: &mut Head,
+    selector: &Selector,
+    id: i64,
+) -> Result<Option<i64>, rusqlite::Error> {
+    let Some(s) = head.get_mut(id) else {
+        return Ok(None);
+    };
+    if let Some(sid) = s.score_id {
+        return Ok(Some(sid));
+    }
+    let selected = *s.detect.get_or_insert_with(|| {
+        s.name != SCORE_METRIC && s.name != ALARMS_METRIC && selector.matches(&s.name, &s.labels)
+    });
+    if !selected {
+        return Ok(None);
+    }
+    let mut labels = s.labels.clone();
+    let key = if labels.contains_key("metric") {
+        "anomaly_metric"
+    } else {
+        "metric"
+    };
+    labels.insert(key.into(), s.name.clone());
+    let sid = series_id(tx, head, SCORE_METRIC, labels)?;
+    if let Some(s) = head.get_mut(id) {
+        s.score_id = Some(sid);
+    }
+    Ok(Some(sid))
+}
+
 /// Resolves series, appends accepted samples to the head (closing full
 /// chunks into `chunks`), writes the WAL row and events. Returns (dropped
 /// samples, WAL bytes).
+// The writer's transaction state, spelled out rather than bundled.
+#[allow(clippy::too_many_arguments)]
 fn insert_batch(
     tx: &Transaction<'_>,
     head: &mut Head,
@@ -886,6 +1001,7 @@ fn insert_batch(
     batch: &CleanBatch,
     now: i64,
     new_series: &mut Vec<(Arc<SeriesKey>, i64)>,
+    mut detect: Option<&mut Detection<'_>>,
 ) -> Result<(u64, u64), rusqlite::Error> {
     let mut ids = Vec::with_capacity(batch.series.len());
     for sk in &batch.series {
@@ -921,25 +1037,43 @@ fn insert_batch(
     let mut close = tx.prepare_cached(
         "INSERT INTO chunks (series_id, min_ts, max_ts, count, data) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
+    let mut alarms = 0u64;
+    let mut newest = i64::MIN;
     for i in 0..batch.values.len() {
         let id = ids[batch.series_idx[i] as usize];
         let ts = batch.timestamps_ms[i];
         let v = batch.values[i];
-        let Some(s) = head.get_mut(id) else { continue };
-        if s.last_ts.is_some_and(|l| ts <= l) {
+        if !append(head, &mut close, id, ts, v)? {
             dropped += 1;
             continue;
         }
-        if let Some((lo, _)) = s.open.time_range()
-            && (s.open.len() >= CHUNK_MAX_SAMPLES || ts.saturating_sub(lo) >= CHUNK_MAX_SPAN_MS)
-        {
-            let (lo, hi) = s.open.time_range().unwrap_or((lo, lo));
-            close.execute(params![id, lo, hi, s.open.len() as i64, s.open.bytes()])?;
-            s.open = ChunkEncoder::new();
-        }
-        s.open.push(ts, v);
-        s.last_ts = Some(ts);
         accepted.push((id, ts, v));
+        newest = newest.max(ts);
+        if let Some(d) = detect.as_deref_mut()
+            && let Some(sid) = score_series(tx, head, d.selector, id)?
+        {
+            let score = d.detectors.score(id, ts, v);
+            if score >= ALARM {
+                alarms += 1;
+            }
+            if append(head, &mut close, sid, ts, score)? {
+                accepted.push((sid, ts, score));
+            }
+        }
+    }
+    // The node's alarm counter, one sample per batch that was scored.
+    if let Some(d) = detect
+        && newest > i64::MIN
+    {
+        let total = d.alarms.entry(node.to_string()).or_default();
+        *total += alarms;
+        let total = *total as f64;
+        let mut labels = Labels::new();
+        labels.insert("node".into(), node.into());
+        let cid = series_id(tx, head, ALARMS_METRIC, labels)?;
+        if append(head, &mut close, cid, newest, total)? {
+            accepted.push((cid, newest, total));
+        }
     }
     let data = encode_wal(&accepted);
     tx.prepare_cached(
@@ -1349,6 +1483,71 @@ mod tests {
                 .enumerate()
                 .all(|(i, p)| p.0 == i as i64 * 10 && p.1 == i as f64 * 0.5)
         );
+    }
+
+    #[tokio::test]
+    async fn detector_scores_on_ingest_into_its_own_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.db");
+        let opts = StoreOptions {
+            detect: Some(vitals_common::selector::parse(r#"{__name__!~"vitals_.*"}"#).unwrap()),
+            ..Default::default()
+        };
+        let (w, store, h) = spawn_writer(open(&path).unwrap(), &path, opts).unwrap();
+        let t0 = vitals_common::now_ms() - 1_000_000;
+        for k in 0..400i64 {
+            // Steady with a little wobble, then one large spike at k = 350.
+            let v = if k == 350 {
+                500.0
+            } else {
+                50.0 + (k % 3) as f64
+            };
+            assert_eq!(
+                put(&w, "i", batch(k as u64 + 1, "a", t0 + k * 1000, v)).await,
+                Outcome::Stored
+            );
+        }
+        let scores = points(
+            &store,
+            r#"vitals_anomaly_score{metric="m",node="a"}"#,
+            0,
+            i64::MAX,
+        );
+        assert_eq!(scores.len(), 400, "one score per sample");
+        let at = |k: i64| scores.iter().find(|p| p.0 == t0 + k * 1000).unwrap().1;
+        assert!(at(350) >= 0.9, "spike scored {}", at(350));
+        let calm = (200..350).map(at).fold(0.0f64, f64::max);
+        assert!(calm < ALARM, "steady series scored {calm}");
+        let alarms = points(
+            &store,
+            r#"vitals_anomaly_alarms_total{node="a"}"#,
+            0,
+            i64::MAX,
+        );
+        assert!(alarms.last().unwrap().1 >= 1.0, "{alarms:?}");
+        // Derived series are not scored again.
+        assert!(
+            points(
+                &store,
+                r#"vitals_anomaly_score{metric="vitals_anomaly_score"}"#,
+                0,
+                i64::MAX
+            )
+            .is_empty()
+        );
+        drop(w);
+        h.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn detector_off_stores_no_scores() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.db");
+        let (w, store, h) = start(&path);
+        put(&w, "i", batch(1, "a", vitals_common::now_ms(), 1.0)).await;
+        assert!(points(&store, "vitals_anomaly_score", 0, i64::MAX).is_empty());
+        drop(w);
+        h.join().unwrap();
     }
 
     #[test]

@@ -332,6 +332,9 @@ pub fn spool_batches(spool_dir: &Path) -> Vec<(u64, Batch)> {
     .unwrap()
 }
 
+/// Series the collector derives from what it stores (anomaly scores, alarms).
+pub const DERIVED: &str = "vitals_anomaly_.*";
+
 /// Reads what the collector stored through its query API (operator certificate).
 pub struct Reader {
     rt: tokio::runtime::Runtime,
@@ -374,13 +377,25 @@ impl Reader {
             .series
     }
 
-    /// Every series of one node.
+    /// Every series of one node, as sent (not the collector's derived
+    /// `vitals_anomaly_*` series).
     pub fn node_series(&self, node: &str) -> Vec<Series> {
-        self.series("", &[("node", MatchOp::Equal, node)])
+        self.series(
+            "",
+            &[
+                ("node", MatchOp::Equal, node),
+                ("__name__", MatchOp::NotRegex, DERIVED),
+            ],
+        )
     }
 
-    /// Everything stored, all nodes.
+    /// Everything stored as sent, all nodes.
     pub fn all(&self) -> Vec<Series> {
+        self.series("", &[("__name__", MatchOp::NotRegex, DERIVED)])
+    }
+
+    /// Everything stored, the collector's derived series too.
+    pub fn everything(&self) -> Vec<Series> {
         self.series("", &[("__name__", MatchOp::Regex, ".+")])
     }
 
