@@ -28,8 +28,8 @@ pub struct IngestArgs {
     pub keep: Option<PathBuf>,
     /// Batches in flight per simulated agent.
     pub window: usize,
-    /// Run the collector with its anomaly detector off.
-    pub no_detect: bool,
+    /// Run the collector with its anomaly detector on (as shipped).
+    pub detect: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -231,7 +231,7 @@ pub async fn ingest(args: IngestArgs) -> Result<String> {
         &cfg,
         format!(
             "listen = \"127.0.0.1:{port}\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/collector.pem\"\nkey = \"certs/collector.key\"\n[storage]\npath = \"data/vitals.db\"\n[detect]\nenabled = {}\n",
-            !args.no_detect
+            args.detect
         ),
     )?;
     let mut collector = CollectorProc(
@@ -335,7 +335,7 @@ pub async fn ingest(args: IngestArgs) -> Result<String> {
             "agents": args.agents,
             "series_per_agent": args.series_per_agent,
             "window": args.window,
-            "detect": !args.no_detect,
+            "detect": args.detect,
                         "disk_bytes": disk,
             "collector_cpu_seconds": collector_cpu,
             "bench_cpu_seconds": bench_cpu,

@@ -165,9 +165,10 @@ enum BenchCommand {
         /// Batches each simulated agent may have unacked (more: more throughput, more latency).
         #[arg(long, default_value_t = 2)]
         window: usize,
-        /// Run the collector with its anomaly detector off (default: on, as shipped).
+        /// Run the collector with its anomaly detector on, as shipped
+        /// (default: off, to measure the storage path alone).
         #[arg(long)]
-        no_detect: bool,
+        detect: bool,
         /// One JSON object: samples_per_sec, ack_p50_ms, ack_p99_ms, bytes_per_sample, peak_rss_bytes.
         #[arg(long)]
         json: bool,
@@ -262,7 +263,7 @@ fn main() -> ExitCode {
                     keep,
                     json,
                     window,
-                    no_detect,
+                    detect,
                 },
         } => runtime().and_then(|rt| {
             let text = rt.block_on(bench::ingest(bench::IngestArgs {
@@ -272,7 +273,7 @@ fn main() -> ExitCode {
                 json,
                 keep,
                 window,
-                no_detect,
+                detect,
             }))?;
             print_out(&text);
             Ok(())
