@@ -97,7 +97,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_FAILURE);
                 }
             };
-            match rt.block_on(vitals_agent::run(settings, termination_signal())) {
+            match rt.block_on(vitals_agent::run(
+                settings,
+                vitals_common::signal::termination(),
+            )) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
                     vitals_common::report_error("vitals-agent", &e);
@@ -173,23 +176,5 @@ fn json_number(v: f64) -> serde_json::Value {
         serde_json::json!(v)
     } else {
         serde_json::json!(vitals_common::model::format_value(v))
-    }
-}
-
-async fn termination_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
     }
 }

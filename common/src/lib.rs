@@ -8,6 +8,7 @@ pub mod identity;
 pub mod logging;
 pub mod model;
 pub mod selector;
+pub mod signal;
 pub mod tls;
 
 /// Version of every Vitals binary, from the workspace manifest.
