@@ -161,20 +161,11 @@ fn once(
             let samples: Vec<serde_json::Value> = cycle
                 .samples
                 .iter()
-                .map(|s| serde_json::json!({"name": s.name, "labels": s.labels, "value": json_number(s.value)}))
+                .map(|s| serde_json::json!({"name": s.name, "labels": s.labels, "value": vitals_common::model::json_value(s.value)}))
                 .collect();
             let out = serde_json::json!({"samples": samples, "sources": cycle.reports});
             println!("{out}");
         }
     }
     ExitCode::SUCCESS
-}
-
-/// JSON has no NaN or infinities: write those as strings, as Prometheus does.
-fn json_number(v: f64) -> serde_json::Value {
-    if v.is_finite() {
-        serde_json::json!(v)
-    } else {
-        serde_json::json!(vitals_common::model::format_value(v))
-    }
 }

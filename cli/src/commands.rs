@@ -3,7 +3,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use vitals_common::model::{Labels, format_value, series_text};
+use vitals_common::model::{Labels, format_value, json_value, series_text};
 use vitals_proto::v1::{ListNodesRequest, MatchOp, Matcher, QueryRangeRequest};
 
 use crate::client::{self, CliConfig};
@@ -148,14 +148,6 @@ impl Range {
             bail!("the range ends before it starts");
         }
         Ok((start, end))
-    }
-}
-
-fn json_value(v: f64) -> serde_json::Value {
-    if v.is_finite() {
-        serde_json::json!(v)
-    } else {
-        serde_json::json!(format_value(v))
     }
 }
 

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use vitals_common::model::Labels;
 use vitals_common::selector::Selector;
 
-use crate::chunk::{self, ChunkEncoder};
+use crate::chunk::{self, ChunkEncoder, get_varint, put_varint, unzigzag, zigzag};
 use vitals_detect::{DetectorSet, Params as DetectParams};
 
 /// A chunk is closed at this many samples...
@@ -466,27 +466,6 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
 
 // ---------------------------------------------------------------- WAL rows --
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn get_varint(b: &[u8], pos: &mut usize) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *b.get(*pos)?;
-        *pos += 1;
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
-}
-
 /// A WAL row: the accepted samples of one batch as (series id, ts, value).
 fn encode_wal(samples: &[(i64, i64, f64)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(samples.len() * 12 + 4);
@@ -495,7 +474,7 @@ fn encode_wal(samples: &[(i64, i64, f64)]) -> Vec<u8> {
     for &(id, ts, v) in samples {
         put_varint(&mut out, id as u64);
         let d = ts.wrapping_sub(prev_ts);
-        put_varint(&mut out, ((d << 1) ^ (d >> 63)) as u64);
+        put_varint(&mut out, zigzag(d));
         out.extend_from_slice(&v.to_bits().to_le_bytes());
         prev_ts = ts;
     }
@@ -504,16 +483,15 @@ fn encode_wal(samples: &[(i64, i64, f64)]) -> Vec<u8> {
 
 fn decode_wal(b: &[u8]) -> Option<Vec<(i64, i64, f64)>> {
     let mut pos = 0;
-    let n = get_varint(b, &mut pos)?;
+    let n = get_varint(b, &mut pos).ok()?;
     if n > b.len() as u64 {
         return None;
     }
     let mut out = Vec::with_capacity(n as usize);
     let mut prev_ts = 0i64;
     for _ in 0..n {
-        let id = get_varint(b, &mut pos)? as i64;
-        let z = get_varint(b, &mut pos)?;
-        let d = ((z >> 1) as i64) ^ -((z & 1) as i64);
+        let id = get_varint(b, &mut pos).ok()? as i64;
+        let d = unzigzag(get_varint(b, &mut pos).ok()?);
         let ts = prev_ts.wrapping_add(d);
         let bytes: [u8; 8] = b.get(pos..pos + 8)?.try_into().ok()?;
         pos += 8;

@@ -150,6 +150,16 @@ pub fn format_value(v: f64) -> String {
     }
 }
 
+/// A value as JSON: a number, or the string Prometheus writes for NaN and
+/// infinities (JSON has none).
+pub fn json_value(v: f64) -> serde_json::Value {
+    if v.is_finite() {
+        serde_json::json!(v)
+    } else {
+        serde_json::Value::String(format_value(v))
+    }
+}
+
 /// Samples in the Prometheus text exposition format, grouped by metric name.
 pub fn prometheus_text(samples: &[Sample], timestamp_ms: Option<i64>) -> String {
     let mut sorted: Vec<&Sample> = samples.iter().collect();
