@@ -82,6 +82,48 @@ pub struct SourcesConfig {
     /// `[sources.zfs]`: ZFS kstats and pool health commands.
     #[serde(default)]
     pub zfs: ZfsConfig,
+    /// `[sources.gpu]`: GPUs through ROCm SMI, NVML or amdgpu sysfs.
+    #[serde(default)]
+    pub gpu: GpuConfig,
+}
+
+/// `[sources.gpu]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuConfig {
+    /// Whether the source runs (default: yes; quiet where there is no GPU).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// "auto" (ROCm SMI, then NVML, then amdgpu sysfs), "rocm", "nvml",
+    /// "sysfs" or "off".
+    #[serde(default)]
+    pub backend: crate::sources::gpu::BackendKind,
+    /// The vendor library to load instead of searching the usual places.
+    #[serde(default)]
+    pub library: Option<PathBuf>,
+    /// Longest a cycle waits for the GPU reads; a read still running then
+    /// is reported hung (`vitals_gpu_read_hung`) and the cycle goes on.
+    #[serde(default = "default_gpu_timeout", with = "config::duration")]
+    pub timeout: Duration,
+    /// Whether the processes using each GPU (PID, memory) are reported.
+    #[serde(default = "default_true")]
+    pub processes: bool,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            enabled: None,
+            backend: Default::default(),
+            library: None,
+            timeout: default_gpu_timeout(),
+            processes: true,
+        }
+    }
+}
+
+fn default_gpu_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 
 /// `[sources.net]`.
@@ -258,6 +300,9 @@ pub fn load_raw(path: &Path) -> Result<RawConfig, ConfigError> {
     let base = path.parent().unwrap_or(Path::new("."));
     raw.tls = raw.tls.relative_to(base);
     raw.spool.dir = base.join(&raw.spool.dir);
+    if let Some(lib) = &raw.sources.gpu.library {
+        raw.sources.gpu.library = Some(base.join(lib));
+    }
     Ok(raw)
 }
 
@@ -313,6 +358,25 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
         return Err(ConfigError::invalid(
             path,
             "sources.zfs.command_timeout",
+            "must be at least 10ms",
+        ));
+    }
+    if let Some(lib) = &raw.sources.gpu.library
+        && !lib.exists()
+    {
+        return Err(ConfigError::invalid(
+            path,
+            "sources.gpu.library",
+            format!(
+                "{}: no such file (install the vendor library, or remove `library` to search the usual places)",
+                lib.display()
+            ),
+        ));
+    }
+    if raw.sources.gpu.timeout < Duration::from_millis(10) {
+        return Err(ConfigError::invalid(
+            path,
+            "sources.gpu.timeout",
             "must be at least 10ms",
         ));
     }

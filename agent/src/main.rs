@@ -16,6 +16,7 @@ use vitals_common::{EXIT_CONFIG, EXIT_FAILURE};
 ///   vitals-agent once                       # one cycle, Prometheus text
 ///   vitals-agent once --source host --format json
 ///   vitals-agent once --procfs ./fixtures/proc --sysfs ./fixtures/sys
+///   vitals-agent once --source gpu --gpu-backend rocm --gpu-library /opt/rocm/lib/librocm_smi64.so
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Cli {
@@ -52,6 +53,12 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value = "prom")]
         format: Format,
+        /// GPU backend for this cycle (default: from the config, else auto).
+        #[arg(long, value_enum, value_name = "BACKEND")]
+        gpu_backend: Option<vitals_agent::sources::gpu::BackendKind>,
+        /// GPU vendor library to load (ROCm SMI or NVML) instead of searching.
+        #[arg(long, value_name = "PATH")]
+        gpu_library: Option<PathBuf>,
     },
 }
 
@@ -69,7 +76,19 @@ fn main() -> ExitCode {
             sysfs,
             sources,
             format,
-        } => once(cli.config.as_deref(), procfs, sysfs, &sources, format),
+            gpu_backend,
+            gpu_library,
+        } => once(
+            cli.config.as_deref(),
+            OnceOverrides {
+                procfs,
+                sysfs,
+                gpu_backend,
+                gpu_library,
+            },
+            &sources,
+            format,
+        ),
         cmd @ (Command::Run | Command::CheckConfig) => {
             let path = config_path(&cli.config);
             let settings =
@@ -111,10 +130,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn once(
-    config_file: Option<&Path>,
+/// What `once` flags change in the config.
+struct OnceOverrides {
     procfs: Option<PathBuf>,
     sysfs: Option<PathBuf>,
+    gpu_backend: Option<vitals_agent::sources::gpu::BackendKind>,
+    gpu_library: Option<PathBuf>,
+}
+
+fn once(
+    config_file: Option<&Path>,
+    over: OnceOverrides,
     only: &[String],
     format: Format,
 ) -> ExitCode {
@@ -131,11 +157,17 @@ fn once(
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Some(p) = procfs {
+    if let Some(p) = over.procfs {
         raw.paths.procfs = p;
     }
-    if let Some(s) = sysfs {
+    if let Some(s) = over.sysfs {
         raw.paths.sysfs = s;
+    }
+    if let Some(b) = over.gpu_backend {
+        raw.sources.gpu.backend = b;
+    }
+    if let Some(l) = over.gpu_library {
+        raw.sources.gpu.library = Some(l);
     }
     let mut sources = match vitals_agent::cycle::Sources::new(&raw, only) {
         Ok(s) => s,

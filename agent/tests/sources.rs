@@ -1858,7 +1858,18 @@ fn the_readme_agent_config_parses_with_every_source_table() {
     assert_eq!(cfg.sources.zfs.command_timeout, Duration::from_secs(5));
     assert_eq!(cfg.sources.zfs.zpool, Path::new("/usr/sbin/zpool"));
     assert!(cfg.sources.zfs.commands);
+    assert_eq!(
+        cfg.sources.gpu.backend,
+        vitals_agent::sources::gpu::BackendKind::Auto
+    );
+    assert_eq!(cfg.sources.gpu.timeout, Duration::from_secs(2));
+    assert_eq!(cfg.sources.gpu.library, None);
     // And the defaults are what it shows.
+    assert_eq!(
+        RawConfig::default().sources.gpu.timeout,
+        cfg.sources.gpu.timeout
+    );
+    assert!(RawConfig::default().sources.gpu.processes && cfg.sources.gpu.processes);
     let d = RawConfig::default();
     assert_eq!(d.sources.net.exclude, cfg.sources.net.exclude);
     assert_eq!(d.sources.zfs.zfs, cfg.sources.zfs.zfs);

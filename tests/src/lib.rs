@@ -266,12 +266,31 @@ pub struct Agent {
 
 /// Writes an agent config under `env/agents/NAME/` and starts the agent.
 pub fn start_agent(env: &Env, name: &str, port: u16, opts: &AgentOpts<'_>) -> Agent {
+    restart_agent(&agent_config(env, name, port, opts, ""))
+}
+
+/// Writes an agent config under `env/agents/NAME/`: only the host source
+/// runs, plus whatever `extra` (TOML appended at the end) turns on.
+pub fn agent_config(
+    env: &Env,
+    name: &str,
+    port: u16,
+    opts: &AgentOpts<'_>,
+    extra: &str,
+) -> PathBuf {
     let dir = env.path().join("agents").join(name);
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("agent.toml");
     // These tests are about delivery, and size their spools for small
     // batches: only the host source runs, whatever this machine has.
-    const ONLY_HOST: &str = "[sources.net]\nenabled = false\n[sources.nfs]\nenabled = false\n[sources.nfsd]\nenabled = false\n[sources.zfs]\nenabled = false\n";
+    let only_host = format!(
+        "[sources.net]\nenabled = false\n[sources.nfs]\nenabled = false\n[sources.nfsd]\nenabled = false\n[sources.zfs]\nenabled = false\n{}{extra}",
+        if extra.contains("[sources.gpu]") {
+            ""
+        } else {
+            "[sources.gpu]\nenabled = false\n"
+        }
+    );
     let node = opts
         .node
         .map(|n| format!("node = {n:?}\n"))
@@ -279,7 +298,7 @@ pub fn start_agent(env: &Env, name: &str, port: u16, opts: &AgentOpts<'_>) -> Ag
     std::fs::write(
         &cfg,
         format!(
-            "collector = \"https://127.0.0.1:{port}\"\n{node}interval = {:?}\nshutdown_grace = \"10s\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[spool]\ndir = {:?}\nmax_bytes = {}\n{ONLY_HOST}",
+            "collector = \"https://127.0.0.1:{port}\"\n{node}interval = {:?}\nshutdown_grace = \"10s\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[spool]\ndir = {:?}\nmax_bytes = {}\n{only_host}",
             opts.interval,
             opts.ca.clone().unwrap_or_else(|| env.ca()),
             opts.cert.0,
@@ -289,17 +308,23 @@ pub fn start_agent(env: &Env, name: &str, port: u16, opts: &AgentOpts<'_>) -> Ag
         ),
     )
     .unwrap();
-    restart_agent(&cfg)
+    cfg
 }
 
 /// Starts an agent from an existing config (same spool).
 pub fn restart_agent(cfg: &Path) -> Agent {
+    restart_agent_env(cfg, &[])
+}
+
+/// Starts an agent from an existing config with extra environment variables.
+pub fn restart_agent_env(cfg: &Path, vars: &[(&str, &str)]) -> Agent {
     let dir = cfg.parent().unwrap();
-    let proc = Proc::spawn(
-        &bin("vitals-agent"),
-        &["--config", cfg.to_str().unwrap()],
-        &dir.join("agent.log"),
-    );
+    let mut cmd = Command::new(bin("vitals-agent"));
+    cmd.args(["--config", cfg.to_str().unwrap()]);
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    let proc = Proc::spawn_cmd(&mut cmd, &dir.join("agent.log"));
     Agent {
         proc,
         spool: dir.join("spool"),

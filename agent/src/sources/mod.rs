@@ -5,6 +5,7 @@
 //! at debug and never counted as an error; anything else is `Failed`: that
 //! source skips the cycle, its error counter goes up, the others go on.
 
+pub mod gpu;
 pub mod host;
 pub mod net;
 pub mod nfs;
@@ -96,6 +97,12 @@ pub const SOURCES: &[SourceSpec] = &[
         help: "ZFS kstats (ARC, L2ARC, ZIL, per-pool I/O, state and datasets) and pool health from zpool/zfs",
         build: zfs::build,
     },
+    SourceSpec {
+        name: "gpu",
+        enabled_by_default: true,
+        help: "GPUs: AMD through ROCm SMI, NVIDIA through NVML (both loaded at run time), else amdgpu sysfs",
+        build: gpu::build,
+    },
 ];
 
 /// Whether a source is enabled by the config (or its default).
@@ -106,6 +113,7 @@ pub fn enabled(cfg: &RawConfig, spec: &SourceSpec) -> bool {
         "nfs" => cfg.sources.nfs.enabled,
         "nfsd" => cfg.sources.nfsd.enabled,
         "zfs" => cfg.sources.zfs.enabled,
+        "gpu" => cfg.sources.gpu.enabled,
         _ => None,
     };
     toggle.unwrap_or(spec.enabled_by_default)

@@ -1,0 +1,634 @@
+//! GPUs: AMD through ROCm SMI, NVIDIA through NVML, both loaded at run time
+//! (`libloading`), and the amdgpu sysfs files when neither library is there.
+//!
+//! Every backend fills the same [`GpuStats`] per GPU and one function turns
+//! them into samples, so a GPU reads the same whichever way it was read.
+//! Names follow AMD's device-metrics-exporter (`gpu_gfx_activity`,
+//! `gpu_used_vram`, `gpu_edge_temperature`, `gpu_clock{clock_type}`, ...) so
+//! its dashboards work; units are the exporter's (VRAM and GTT in MiB, power
+//! in W, clocks in MHz, energy in µJ). Labels on every per-GPU series: `gpu`
+//! (the backend's index), `card`, `serial`, `model`, `pci_bus`.
+//!
+//! The backend is opened and read on its own thread. A cycle waits for it
+//! at most `[sources.gpu] timeout`; a read still running then (a driver call
+//! that hangs) is reported (`vitals_gpu_read_hung`,
+//! `vitals_gpu_read_timeouts_total`) and no new read is started until it
+//! returns, so hung calls never pile up and the other sources never wait.
+
+pub mod nvml;
+pub mod nvml_sys;
+pub mod rocm;
+pub mod rocm_sys;
+pub mod sysfs;
+
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vitals_common::model::{Labels, Sample};
+
+use super::{Source, SourceError};
+use crate::config::RawConfig;
+
+/// `[sources.gpu] backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// ROCm SMI, then NVML, then amdgpu sysfs: the first that finds a GPU.
+    #[default]
+    Auto,
+    /// AMD ROCm SMI (`librocm_smi64.so`).
+    Rocm,
+    /// NVIDIA NVML (`libnvidia-ml.so.1`).
+    Nvml,
+    /// amdgpu files under `/sys/class/drm/card*/device`.
+    Sysfs,
+    /// No GPU source.
+    Off,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Auto => "auto",
+            BackendKind::Rocm => "rocm",
+            BackendKind::Nvml => "nvml",
+            BackendKind::Sysfs => "sysfs",
+            BackendKind::Off => "off",
+        }
+    }
+}
+
+/// One GPU process and the memory it holds on one GPU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuProcess {
+    pub pid: u32,
+    /// Bytes of GPU memory, when the backend can say.
+    pub vram_bytes: Option<u64>,
+}
+
+/// ECC error counts of one block (or the whole GPU).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct EccCount {
+    pub correctable: u64,
+    pub uncorrectable: u64,
+    pub deferred: Option<u64>,
+}
+
+/// What identifies a GPU; read once when the backend opens.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GpuIdentity {
+    pub index: u32,
+    pub card: String,
+    /// Serial number, else the unique id, else empty.
+    pub serial: String,
+    pub model: String,
+    /// PCI address, lower case: `0000:1e:00.0`.
+    pub pci_bus: String,
+}
+
+impl GpuIdentity {
+    pub fn labels(&self) -> Labels {
+        let mut l = Labels::new();
+        l.insert("gpu".into(), self.index.to_string());
+        l.insert("card".into(), self.card.clone());
+        l.insert("serial".into(), self.serial.clone());
+        l.insert("model".into(), self.model.clone());
+        l.insert("pci_bus".into(), self.pci_bus.clone());
+        l
+    }
+}
+
+/// One reading of one GPU. `None`: the backend cannot read it here.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GpuStats {
+    pub id: GpuIdentity,
+    /// Graphics engine busy, percent.
+    pub gfx_activity: Option<f64>,
+    /// Memory controller busy, percent.
+    pub umc_activity: Option<f64>,
+    pub vram_used_bytes: Option<u64>,
+    pub vram_total_bytes: Option<u64>,
+    pub vis_vram_used_bytes: Option<u64>,
+    pub vis_vram_total_bytes: Option<u64>,
+    pub gtt_used_bytes: Option<u64>,
+    pub gtt_total_bytes: Option<u64>,
+    /// Degrees Celsius.
+    pub temp_edge: Option<f64>,
+    pub temp_junction: Option<f64>,
+    pub temp_memory: Option<f64>,
+    /// Per HBM stack: (index, degrees Celsius).
+    pub temp_hbm: Vec<(u32, f64)>,
+    /// Watts.
+    pub power_watts: Option<f64>,
+    pub power_cap_watts: Option<f64>,
+    /// Microjoules since the driver started counting.
+    pub energy_microjoules: Option<f64>,
+    /// (clock_type label, MHz).
+    pub clocks_mhz: Vec<(&'static str, f64)>,
+    pub fan_speed_percent: Option<f64>,
+    pub fan_rpm: Option<f64>,
+    /// Millivolts.
+    pub voltage_mv: Option<f64>,
+    pub ecc_total: Option<EccCount>,
+    /// Per block: (block name as in the metric, counts).
+    pub ecc_blocks: Vec<(&'static str, EccCount)>,
+    /// GT/s per lane.
+    pub pcie_speed_gts: Option<f64>,
+    pub pcie_width: Option<u32>,
+    pub pcie_replay_count: Option<u64>,
+    /// 0 no errors, 1 one error, 2 more than one (ROCm's XGMI status).
+    pub xgmi_error_status: Option<u32>,
+    /// (reason label, active).
+    pub throttle: Vec<(&'static str, bool)>,
+    /// NVIDIA Xid critical errors seen since the agent started, and the last.
+    pub xid_errors_total: Option<u64>,
+    pub last_xid: Option<u64>,
+    pub processes: Option<Vec<GpuProcess>>,
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Appends the samples of one GPU.
+pub fn push_samples(g: &GpuStats, out: &mut Vec<Sample>) {
+    let base = g.id.labels();
+    let mut put = |name: &'static str, v: f64| {
+        out.push(Sample {
+            name: name.to_string(),
+            labels: base.clone(),
+            value: v,
+        })
+    };
+    let opt = |v: Option<u64>| v.map(|b| b as f64 / MIB);
+    for (name, v) in [
+        ("gpu_gfx_activity", g.gfx_activity),
+        ("gpu_umc_activity", g.umc_activity),
+        ("gpu_used_vram", opt(g.vram_used_bytes)),
+        ("gpu_total_vram", opt(g.vram_total_bytes)),
+        (
+            "gpu_free_vram",
+            match (g.vram_total_bytes, g.vram_used_bytes) {
+                (Some(t), Some(u)) => Some(t.saturating_sub(u) as f64 / MIB),
+                _ => None,
+            },
+        ),
+        ("gpu_used_visible_vram", opt(g.vis_vram_used_bytes)),
+        ("gpu_total_visible_vram", opt(g.vis_vram_total_bytes)),
+        ("gpu_used_gtt", opt(g.gtt_used_bytes)),
+        ("gpu_total_gtt", opt(g.gtt_total_bytes)),
+        ("gpu_edge_temperature", g.temp_edge),
+        ("gpu_junction_temperature", g.temp_junction),
+        ("gpu_memory_temperature", g.temp_memory),
+        ("gpu_power_usage", g.power_watts),
+        ("gpu_power_cap", g.power_cap_watts),
+        ("gpu_energy_consumed", g.energy_microjoules),
+        ("gpu_fan_speed", g.fan_speed_percent),
+        ("gpu_fan_rpm", g.fan_rpm),
+        ("gpu_voltage", g.voltage_mv),
+        ("gpu_pcie_speed", g.pcie_speed_gts),
+        ("gpu_pcie_width", g.pcie_width.map(f64::from)),
+        (
+            "gpu_pcie_replay_count",
+            g.pcie_replay_count.map(|v| v as f64),
+        ),
+        ("gpu_xgmi_error_status", g.xgmi_error_status.map(f64::from)),
+        ("gpu_xid_errors_total", g.xid_errors_total.map(|v| v as f64)),
+        ("gpu_last_xid", g.last_xid.map(|v| v as f64)),
+    ] {
+        if let Some(v) = v {
+            put(name, v);
+        }
+    }
+    if let Some(e) = g.ecc_total {
+        put("gpu_ecc_correct_total", e.correctable as f64);
+        put("gpu_ecc_uncorrect_total", e.uncorrectable as f64);
+        if let Some(d) = e.deferred {
+            put("gpu_ecc_deferred_total", d as f64);
+        }
+    }
+    // One more label (none when `key` is empty).
+    let mut with = |name: String, key: &str, val: &str, v: f64| {
+        let mut labels = base.clone();
+        if !key.is_empty() {
+            labels.insert(key.into(), val.into());
+        }
+        out.push(Sample {
+            name,
+            labels,
+            value: v,
+        });
+    };
+    for (block, e) in &g.ecc_blocks {
+        with(
+            format!("gpu_ecc_correct_{block}"),
+            "block",
+            block,
+            e.correctable as f64,
+        );
+        with(
+            format!("gpu_ecc_uncorrect_{block}"),
+            "block",
+            block,
+            e.uncorrectable as f64,
+        );
+        if let Some(d) = e.deferred {
+            with(
+                format!("gpu_ecc_deferred_{block}"),
+                "block",
+                block,
+                d as f64,
+            );
+        }
+    }
+    for (hbm, t) in &g.temp_hbm {
+        with(
+            "gpu_hbm_temperature".into(),
+            "hbm_index",
+            &hbm.to_string(),
+            *t,
+        );
+    }
+    for (clock, mhz) in &g.clocks_mhz {
+        with("gpu_clock".into(), "clock_type", clock, *mhz);
+    }
+    for (reason, on) in &g.throttle {
+        with(
+            "gpu_throttle".into(),
+            "reason",
+            reason,
+            if *on { 1.0 } else { 0.0 },
+        );
+    }
+    if let Some(procs) = &g.processes {
+        with("gpu_process_count".into(), "", "", procs.len() as f64);
+        for p in procs {
+            if let Some(b) = p.vram_bytes {
+                with(
+                    "gpu_process_used_vram".into(),
+                    "pid",
+                    &p.pid.to_string(),
+                    b as f64 / MIB,
+                );
+            }
+        }
+    }
+}
+
+/// A backend that is open and has found at least one GPU.
+/// "2 GPU(s): 2× Arcturus GL-XL [Instinct MI100]" for the log.
+pub fn summary<'a>(models: impl Iterator<Item = &'a str>) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for m in models {
+        match counts.iter_mut().find(|(name, _)| *name == m) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((m, 1)),
+        }
+    }
+    let total: usize = counts.iter().map(|(_, n)| n).sum();
+    let list: Vec<String> = counts.iter().map(|(m, n)| format!("{n}× {m}")).collect();
+    format!("{total} GPU(s): {}", list.join(", "))
+}
+
+pub trait Backend: Send {
+    /// "rocm", "nvml" or "sysfs".
+    fn kind(&self) -> BackendKind;
+    /// One line for the log: library, version, GPUs.
+    fn describe(&self) -> String;
+    /// Reads every GPU. An error means this whole read failed.
+    fn read(&mut self) -> Result<Vec<GpuStats>, String>;
+}
+
+/// Why a backend could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenError {
+    /// Nothing to read on this host: no library, or no GPU behind it.
+    Absent(String),
+    /// Something is there but broken (bad library, failing calls).
+    Failed(String),
+}
+
+impl OpenError {
+    fn text(&self) -> &str {
+        match self {
+            OpenError::Absent(s) | OpenError::Failed(s) => s,
+        }
+    }
+}
+
+/// What the worker needs to open a backend.
+#[derive(Debug, Clone)]
+pub struct OpenSpec {
+    pub kind: BackendKind,
+    pub library: Option<PathBuf>,
+    pub sysfs: PathBuf,
+    pub processes: bool,
+}
+
+/// Opens the configured backend; `auto` tries each in turn.
+pub fn open(spec: &OpenSpec) -> Result<Box<dyn Backend>, OpenError> {
+    match spec.kind {
+        BackendKind::Rocm => rocm::Rocm::open(spec).map(|b| Box::new(b) as Box<dyn Backend>),
+        BackendKind::Nvml => nvml::Nvml::open(spec).map(|b| Box::new(b) as Box<dyn Backend>),
+        BackendKind::Sysfs => sysfs::Sysfs::open(spec).map(|b| Box::new(b) as Box<dyn Backend>),
+        BackendKind::Off => Err(OpenError::Absent("backend = \"off\"".into())),
+        BackendKind::Auto => {
+            let mut why = Vec::new();
+            let mut failed = false;
+            for kind in [BackendKind::Rocm, BackendKind::Nvml, BackendKind::Sysfs] {
+                // A configured library belongs to whichever vendor it is;
+                // sysfs has none.
+                let one = OpenSpec {
+                    kind,
+                    ..spec.clone()
+                };
+                match open(&one) {
+                    Ok(b) => return Ok(b),
+                    Err(e) => {
+                        failed |= matches!(e, OpenError::Failed(_));
+                        why.push(format!("{}: {}", kind.as_str(), e.text()));
+                    }
+                }
+            }
+            let text = why.join("; ");
+            Err(if failed {
+                OpenError::Failed(text)
+            } else {
+                OpenError::Absent(text)
+            })
+        }
+    }
+}
+
+enum Reply {
+    Opened(Result<String, OpenError>),
+    Read(Result<Vec<GpuStats>, String>),
+}
+
+enum Request {
+    Read,
+    Stop,
+}
+
+/// The backend's thread: opens on the first request, then reads on each.
+/// Dropping the backend (on `Stop`, or when the source goes away) shuts
+/// the library down.
+fn worker(spec: OpenSpec, requests: Receiver<Request>, replies: SyncSender<Reply>) {
+    let mut backend: Option<Box<dyn Backend>> = None;
+    // (when the next attempt may run, the wait after it, the last error)
+    let mut retry: Option<(Instant, Duration, OpenError)> = None;
+    while let Ok(Request::Read) = requests.recv() {
+        if backend.is_none() {
+            // Retry opening now and then, backing off: a driver may come up
+            // after the agent, but a host without a GPU should not be
+            // probed (and the library's own stderr lines repeated) often.
+            if let Some((at, _, e)) = &retry
+                && Instant::now() < *at
+            {
+                let _ = replies.send(Reply::Opened(Err(e.clone())));
+                continue;
+            }
+            match open(&spec) {
+                Ok(b) => {
+                    retry = None;
+                    let _ = replies.send(Reply::Opened(Ok(b.describe())));
+                    backend = Some(b);
+                }
+                Err(e) => {
+                    let wait = retry
+                        .as_ref()
+                        .map_or(REOPEN_FIRST, |(_, w, _)| (*w * 2).min(REOPEN_MAX));
+                    retry = Some((Instant::now() + wait, wait, e.clone()));
+                    let _ = replies.send(Reply::Opened(Err(e)));
+                    continue;
+                }
+            }
+        }
+        if let Some(b) = backend.as_mut() {
+            let r = b.read();
+            if replies.send(Reply::Read(r)).is_err() {
+                break;
+            }
+        }
+    }
+    drop(backend);
+}
+
+/// A backend that could not be opened is tried again after this, then
+/// after twice as long each time, up to [`REOPEN_MAX`].
+const REOPEN_FIRST: Duration = Duration::from_secs(60);
+const REOPEN_MAX: Duration = Duration::from_secs(3600);
+
+enum State {
+    /// No read in flight.
+    Idle,
+    /// A read (or open) was asked for and has not answered yet.
+    Busy,
+}
+
+pub struct Gpu {
+    spec: OpenSpec,
+    timeout: Duration,
+    requests: Option<SyncSender<Request>>,
+    replies: Option<Receiver<Reply>>,
+    thread: Option<thread::JoinHandle<()>>,
+    state: State,
+    /// The read in flight has passed its timeout (and was reported).
+    hung: bool,
+    timeouts_total: u64,
+    /// What the last open said, so each change is logged once.
+    open_logged: Option<Result<String, String>>,
+    /// The last read error logged.
+    read_logged: Option<String>,
+}
+
+pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
+    let g = &cfg.sources.gpu;
+    Box::new(Gpu {
+        spec: OpenSpec {
+            kind: g.backend,
+            library: g.library.clone(),
+            sysfs: cfg.paths.sysfs.clone(),
+            processes: g.processes,
+        },
+        timeout: g.timeout,
+        requests: None,
+        replies: None,
+        thread: None,
+        state: State::Idle,
+        hung: false,
+        timeouts_total: 0,
+        open_logged: None,
+        read_logged: None,
+    })
+}
+
+impl Gpu {
+    fn start(&mut self) -> Result<(), SourceError> {
+        if self.requests.is_some() {
+            return Ok(());
+        }
+        let (req_tx, req_rx) = mpsc::sync_channel(1);
+        let (rep_tx, rep_rx) = mpsc::sync_channel(2);
+        let spec = self.spec.clone();
+        let handle = thread::Builder::new()
+            .name("vitals-gpu".into())
+            .spawn(move || worker(spec, req_rx, rep_tx))
+            .map_err(|e| SourceError::Failed(format!("cannot start the GPU thread: {e}")))?;
+        self.requests = Some(req_tx);
+        self.replies = Some(rep_rx);
+        self.thread = Some(handle);
+        Ok(())
+    }
+
+    fn self_metrics(&self, hung: bool, out: &mut Vec<Sample>) {
+        out.push(Sample::new(
+            "vitals_gpu_read_hung",
+            if hung { 1.0 } else { 0.0 },
+        ));
+        out.push(Sample::new(
+            "vitals_gpu_read_timeouts_total",
+            self.timeouts_total as f64,
+        ));
+    }
+
+    fn log_open(&mut self, r: &Result<String, OpenError>) {
+        let key = r.clone().map_err(|e| e.text().to_string());
+        if self.open_logged.as_ref() == Some(&key) {
+            return;
+        }
+        match r {
+            Ok(desc) => tracing::info!(backend = self.spec.kind.as_str(), "gpu: using {desc}"),
+            Err(OpenError::Absent(why)) if self.spec.kind == BackendKind::Auto => {
+                tracing::info!(reason = %why, "gpu: no GPU found; the gpu source stays quiet")
+            }
+            Err(OpenError::Absent(why)) => tracing::info!(
+                backend = self.spec.kind.as_str(),
+                reason = %why,
+                "gpu: no GPU found through the configured backend; trying again later (after {}s, backing off to {}s)",
+                REOPEN_FIRST.as_secs(),
+                REOPEN_MAX.as_secs()
+            ),
+            Err(OpenError::Failed(why)) => tracing::warn!(
+                backend = self.spec.kind.as_str(),
+                error = %why,
+                "gpu: cannot open the GPU library; GPUs are not read (other sources go on); trying again after {}s, backing off to {}s",
+                REOPEN_FIRST.as_secs(),
+                REOPEN_MAX.as_secs()
+            ),
+        }
+        self.open_logged = Some(key);
+    }
+}
+
+impl Source for Gpu {
+    fn name(&self) -> &'static str {
+        "gpu"
+    }
+
+    fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), SourceError> {
+        if self.spec.kind == BackendKind::Off {
+            return Err(SourceError::Unavailable("backend = \"off\"".into()));
+        }
+        self.start()?;
+        let deadline = Instant::now() + self.timeout;
+        if let State::Idle = self.state {
+            let sent = self
+                .requests
+                .as_ref()
+                .map(|tx| tx.try_send(Request::Read).is_ok())
+                .unwrap_or(false);
+            if !sent {
+                return Err(SourceError::Failed("the GPU thread has stopped".into()));
+            }
+            self.state = State::Busy;
+        }
+        loop {
+            let Some(rx) = self.replies.as_ref() else {
+                return Err(SourceError::Failed("the GPU thread has stopped".into()));
+            };
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(Reply::Opened(r)) => {
+                    self.log_open(&r);
+                    if let Err(e) = r {
+                        // Logged once above; every cycle after is quiet
+                        // until the next attempt says something new.
+                        self.state = State::Idle;
+                        return Err(SourceError::Unavailable(e.text().to_string()));
+                    }
+                    // Opened: the read follows on the same request.
+                }
+                Ok(Reply::Read(r)) => {
+                    self.state = State::Idle;
+                    if std::mem::take(&mut self.hung) {
+                        // The answer to a read that hung: stale, drop it;
+                        // the next cycle starts a fresh one.
+                        tracing::info!("gpu: the hung read returned; reading again next cycle");
+                        self.self_metrics(false, out);
+                        return Ok(());
+                    }
+                    return match r {
+                        Ok(gpus) => {
+                            self.read_logged = None;
+                            for g in &gpus {
+                                push_samples(g, out);
+                            }
+                            out.push(Sample::new("gpu_count", gpus.len() as f64));
+                            self.self_metrics(false, out);
+                            Ok(())
+                        }
+                        Err(e) => {
+                            if self.read_logged.as_ref() != Some(&e) {
+                                tracing::warn!(error = %e, "gpu: reading the GPUs failed");
+                                self.read_logged = Some(e.clone());
+                            }
+                            Err(SourceError::Failed(e))
+                        }
+                    };
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if !self.hung {
+                        self.hung = true;
+                        self.timeouts_total += 1;
+                        tracing::warn!(
+                            timeout = ?self.timeout,
+                            "gpu: a GPU read has not returned in time (a hung driver call?); no new read starts until it does"
+                        );
+                    }
+                    self.self_metrics(true, out);
+                    return Ok(());
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.requests = None;
+                    self.replies = None;
+                    self.state = State::Idle;
+                    return Err(SourceError::Failed(
+                        "the GPU thread has stopped; restarting it next cycle".into(),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        // Ask the thread to shut the library down, and give it a moment;
+        // a thread stuck in a driver call is left behind.
+        if let Some(tx) = self.requests.take() {
+            let _ = tx.try_send(Request::Stop);
+        }
+        self.replies = None;
+        if let Some(h) = self.thread.take() {
+            let until = Instant::now() + Duration::from_secs(2);
+            while !h.is_finished() && Instant::now() < until {
+                thread::sleep(Duration::from_millis(5));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            }
+        }
+    }
+}
