@@ -74,8 +74,23 @@ pub fn load(explicit: Option<&Path>) -> Result<CliConfig> {
     }
 }
 
-/// Connects with the operator certificate.
+/// Connects with the operator certificate (the Query service).
 pub async fn connect(cfg: &CliConfig) -> Result<QueryClient<Channel>> {
+    Ok(QueryClient::new(channel(cfg).await?).max_decoding_message_size(256 << 20))
+}
+
+/// Connects with the operator certificate (the Alerts service).
+pub async fn alerts(
+    cfg: &CliConfig,
+) -> Result<vitals_proto::v1::alerts_client::AlertsClient<Channel>> {
+    Ok(
+        vitals_proto::v1::alerts_client::AlertsClient::new(channel(cfg).await?)
+            .max_decoding_message_size(256 << 20),
+    )
+}
+
+/// A mutual-TLS channel to the collector.
+pub async fn channel(cfg: &CliConfig) -> Result<Channel> {
     let tls = TlsFiles {
         ca: cfg.ca.clone(),
         cert: cfg.cert.clone(),
@@ -95,5 +110,5 @@ pub async fn connect(cfg: &CliConfig) -> Result<QueryClient<Channel>> {
         .connect()
         .await
         .with_context(|| format!("cannot connect to the collector at {}", cfg.collector))?;
-    Ok(QueryClient::new(channel).max_decoding_message_size(256 << 20))
+    Ok(channel)
 }

@@ -8,7 +8,7 @@ use vitals_proto::v1::{ListNodesRequest, MatchOp, Matcher, QueryRangeRequest};
 
 use crate::client::{self, CliConfig};
 
-fn status_error(e: tonic::Status) -> anyhow::Error {
+pub fn status_error(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("collector answered {:?}: {}", e.code(), e.message())
 }
 
@@ -21,7 +21,7 @@ pub fn fmt_ms(ms: i64) -> String {
     }
 }
 
-fn ago(ms: i64) -> String {
+pub fn ago(ms: i64) -> String {
     let d = (vitals_common::now_ms() - ms).max(0) / 1000;
     match d {
         0..=59 => format!("{d}s ago"),

@@ -1,5 +1,6 @@
 //! `vitals`: the operator's command line.
 
+mod alerts;
 mod alloc_count;
 mod bench;
 mod bench_agent;
@@ -76,6 +77,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Alerts firing or pending (with --all, resolved ones too), their evidence
+    /// and probable cause.
+    ///
+    /// Examples:
+    ///   vitals alerts
+    ///   vitals alerts --all --json
+    #[command(verbatim_doc_comment)]
+    Alerts {
+        /// Resolved alerts too (newest first).
+        #[arg(long)]
+        all: bool,
+        /// Print {"alerts":[{"rule","state","severity","labels","annotations","evidence","related",...}]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hold back notifications for alerts that match, for a while.
+    Silence {
+        #[command(subcommand)]
+        command: SilenceCommand,
+    },
+    /// Alert rules.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
     /// Create and inspect certificates (the role is stored in the subject OU).
     Certs {
         #[command(subcommand)]
@@ -115,6 +141,53 @@ enum Command {
         /// Directory for configs, certificates and data (kept between runs).
         #[arg(long, default_value = "vitals-dev")]
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum SilenceCommand {
+    /// Silence alerts matching a selector, e.g. '{alertname="NodeDown",node="gpu-07"}'.
+    ///
+    /// Examples:
+    ///   vitals silence add '{node="gpu-07"}' --for 2h --comment "replacing a GPU"
+    ///   vitals silence add '{alertname=~"Nfs.*"}' --for 30m
+    #[command(verbatim_doc_comment)]
+    Add {
+        /// Prometheus matchers over the alert's labels (alertname, node, severity, team, ...).
+        matchers: String,
+        /// How long, e.g. 30m, 2h, 1d.
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Silences in force (with --all, expired ones too).
+    List {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a silence now.
+    Rm { id: i64 },
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Check a rules file ([[rules]]) or a collector config ([alerting] and
+    /// the rule files it names): every error with its file, line and reason;
+    /// exit 2 if any.
+    ///
+    /// Examples:
+    ///   vitals rules check /etc/vitals/rules.d/training.toml
+    ///   vitals rules check /etc/vitals/collector.toml --json
+    #[command(verbatim_doc_comment)]
+    Check {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -293,6 +366,28 @@ fn main() -> ExitCode {
         Command::Dev { dir } => runtime()
             .and_then(|rt| rt.block_on(dev::run(&dir)))
             .map(|_| ()),
+        Command::Alerts { all, json } => with_client(cli.config, |cfg| async move {
+            alerts::alerts(&cfg, all, json).await
+        }),
+        Command::Silence { command } => match command {
+            SilenceCommand::Add {
+                matchers,
+                duration,
+                comment,
+                json,
+            } => with_client(cli.config, |cfg| async move {
+                alerts::silence_add(&cfg, &matchers, &duration, &comment, json).await
+            }),
+            SilenceCommand::List { all, json } => with_client(cli.config, |cfg| async move {
+                alerts::silence_list(&cfg, all, json).await
+            }),
+            SilenceCommand::Rm { id } => with_client(cli.config, |cfg| async move {
+                alerts::silence_rm(&cfg, id).await
+            }),
+        },
+        Command::Rules {
+            command: RulesCommand::Check { file, json },
+        } => alerts::check(&file, json).map(|text| print_out(&text)),
         Command::Nodes { json } => with_client(cli.config, |cfg| async move {
             commands::nodes(&cfg, json).await
         }),

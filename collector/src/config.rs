@@ -29,6 +29,9 @@ pub struct RawConfig {
     pub query: QueryConfig,
     #[serde(default)]
     pub detect: DetectConfig,
+    /// Rules, alert lifecycle, silences (see docs/ALERTING.md).
+    #[serde(default)]
+    pub alerting: crate::alert::AlertingConfig,
 }
 
 /// The anomaly detector on ingest (see docs/DETECTION.md).
@@ -143,15 +146,27 @@ pub struct Settings {
     pub store: crate::store::StoreOptions,
     pub max_series: usize,
     pub max_points: usize,
+    pub alerting: crate::alert::AlertSettings,
 }
 
 /// Reads, parses and validates a collector config file.
 pub fn load(path: &Path) -> Result<Settings, ConfigError> {
-    let raw: RawConfig = config::load(path)?;
-    validate(path, raw)
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let raw: RawConfig = config::parse(path, &text)?;
+    validate_text(path, &text, raw)
 }
 
+/// Validates a parsed config (line numbers of inline rules need the text:
+/// see [`validate_text`]).
 pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
+    validate_text(path, "", raw)
+}
+
+/// Validates a parsed config whose file text is `text`.
+pub fn validate_text(path: &Path, text: &str, raw: RawConfig) -> Result<Settings, ConfigError> {
     let base = path.parent().unwrap_or(Path::new("."));
     let listen: SocketAddr = raw.listen.parse().map_err(|e| {
         ConfigError::invalid(
@@ -183,11 +198,14 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
             "limits must be above 0",
         ));
     }
+    let db_path = base.join(&raw.storage.path);
+    let alerting = crate::alert::settings(path, text, &raw.alerting, &db_path)?;
     Ok(Settings {
+        alerting,
         listen,
         shutdown_grace: raw.shutdown_grace,
         tls,
-        db_path: base.join(&raw.storage.path),
+        db_path,
         store: crate::store::StoreOptions {
             detect,
             retention: raw.storage.retention,

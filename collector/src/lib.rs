@@ -2,6 +2,7 @@
 //!
 //! `run` is the whole daemon; `vitals dev` calls it in-process.
 
+pub mod alert;
 pub mod chunk;
 pub mod config;
 pub mod ingest;
@@ -12,7 +13,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use tokio::sync::watch;
-use vitals_proto::v1::{ingest_server::IngestServer, query_server::QueryServer};
+use vitals_proto::v1::{
+    alerts_server::AlertsServer, ingest_server::IngestServer, query_server::QueryServer,
+};
 
 pub use config::Settings;
 
@@ -20,6 +23,8 @@ pub use config::Settings;
 pub enum RunError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Alerts(#[from] alert::db::DbError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -60,6 +65,22 @@ pub async fn run(
         connected: connected.clone(),
         shutdown: stop_rx.clone(),
     };
+    let alerting = alert::open(&settings.alerting)?;
+    let alert_task = settings.alerting.enabled.then(|| {
+        tracing::info!(
+            rules = settings.alerting.rules.rules.len(),
+            every = ?settings.alerting.eval_interval,
+            state = %settings.alerting.state_path.display(),
+            "alert rules loaded"
+        );
+        tokio::spawn(alert::run(
+            alerting.clone(),
+            reader.clone(),
+            settings.alerting.eval_interval,
+            Box::new(alert::LogSink),
+            stop_rx.clone(),
+        ))
+    });
     let query = query::QueryService {
         store: reader,
         connected,
@@ -77,6 +98,9 @@ pub async fn run(
         .map_err(RunError::Tls)?
         .add_service(IngestServer::new(ingest).max_decoding_message_size(64 << 20))
         .add_service(QueryServer::new(query).max_encoding_message_size(256 << 20))
+        .add_service(AlertsServer::new(alert::api::AlertsService {
+            shared: alerting,
+        }))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = server_stop.wait_for(|s| *s).await;
         });
@@ -99,6 +123,9 @@ pub async fn run(
         }
     };
     drop(server);
+    if let Some(t) = alert_task {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+    }
     // Once the streams are gone so are the writer's senders: it commits what
     // is queued and stops. Each queued batch is either committed (and was or
     // will be acked) or never acked, so a bounded wait loses nothing acked.

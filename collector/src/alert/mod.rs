@@ -1,0 +1,339 @@
+//! Alerting: rules over the stored samples, the alert lifecycle, its
+//! evidence and correlation, silences, and hand-off to the notifiers.
+//!
+//! One task owns the engine: every `eval_interval` it evaluates the rules
+//! against the store (on a blocking thread), attaches the related signals to
+//! alerts that fire, writes the changes to `alerts.db` in one transaction,
+//! and only then hands firing and resolved alerts to the [`Sink`] (routing
+//! and the notification outbox). Silences hold notifications back, never
+//! the lifecycle.
+
+pub mod api;
+pub mod correlate;
+pub mod db;
+pub mod engine;
+pub mod eval;
+pub mod expr;
+pub mod rules;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use vitals_common::config::{self, ConfigError};
+
+use self::db::AlertDb;
+use self::engine::{Alert, Change, Engine, Phase};
+use self::rules::{RawRule, RuleSet};
+use crate::store::Store;
+
+/// `[alerting]` in collector.toml.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertingConfig {
+    /// Whether rules are evaluated at all.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Time between evaluations of every rule.
+    #[serde(default = "default_eval", with = "config::duration")]
+    pub eval_interval: Duration,
+    /// The built-in rule pack (each rule can be replaced or disabled by name).
+    #[serde(default = "default_true")]
+    pub builtin: bool,
+    /// Rules files (`[[rules]]`), relative to this config's directory.
+    #[serde(default)]
+    pub rule_files: Vec<PathBuf>,
+    /// Rules written here, after the files.
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+    /// How long a firing alert stays firing after its condition clears,
+    /// unless a rule says otherwise. Default: two evaluation intervals.
+    #[serde(default, with = "opt_duration")]
+    pub keep_firing_for: Option<Duration>,
+    /// Window before an alert's start searched for related signals.
+    #[serde(default = "default_window", with = "config::duration")]
+    pub correlation_window: Duration,
+    /// Alerts and silences database; default `alerts.db` beside the store.
+    #[serde(default)]
+    pub state: Option<PathBuf>,
+}
+
+mod opt_duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+impl Default for AlertingConfig {
+    fn default() -> Self {
+        AlertingConfig {
+            enabled: true,
+            eval_interval: default_eval(),
+            builtin: true,
+            rule_files: Vec::new(),
+            rules: Vec::new(),
+            keep_firing_for: None,
+            correlation_window: default_window(),
+            state: None,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_eval() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_window() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+
+/// Checked alerting settings.
+#[derive(Debug, Clone)]
+pub struct AlertSettings {
+    pub enabled: bool,
+    pub eval_interval: Duration,
+    pub keep_firing_for: Duration,
+    pub correlation_window: Duration,
+    pub rules: RuleSet,
+    pub state_path: PathBuf,
+}
+
+/// Loads the rule files and checks every rule. `text` is the config file's
+/// own text (for the line numbers of inline rules).
+pub fn settings(
+    path: &Path,
+    text: &str,
+    cfg: &AlertingConfig,
+    db_path: &Path,
+) -> Result<AlertSettings, ConfigError> {
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut sources = Vec::new();
+    for f in &cfg.rule_files {
+        let file = base.join(f);
+        let (ftext, raws) = rules::load_file(&file)?;
+        sources.push((file, ftext, raws));
+    }
+    sources.push((path.to_path_buf(), text.to_string(), cfg.rules.clone()));
+    let rules = RuleSet::load(cfg.builtin, &sources)?;
+    if cfg.eval_interval < Duration::from_millis(100) {
+        return Err(ConfigError::invalid(
+            path,
+            "alerting.eval_interval",
+            "must be at least 100ms",
+        ));
+    }
+    Ok(AlertSettings {
+        enabled: cfg.enabled,
+        eval_interval: cfg.eval_interval,
+        keep_firing_for: cfg.keep_firing_for.unwrap_or(cfg.eval_interval * 2),
+        correlation_window: cfg.correlation_window,
+        rules,
+        state_path: match &cfg.state {
+            Some(p) => base.join(p),
+            None => db_path.parent().unwrap_or(Path::new(".")).join("alerts.db"),
+        },
+    })
+}
+
+/// Where firing and resolved alerts go (routing and the outbox).
+pub trait Sink: Send {
+    /// An alert that fired (or, with `phase == Resolved`, resolved).
+    fn notify(&mut self, alert: &Alert, now: i64);
+    /// After each evaluation: flush groups, re-send what must be re-sent.
+    fn tick(&mut self, open: &[&Alert], now: i64);
+}
+
+/// A sink that only logs (no receivers configured).
+pub struct LogSink;
+
+impl Sink for LogSink {
+    fn notify(&mut self, a: &Alert, _now: i64) {
+        tracing::info!(
+            alert = %a.rule,
+            state = a.phase.as_str(),
+            summary = a.annotations.get("summary").map(String::as_str).unwrap_or(""),
+            "alert (no receivers configured)"
+        );
+    }
+    fn tick(&mut self, _open: &[&Alert], _now: i64) {}
+}
+
+/// The engine and its database, shared with the Alerts API.
+pub struct Alerting {
+    pub engine: Engine,
+    pub db: AlertDb,
+    pub correlation_window: Duration,
+}
+
+pub type Shared = Arc<Mutex<Alerting>>;
+
+/// Opens `alerts.db` and resumes the open alerts in it.
+pub fn open(settings: &AlertSettings) -> Result<Shared, db::DbError> {
+    let db = AlertDb::open(&settings.state_path)?;
+    let open = db.load_open()?;
+    if !open.is_empty() {
+        tracing::info!(
+            open = open.len(),
+            "alerts resumed from {}",
+            settings.state_path.display()
+        );
+    }
+    Ok(Arc::new(Mutex::new(Alerting {
+        engine: Engine::new(settings.rules.rules.clone(), settings.keep_firing_for, open),
+        db,
+        correlation_window: settings.correlation_window,
+    })))
+}
+
+/// Whether a silence in force covers the alert.
+fn silenced(silences: &[db::Silence], a: &Alert) -> bool {
+    silences.iter().any(|s| {
+        s.selector()
+            .is_some_and(|sel| sel.matches(&a.rule, &a.labels))
+    })
+}
+
+/// One evaluation at `now`: step, correlate, notify decisions, persist.
+/// Returns the alerts to hand to the sink (fired or resolved), after the
+/// transaction that records them committed.
+pub fn evaluate(shared: &Shared, data: &dyn eval::Data, now: i64) -> Vec<Alert> {
+    let mut guard = match shared.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    let st = &mut *guard;
+    let mut changes = st.engine.step(data, now);
+    let silences = st.db.silences(false, now).unwrap_or_default();
+    let window = st.correlation_window.as_millis() as i64;
+    let mut send = Vec::new();
+    // Correlate what fired.
+    for c in changes.iter_mut() {
+        if let Change::Fired(a) = c {
+            let own = st
+                .engine
+                .rules
+                .iter()
+                .find(|r| r.name == a.rule)
+                .map(|r| r.metrics())
+                .unwrap_or_default();
+            let open: Vec<&Alert> = st.engine.open.values().collect();
+            let (related, cause) =
+                correlate::related(a, &own, &open, data, a.active_since_ms - window, now);
+            if !related.is_empty() {
+                a.annotations.insert(
+                    "related".into(),
+                    related
+                        .iter()
+                        .map(correlate::describe)
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                );
+            }
+            if let Some(cause) = cause {
+                a.annotations.insert("probable_cause".into(), cause);
+            }
+            a.related = related;
+        }
+    }
+    // Decide what to send: firing alerts not yet sent and not silenced
+    // (including ones whose silence just ended), resolutions of sent ones.
+    for c in changes.iter_mut() {
+        match c {
+            Change::Fired(a) | Change::Updated(a)
+                if a.phase == Phase::Firing && !a.notified && !silenced(&silences, a) =>
+            {
+                a.notified = true;
+                send.push(a.clone());
+            }
+            Change::Resolved(a) if a.notified => send.push(a.clone()),
+            _ => {}
+        }
+    }
+    for c in &changes {
+        if let Some(open) = st.engine.open.get_mut(&c.alert().fingerprint) {
+            *open = c.alert().clone();
+        }
+    }
+    if let Err(e) = st.db.apply(&changes) {
+        // Not recorded: do not notify either; the next step retries from
+        // the engine's state.
+        tracing::error!(error = %e, "cannot record alert changes; notifications wait for the next evaluation");
+        for a in &send {
+            if let Some(open) = st.engine.open.get_mut(&a.fingerprint) {
+                open.notified = false;
+            }
+        }
+        return Vec::new();
+    }
+    for c in &changes {
+        match c {
+            Change::Fired(a) => tracing::warn!(
+                alert = %a.rule,
+                fingerprint = %a.fingerprint,
+                summary = a.annotations.get("summary").map(String::as_str).unwrap_or(""),
+                cause = a.annotations.get("probable_cause").map(String::as_str).unwrap_or(""),
+                "alert firing"
+            ),
+            Change::Resolved(a) => tracing::info!(
+                alert = %a.rule,
+                fingerprint = %a.fingerprint,
+                "alert resolved"
+            ),
+            _ => {}
+        }
+    }
+    send
+}
+
+/// Runs the evaluation loop until `stop` turns true.
+pub async fn run(
+    shared: Shared,
+    store: Store,
+    interval: Duration,
+    mut sink: Box<dyn Sink>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        let now = vitals_common::now_ms();
+        let (s2, st2) = (shared.clone(), store.clone());
+        let sent = tokio::task::spawn_blocking(move || evaluate(&s2, &st2, now)).await;
+        let sent = match sent {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "alert evaluation panicked");
+                continue;
+            }
+        };
+        for a in &sent {
+            sink.notify(a, now);
+        }
+        let open: Vec<Alert> = match shared.lock() {
+            Ok(g) => g.engine.open.values().cloned().collect(),
+            Err(p) => p.into_inner().engine.open.values().cloned().collect(),
+        };
+        let refs: Vec<&Alert> = open.iter().collect();
+        sink.tick(&refs, now);
+    }
+}
