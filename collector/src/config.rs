@@ -216,3 +216,33 @@ pub fn validate_text(path: &Path, text: &str, raw: RawConfig) -> Result<Settings
         max_points: raw.query.max_points,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The collector.toml shown in the README parses, and its alerting
+    /// section loads the built-in pack.
+    #[test]
+    fn the_readme_collector_config_parses() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("`/etc/vitals/collector.toml`:\n\n```toml\n")
+            .expect("README shows collector.toml");
+        let body = &readme[start..];
+        let body = &body[body.find("```toml\n").map(|i| i + 8).unwrap_or(0)..];
+        let text = &body[..body.find("```").unwrap_or(body.len())];
+        let path = Path::new("README.md");
+        let raw: RawConfig = config::parse(path, text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(raw.alerting.eval_interval, Duration::from_secs(15));
+        let a = crate::alert::settings(
+            path,
+            text,
+            &raw.alerting,
+            Path::new("/var/lib/vitals/vitals.db"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(a.rules.rules.len() >= 15);
+        assert_eq!(a.state_path, Path::new("/var/lib/vitals/alerts.db"));
+    }
+}

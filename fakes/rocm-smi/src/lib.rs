@@ -13,7 +13,8 @@
 //! Environment:
 //! - `VITALS_FAKE_ROCM_SMI_JSON`: the capture. Unset or unreadable:
 //!   `rsmi_init` fails with `RSMI_STATUS_INIT_ERROR`, like the real library
-//!   on a machine without a GPU.
+//!   on a machine without a GPU. A capture rewritten while loaded is read
+//!   again (tests drive a GPU's values over time this way).
 //! - `VITALS_FAKE_ROCM_SMI_INIT_STATUS`: a status `rsmi_init` returns instead.
 //! - `VITALS_FAKE_ROCM_SMI_HANG_MS`: `rsmi_dev_busy_percent_get` sleeps this
 //!   long first (a hung driver call).
@@ -91,6 +92,14 @@ struct Proc {
 struct State {
     cards: Vec<Card>,
     procs: Vec<Proc>,
+    /// The capture's modification time when read: a test that rewrites
+    /// the file changes what the next call answers.
+    mtime: Option<std::time::SystemTime>,
+}
+
+fn capture_mtime() -> Option<std::time::SystemTime> {
+    let path = std::env::var("VITALS_FAKE_ROCM_SMI_JSON").ok()?;
+    std::fs::metadata(path).ok()?.modified().ok()
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
@@ -149,16 +158,28 @@ fn load() -> Option<State> {
     Some(State {
         cards: cards.into_iter().map(|(_, c)| c).collect(),
         procs,
+        mtime: capture_mtime(),
     })
 }
 
 /// Runs `f` on the initialised state.
 fn with_state(f: impl FnOnce(&State) -> Status) -> Status {
     match STATE.lock() {
-        Ok(g) => match g.as_ref() {
-            Some(s) => f(s),
-            None => INIT_ERROR,
-        },
+        Ok(mut g) => {
+            // Re-read a capture that changed (same number of cards: the
+            // devices stay what rsmi_num_monitor_devices said).
+            if let Some(s) = g.as_ref()
+                && capture_mtime() != s.mtime
+                && let Some(fresh) = load()
+                && fresh.cards.len() == s.cards.len()
+            {
+                *g = Some(fresh);
+            }
+            match g.as_ref() {
+                Some(s) => f(s),
+                None => INIT_ERROR,
+            }
+        }
         Err(_) => INIT_ERROR,
     }
 }
