@@ -5,6 +5,7 @@
 pub mod chunk;
 pub mod config;
 pub mod ingest;
+pub mod notify;
 pub mod query;
 pub mod store;
 
