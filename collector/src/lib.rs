@@ -6,6 +6,7 @@ pub mod alert;
 pub mod chunk;
 pub mod config;
 pub mod ingest;
+pub mod notify;
 pub mod query;
 pub mod store;
 

@@ -3,6 +3,8 @@
 //! `vitals certs`, and reads what they stored.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod receivers;
+
 use std::fs::File;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -150,11 +152,22 @@ impl Default for Env {
 pub struct Proc {
     pub child: Child,
     pub log: PathBuf,
+    /// Leads its own process group, killed whole (servers that fork workers).
+    group: bool,
 }
 
 impl Proc {
     fn spawn(program: &Path, args: &[&str], log: &Path) -> Proc {
         Proc::spawn_cmd(Command::new(program).args(args), log)
+    }
+
+    /// [`spawn_cmd`](Self::spawn_cmd) in a new process group, so that
+    /// `kill` (and drop) also ends the children it forked.
+    pub fn spawn_group(cmd: &mut Command, log: &Path) -> Proc {
+        use std::os::unix::process::CommandExt;
+        let mut p = Proc::spawn_cmd(cmd.process_group(0), log);
+        p.group = true;
+        p
     }
 
     /// Starts `cmd` with stdout and stderr appended to `log`.
@@ -170,6 +183,7 @@ impl Proc {
         Proc {
             child,
             log: log.to_path_buf(),
+            group: false,
         }
     }
 
@@ -178,6 +192,10 @@ impl Proc {
     }
 
     pub fn kill(&mut self) {
+        if self.group {
+            let pgid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
