@@ -26,6 +26,8 @@ pub enum RunError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Alerts(#[from] alert::db::DbError),
+    #[error(transparent)]
+    Outbox(#[from] notify::OutboxError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -67,6 +69,31 @@ pub async fn run(
         shutdown: stop_rx.clone(),
     };
     let alerting = alert::open(&settings.alerting)?;
+    // Receivers configured: route into the outbox and deliver from it.
+    let (sink, dispatcher): (Box<dyn alert::Sink>, _) =
+        if settings.alerting.routing.targets.is_empty() {
+            (Box::new(alert::LogSink), None)
+        } else {
+            let outbox = notify::Outbox::open_with(
+                &settings.alerting.outbox_path,
+                settings.alerting.outbox.clone(),
+            )?;
+            let mut stop = stop_rx.clone();
+            let dispatcher = tokio::spawn(notify::run(
+                outbox.clone(),
+                settings.alerting.routing.targets.clone(),
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            ));
+            (
+                Box::new(alert::route::Router::new(
+                    settings.alerting.routing.clone(),
+                    outbox,
+                )) as Box<dyn alert::Sink>,
+                Some(dispatcher),
+            )
+        };
     let alert_task = settings.alerting.enabled.then(|| {
         tracing::info!(
             rules = settings.alerting.rules.rules.len(),
@@ -78,7 +105,7 @@ pub async fn run(
             alerting.clone(),
             reader.clone(),
             settings.alerting.eval_interval,
-            Box::new(alert::LogSink),
+            sink,
             stop_rx.clone(),
         ))
     });
@@ -126,6 +153,9 @@ pub async fn run(
     drop(server);
     if let Some(t) = alert_task {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+    }
+    if let Some(d) = dispatcher {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(15), d).await;
     }
     // Once the streams are gone so are the writer's senders: it commits what
     // is queued and stops. Each queued batch is either committed (and was or

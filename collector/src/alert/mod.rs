@@ -14,6 +14,7 @@ pub mod db;
 pub mod engine;
 pub mod eval;
 pub mod expr;
+pub mod route;
 pub mod rules;
 
 use std::path::{Path, PathBuf};
@@ -58,9 +59,33 @@ pub struct AlertingConfig {
     /// Alerts and silences database; default `alerts.db` beside the store.
     #[serde(default)]
     pub state: Option<PathBuf>,
+    /// Notification outbox database; default `outbox.db` beside the store.
+    #[serde(default)]
+    pub outbox: Option<PathBuf>,
+    /// Where receivers of a notification can look at it (generatorURL).
+    #[serde(default)]
+    pub external_url: String,
+    /// Receivers for alerts no route takes.
+    #[serde(default)]
+    pub default_receivers: Vec<String>,
+    /// How long a group's first alerts wait for others (default 10s).
+    #[serde(default, with = "opt_duration")]
+    pub group_wait: Option<Duration>,
+    /// How often a group still firing is sent again (default 4h).
+    #[serde(default, with = "opt_duration")]
+    pub repeat_interval: Option<Duration>,
+    /// How long an undelivered notification is retried (default 24h).
+    #[serde(default, with = "opt_duration")]
+    pub give_up_after: Option<Duration>,
+    /// Routes, tried in order: `[[alerting.routes]]`.
+    #[serde(default)]
+    pub routes: Vec<route::RouteConfig>,
+    /// `[alerting.receivers.NAME]`: `webhook`, `alertmanager`, `sentry`.
+    #[serde(default)]
+    pub receivers: std::collections::BTreeMap<String, crate::notify::ReceiverConfig>,
 }
 
-mod opt_duration {
+pub(crate) mod opt_duration {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
@@ -89,6 +114,14 @@ impl Default for AlertingConfig {
             keep_firing_for: None,
             correlation_window: default_window(),
             state: None,
+            outbox: None,
+            external_url: String::new(),
+            default_receivers: Vec::new(),
+            group_wait: None,
+            repeat_interval: None,
+            give_up_after: None,
+            routes: Vec::new(),
+            receivers: Default::default(),
         }
     }
 }
@@ -112,6 +145,9 @@ pub struct AlertSettings {
     pub correlation_window: Duration,
     pub rules: RuleSet,
     pub state_path: PathBuf,
+    pub outbox_path: PathBuf,
+    pub outbox: crate::notify::OutboxOptions,
+    pub routing: route::RoutingSettings,
 }
 
 /// Loads the rule files and checks every rule. `text` is the config file's
@@ -138,7 +174,28 @@ pub fn settings(
             "must be at least 100ms",
         ));
     }
+    let routing = route::settings(
+        path,
+        &cfg.routes,
+        &cfg.default_receivers,
+        &cfg.receivers,
+        &cfg.external_url,
+        cfg.group_wait.unwrap_or(Duration::from_secs(10)),
+        cfg.repeat_interval.unwrap_or(Duration::from_secs(4 * 3600)),
+    )?;
+    let beside = |name: &str| db_path.parent().unwrap_or(Path::new(".")).join(name);
     Ok(AlertSettings {
+        routing,
+        outbox_path: match &cfg.outbox {
+            Some(p) => base.join(p),
+            None => beside("outbox.db"),
+        },
+        outbox: crate::notify::OutboxOptions {
+            max_age: cfg
+                .give_up_after
+                .unwrap_or(crate::notify::OutboxOptions::default().max_age),
+            ..Default::default()
+        },
         enabled: cfg.enabled,
         eval_interval: cfg.eval_interval,
         keep_firing_for: cfg.keep_firing_for.unwrap_or(cfg.eval_interval * 2),
@@ -146,7 +203,7 @@ pub fn settings(
         rules,
         state_path: match &cfg.state {
             Some(p) => base.join(p),
-            None => db_path.parent().unwrap_or(Path::new(".")).join("alerts.db"),
+            None => beside("alerts.db"),
         },
     })
 }
@@ -326,14 +383,26 @@ pub async fn run(
                 continue;
             }
         };
-        for a in &sent {
-            sink.notify(a, now);
-        }
         let open: Vec<Alert> = match shared.lock() {
             Ok(g) => g.engine.open.values().cloned().collect(),
             Err(p) => p.into_inner().engine.open.values().cloned().collect(),
         };
-        let refs: Vec<&Alert> = open.iter().collect();
-        sink.tick(&refs, now);
+        // The sink commits to the outbox: off the async threads.
+        sink = match tokio::task::spawn_blocking(move || {
+            for a in &sent {
+                sink.notify(a, now);
+            }
+            let refs: Vec<&Alert> = open.iter().collect();
+            sink.tick(&refs, now);
+            sink
+        })
+        .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "alert notification step panicked; notifications stop until restart");
+                return;
+            }
+        };
     }
 }

@@ -1,0 +1,401 @@
+//! Routing: which receivers hear about an alert, grouped how, and when.
+//!
+//! Routes are tried in order; the first whose matchers match the alert's
+//! labels takes it (with `continue = true` the next ones are tried too);
+//! an alert no route takes goes to `default_receivers`. Per receiver, alerts
+//! are grouped by the route's `group_by` labels: a group's changes wait
+//! `group_wait` so that alerts firing together go out together, and a group
+//! still firing is sent again every `repeat_interval`. Receivers with an
+//! Alertmanager get every firing alert again each `resend_interval` (an
+//! Alertmanager forgets alerts that are not re-sent), through a second
+//! outbox receiver `NAME~resend` holding only the Alertmanager targets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vitals_common::model::format_value;
+use vitals_common::selector::{self, Selector};
+
+use super::engine::{Alert, Phase};
+use super::{Sink, opt_duration};
+use crate::notify::{AlertPayload, AlertStatus, Notification, Outbox, ReceiverConfig, Target};
+
+/// `[[alerting.routes]]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Prometheus matchers over the alert's labels, e.g. `{team="ml"}`;
+    /// absent: every alert.
+    #[serde(default, rename = "match")]
+    pub matchers: Option<String>,
+    /// Receivers (names under `[alerting.receivers]`).
+    pub receivers: Vec<String>,
+    /// Keep trying the routes after this one.
+    #[serde(default, rename = "continue")]
+    pub continue_: bool,
+    /// Labels that make a group (default: alertname, node).
+    #[serde(default)]
+    pub group_by: Option<Vec<String>>,
+    #[serde(default, with = "opt_duration")]
+    pub group_wait: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    pub repeat_interval: Option<Duration>,
+}
+
+pub const RESEND_SUFFIX: &str = "~resend";
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub selector: Option<Selector>,
+    pub receivers: Vec<String>,
+    pub continue_: bool,
+    pub group_by: Vec<String>,
+    pub group_wait: Duration,
+    pub repeat_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoutingSettings {
+    pub routes: Vec<Route>,
+    /// The route for alerts no route takes (its receivers may be empty).
+    pub default: Route,
+    /// Receiver → its targets, and the `~resend` receivers (Alertmanager only).
+    pub targets: HashMap<String, Vec<Target>>,
+    /// Receiver → how often firing alerts are sent again to its Alertmanagers.
+    pub resend: HashMap<String, Duration>,
+    pub external_url: String,
+}
+
+/// Checks routes against the receivers; builds every target.
+pub fn settings(
+    path: &std::path::Path,
+    routes: &[RouteConfig],
+    default_receivers: &[String],
+    receivers: &BTreeMap<String, ReceiverConfig>,
+    external_url: &str,
+    group_wait: Duration,
+    repeat_interval: Duration,
+) -> Result<RoutingSettings, vitals_common::config::ConfigError> {
+    use vitals_common::config::ConfigError;
+    let mut targets = HashMap::new();
+    let mut resend = HashMap::new();
+    for (name, rc) in receivers {
+        if name.contains(RESEND_SUFFIX) {
+            return Err(ConfigError::invalid(
+                path,
+                &format!("alerting.receivers.{name}"),
+                format!("a receiver name cannot contain {RESEND_SUFFIX:?}"),
+            ));
+        }
+        let list = rc.validate(path, name)?;
+        for t in &list {
+            if t.is_plaintext_remote() {
+                tracing::warn!(receiver = %name, target = %t.display(), "plain-HTTP receiver on another host: alerts and their evidence travel unencrypted");
+            }
+        }
+        let am: Vec<Target> = list
+            .iter()
+            .filter(|t| t.resend_interval().is_some())
+            .cloned()
+            .collect();
+        if let Some(every) = am.iter().filter_map(Target::resend_interval).min() {
+            resend.insert(name.clone(), every);
+            targets.insert(format!("{name}{RESEND_SUFFIX}"), am);
+        }
+        targets.insert(name.clone(), list);
+    }
+    let known = |key: &str, list: &[String]| -> Result<(), ConfigError> {
+        for r in list {
+            if !receivers.contains_key(r) {
+                let names: Vec<&str> = receivers.keys().map(String::as_str).collect();
+                return Err(ConfigError::invalid(
+                    path,
+                    key,
+                    format!(
+                        "unknown receiver {r:?}; receivers: {}",
+                        if names.is_empty() {
+                            "(none: add [alerting.receivers.NAME])".to_string()
+                        } else {
+                            names.join(", ")
+                        }
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    };
+    known("alerting.default_receivers", default_receivers)?;
+    let default_group = vec!["alertname".to_string(), "node".to_string()];
+    let mut out = Vec::new();
+    for (i, r) in routes.iter().enumerate() {
+        let key = format!("alerting.routes[{i}]");
+        known(&format!("{key}.receivers"), &r.receivers)?;
+        let selector = match &r.matchers {
+            Some(m) => Some(
+                selector::parse(m)
+                    .map_err(|e| ConfigError::invalid(path, &format!("{key}.match"), e))?,
+            ),
+            None => None,
+        };
+        out.push(Route {
+            selector,
+            receivers: r.receivers.clone(),
+            continue_: r.continue_,
+            group_by: r.group_by.clone().unwrap_or_else(|| default_group.clone()),
+            group_wait: r.group_wait.unwrap_or(group_wait),
+            repeat_interval: r.repeat_interval.unwrap_or(repeat_interval),
+        });
+    }
+    Ok(RoutingSettings {
+        routes: out,
+        default: Route {
+            selector: None,
+            receivers: default_receivers.to_vec(),
+            continue_: false,
+            group_by: default_group,
+            group_wait,
+            repeat_interval,
+        },
+        targets,
+        resend,
+        external_url: external_url.trim_end_matches('/').to_string(),
+    })
+}
+
+impl RoutingSettings {
+    /// The routes that take an alert with these labels.
+    pub fn routes_for<'a>(
+        &'a self,
+        alertname: &str,
+        labels: &vitals_common::model::Labels,
+    ) -> Vec<&'a Route> {
+        let mut out = Vec::new();
+        for r in &self.routes {
+            let hit = r
+                .selector
+                .as_ref()
+                .is_none_or(|s| s.matches(alertname, labels));
+            if hit {
+                out.push(r);
+                if !r.continue_ {
+                    return out;
+                }
+            }
+        }
+        if out.is_empty() {
+            out.push(&self.default);
+        }
+        out
+    }
+}
+
+/// An alert as receivers see it.
+pub fn payload(a: &Alert, external_url: &str) -> AlertPayload {
+    let mut annotations = a.annotations.clone();
+    if !a.evidence.is_empty() {
+        annotations.insert(
+            "evidence".into(),
+            a.evidence
+                .iter()
+                .map(|e| {
+                    let pts: Vec<String> = e.points.iter().map(|p| format_value(p.1)).collect();
+                    format!("{} = {}", e.series, pts.join(" "))
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+    }
+    AlertPayload {
+        fingerprint: a.fingerprint.clone(),
+        status: if a.phase == Phase::Resolved {
+            AlertStatus::Resolved
+        } else {
+            AlertStatus::Firing
+        },
+        labels: a.labels.clone().into_iter().collect(),
+        annotations,
+        starts_at_ms: a.fired_ms.unwrap_or(a.active_since_ms),
+        ends_at_ms: a.resolved_ms,
+        generator_url: if external_url.is_empty() {
+            String::new()
+        } else {
+            format!("{external_url}/alerts/{}", a.fingerprint)
+        },
+    }
+}
+
+struct Group {
+    receiver: String,
+    key: String,
+    labels: BTreeMap<String, String>,
+    wait: Duration,
+    repeat: Duration,
+    /// Changes not sent yet, by fingerprint (the latest wins).
+    pending: BTreeMap<String, AlertPayload>,
+    pending_since: Option<i64>,
+    firing: BTreeMap<String, AlertPayload>,
+    last_sent: Option<i64>,
+}
+
+pub struct Router {
+    settings: RoutingSettings,
+    outbox: Outbox,
+    groups: HashMap<String, Group>,
+    last_resend: HashMap<String, i64>,
+}
+
+impl Router {
+    pub fn new(settings: RoutingSettings, outbox: Outbox) -> Router {
+        Router {
+            settings,
+            outbox,
+            groups: HashMap::new(),
+            last_resend: HashMap::new(),
+        }
+    }
+
+    fn enqueue(&self, receiver: &str, n: &Notification) -> bool {
+        match self.outbox.enqueue(receiver, n) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(receiver, error = %e, "cannot queue a notification; trying again next evaluation");
+                false
+            }
+        }
+    }
+}
+
+fn ms(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+impl Sink for Router {
+    fn notify(&mut self, a: &Alert, now: i64) {
+        let p = payload(a, &self.settings.external_url);
+        let routes: Vec<Route> = self
+            .settings
+            .routes_for(&a.rule, &a.labels)
+            .into_iter()
+            .cloned()
+            .collect();
+        for route in routes {
+            if route.receivers.is_empty() {
+                tracing::info!(alert = %a.rule, "no receiver for this alert (set alerting.default_receivers or a route)");
+            }
+            let labels: BTreeMap<String, String> = route
+                .group_by
+                .iter()
+                .map(|k| (k.clone(), a.labels.get(k).cloned().unwrap_or_default()))
+                .collect();
+            for receiver in &route.receivers {
+                let key = format!(
+                    "{receiver}:{}",
+                    labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v:?}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
+                let g = self.groups.entry(key.clone()).or_insert_with(|| Group {
+                    receiver: receiver.clone(),
+                    key,
+                    labels: labels.clone(),
+                    wait: route.group_wait,
+                    repeat: route.repeat_interval,
+                    pending: BTreeMap::new(),
+                    pending_since: None,
+                    firing: BTreeMap::new(),
+                    last_sent: None,
+                });
+                g.pending.insert(p.fingerprint.clone(), p.clone());
+                if p.status == AlertStatus::Firing {
+                    g.firing.insert(p.fingerprint.clone(), p.clone());
+                } else {
+                    g.firing.remove(&p.fingerprint);
+                }
+                g.pending_since.get_or_insert(now);
+            }
+        }
+    }
+
+    fn tick(&mut self, open: &[&Alert], now: i64) {
+        let mut due: Vec<(String, Notification, bool)> = Vec::new();
+        for g in self.groups.values() {
+            let send = if !g.pending.is_empty() {
+                g.pending_since
+                    .is_some_and(|t| now - t >= ms(g.wait))
+                    .then(|| g.pending.values().cloned().collect::<Vec<_>>())
+            } else if !g.firing.is_empty() && g.last_sent.is_some_and(|t| now - t >= ms(g.repeat)) {
+                Some(g.firing.values().cloned().collect())
+            } else {
+                None
+            };
+            if let Some(alerts) = send {
+                due.push((
+                    g.key.clone(),
+                    Notification {
+                        receiver: g.receiver.clone(),
+                        group_key: g.key.clone(),
+                        group_labels: g.labels.clone(),
+                        alerts,
+                        external_url: self.settings.external_url.clone(),
+                    },
+                    !g.pending.is_empty(),
+                ));
+            }
+        }
+        for (key, n, was_pending) in due {
+            if self.enqueue(&n.receiver, &n)
+                && let Some(g) = self.groups.get_mut(&key)
+            {
+                g.last_sent = Some(now);
+                if was_pending {
+                    g.pending.clear();
+                    g.pending_since = None;
+                }
+            }
+        }
+        self.groups
+            .retain(|_, g| !g.pending.is_empty() || !g.firing.is_empty());
+
+        // Alertmanagers: every firing alert again, each resend interval.
+        let resend: Vec<(String, Duration)> = self
+            .settings
+            .resend
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        for (receiver, every) in resend {
+            let last = self.last_resend.get(&receiver).copied();
+            if last.is_some_and(|t| now - t < ms(every)) {
+                continue;
+            }
+            self.last_resend.insert(receiver.clone(), now);
+            let alerts: Vec<AlertPayload> = open
+                .iter()
+                .filter(|a| a.phase == Phase::Firing && a.notified)
+                .filter(|a| {
+                    self.settings
+                        .routes_for(&a.rule, &a.labels)
+                        .iter()
+                        .any(|r| r.receivers.contains(&receiver))
+                })
+                .map(|a| payload(a, &self.settings.external_url))
+                .collect();
+            if alerts.is_empty() || last.is_none() {
+                // The first pass after a start only sets the clock.
+                continue;
+            }
+            let name = format!("{receiver}{RESEND_SUFFIX}");
+            let n = Notification {
+                receiver: name.clone(),
+                group_key: name.clone(),
+                group_labels: BTreeMap::new(),
+                alerts,
+                external_url: self.settings.external_url.clone(),
+            };
+            self.enqueue(&name, &n);
+        }
+    }
+}
