@@ -235,6 +235,12 @@ impl Drop for Proc {
 
 /// Starts a collector on `port` with the env's certificates and database.
 pub fn start_collector(env: &Env, port: u16) -> Proc {
+    start_collector_with(env, port, "")
+}
+
+/// [`start_collector`] with `extra` TOML appended to its config (e.g. an
+/// `[alerting]` table); the config is `env/collector/collector.toml`.
+pub fn start_collector_with(env: &Env, port: u16, extra: &str) -> Proc {
     let dir = env.path().join("collector");
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = env.cert("collector");
@@ -242,7 +248,7 @@ pub fn start_collector(env: &Env, port: u16) -> Proc {
     std::fs::write(
         &cfg,
         format!(
-            "listen = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[storage]\npath = {:?}\n",
+            "listen = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[storage]\npath = {:?}\n{extra}",
             env.ca(),
             cert,
             key,

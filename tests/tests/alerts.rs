@@ -529,3 +529,177 @@ sentry = {{ dsn = "{dsn}" }}
     }
     agent.proc.term(Duration::from_secs(20));
 }
+
+const ALIVE_RULES: &str = r#"
+[[rules]]
+name = "AgentAlive"
+expr = "vitals_agent_cycles_total > 0"
+severity = "info"
+labels = { team = "analysts" }
+summary = "{{node}} reports"
+"#;
+
+fn alive_collector(env: &Env, port: u16, hook: &WebhookReceiver) -> Proc {
+    std::fs::create_dir_all(env.path().join("collector")).unwrap();
+    std::fs::write(env.path().join("collector/rules.toml"), ALIVE_RULES).unwrap();
+    start_collector_with(
+        env,
+        port,
+        &format!(
+            "[alerting]\neval_interval = \"300ms\"\nbuiltin = false\nrule_files = [\"rules.toml\"]\ngroup_wait = \"0s\"\ndefault_receivers = [\"hook\"]\n[alerting.receivers.hook]\nwebhook = {{ url = \"{}\" }}\n",
+            hook.url()
+        ),
+    )
+}
+
+#[test]
+fn silences_hold_notifications_back_and_a_restart_does_not_notify_again() {
+    let env = Env::new();
+    env.issue("an-01", "agent", &[]);
+    let hook = WebhookReceiver::start();
+    let port = free_port();
+    let mut collector = alive_collector(&env, port, &hook);
+    let cli = env.cli_config(port);
+    let cli = cli.to_str().unwrap();
+    let out = env.vitals_ok(&[
+        "--config",
+        cli,
+        "silence",
+        "add",
+        r#"{alertname="AgentAlive"}"#,
+        "--for",
+        "1h",
+        "--comment",
+        "maintenance",
+        "--json",
+    ]);
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = s["id"].as_i64().unwrap();
+    let list = env.vitals_ok(&["--config", cli, "silence", "list", "--json"]);
+    assert!(list.contains("maintenance"), "{list}");
+    let bad = env.vitals(&[
+        "--config",
+        cli,
+        "silence",
+        "add",
+        "{alertname=}",
+        "--for",
+        "1h",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bad matchers"));
+
+    let opts = AgentOpts {
+        cert: env.cert("an-01"),
+        ca: None,
+        node: None,
+        interval: "200ms",
+        spool_max_bytes: 64 << 20,
+    };
+    let mut agent = start_agent(&env, "an-01", port, &opts);
+    let firing = || -> Vec<serde_json::Value> {
+        let out = env.vitals_ok(&["--config", cli, "alerts", "--json"]);
+        let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+        j["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["state"] == "firing")
+            .cloned()
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || firing().len() == 1),
+        "the alert fires; collector log:\n{}",
+        collector.log_text()
+    );
+    assert_eq!(firing()[0]["silenced"], true);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(hook.received().is_empty(), "a silenced alert was sent");
+
+    // The silence ends: the alert, still firing, goes out once.
+    env.vitals_ok(&["--config", cli, "silence", "rm", &id.to_string()]);
+    assert!(
+        wait_until(Duration::from_secs(10), || hook.received().len() == 1),
+        "sent after the silence ended"
+    );
+    let body = hook.received()[0].json();
+    assert_eq!(body["version"], "4");
+    assert_eq!(body["status"], "firing");
+    assert_eq!(body["alerts"][0]["labels"]["team"], "analysts");
+
+    // A restart resumes the alert without notifying again.
+    let before = firing();
+    let st = collector.term(Duration::from_secs(20));
+    assert!(st.success());
+    let collector = alive_collector(&env, port, &hook);
+    std::thread::sleep(Duration::from_secs(3));
+    let after = firing();
+    assert_eq!(after.len(), 1, "{}", collector.log_text());
+    assert_eq!(after[0]["fingerprint"], before[0]["fingerprint"]);
+    assert_eq!(after[0]["fired_ms"], before[0]["fired_ms"]);
+    assert_eq!(hook.received().len(), 1, "notified again after a restart");
+    agent.proc.term(Duration::from_secs(20));
+}
+
+#[test]
+fn rules_with_errors_are_refused_with_the_file_line_and_reason() {
+    let env = Env::new();
+    let dir = env.path().join("collector");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        (
+            "[[rules]]\nname = \"A\"\nexpr = \"p99(x[5m]) > 1\"\n",
+            "rules.toml:3:",
+            "unknown function \"p99\"",
+        ),
+        (
+            "[[rules]]\nname = \"B\"\n\nexpr = 'x{a=b} > 1'\n",
+            "rules.toml:4:",
+            "bad selector",
+        ),
+        (
+            "[[rules]]\nname = \"C\"\nexpr = \"x > 1\"\nfor = \"5 fortnights\"\n",
+            "rules.toml:4:",
+            "bad duration",
+        ),
+    ];
+    for (text, at, reason) in cases {
+        let rules = dir.join("rules.toml");
+        std::fs::write(&rules, text).unwrap();
+        // The checker...
+        let out = env.vitals(&["rules", "check", rules.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(at) && err.contains(reason), "{err}");
+        // ...and the collector at startup say the same.
+        let cfg = dir.join("collector.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"127.0.0.1:{}\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[alerting]\nrule_files = [\"rules.toml\"]\n",
+                free_port(),
+                env.ca(),
+                env.cert("collector").0,
+                env.cert("collector").1
+            ),
+        )
+        .unwrap();
+        for args in [vec!["check-config"], vec![]] {
+            let out = std::process::Command::new(bin("vitals-collector"))
+                .args(["--config", cfg.to_str().unwrap()])
+                .args(&args)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+            assert!(err.contains(at) && err.contains(reason), "{args:?}: {err}");
+        }
+    }
+    // A good file passes and lists the pack with it.
+    let good = dir.join("good.toml");
+    std::fs::write(&good, ALIVE_RULES).unwrap();
+    let out = env.vitals_ok(&["rules", "check", good.to_str().unwrap(), "--json"]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["rules"][0]["name"], "AgentAlive");
+}

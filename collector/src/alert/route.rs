@@ -399,3 +399,125 @@ impl Sink for Router {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn cfg(text: &str) -> RoutingSettings {
+        #[derive(Deserialize)]
+        struct T {
+            #[serde(default)]
+            routes: Vec<RouteConfig>,
+            #[serde(default)]
+            default_receivers: Vec<String>,
+            receivers: BTreeMap<String, ReceiverConfig>,
+        }
+        let t: T = toml::from_str(text).unwrap();
+        settings(
+            Path::new("c.toml"),
+            &t.routes,
+            &t.default_receivers,
+            &t.receivers,
+            "",
+            Duration::from_secs(10),
+            Duration::from_secs(3600),
+        )
+        .unwrap()
+    }
+
+    const RECEIVERS: &str = r#"
+[receivers.ops]
+webhook = { url = "http://127.0.0.1:9/ops" }
+alertmanager = { url = "http://127.0.0.1:9093" }
+[receivers.ml]
+webhook = { url = "http://127.0.0.1:9/ml" }
+[receivers.analysts]
+webhook = { url = "http://127.0.0.1:9/analysts" }
+"#;
+
+    fn names(r: &[&Route]) -> Vec<String> {
+        r.iter().flat_map(|r| r.receivers.clone()).collect()
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> vitals_common::model::Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn first_match_wins_continue_goes_on_and_the_rest_go_to_the_default() {
+        let s = cfg(&format!(
+            r#"default_receivers = ["ops"]
+[[routes]]
+match = '{{severity="critical"}}'
+receivers = ["ops"]
+continue = true
+[[routes]]
+match = '{{team="ml"}}'
+receivers = ["ml"]
+[[routes]]
+match = '{{team=~"ml|analysts"}}'
+receivers = ["analysts"]
+{RECEIVERS}"#
+        ));
+        let crit_ml = labels(&[("severity", "critical"), ("team", "ml")]);
+        assert_eq!(names(&s.routes_for("JobStalled", &crit_ml)), ["ops", "ml"]);
+        let warn_ml = labels(&[("severity", "warning"), ("team", "ml")]);
+        assert_eq!(names(&s.routes_for("JobStalled", &warn_ml)), ["ml"]);
+        let an = labels(&[("severity", "warning"), ("team", "analysts")]);
+        assert_eq!(names(&s.routes_for("ModelWrong", &an)), ["analysts"]);
+        let other = labels(&[("severity", "warning"), ("team", "ops")]);
+        assert_eq!(names(&s.routes_for("NicErrorsRising", &other)), ["ops"]);
+        // Alertmanager targets get a resend receiver of their own.
+        assert!(s.targets.contains_key("ops~resend"));
+        assert_eq!(s.targets["ops~resend"].len(), 1);
+        assert!(!s.targets.contains_key("ml~resend"));
+        assert_eq!(s.resend["ops"], Duration::from_secs(60));
+    }
+
+    #[test]
+    fn unknown_receivers_and_bad_matchers_are_config_errors() {
+        #[derive(Deserialize)]
+        struct T {
+            routes: Vec<RouteConfig>,
+            receivers: BTreeMap<String, ReceiverConfig>,
+        }
+        let t: T =
+            toml::from_str(&format!("[[routes]]\nreceivers = [\"pager\"]\n{RECEIVERS}")).unwrap();
+        let e = settings(
+            Path::new("c.toml"),
+            &t.routes,
+            &[],
+            &t.receivers,
+            "",
+            Duration::ZERO,
+            Duration::ZERO,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("alerting.routes[0].receivers") && e.contains("unknown receiver \"pager\""),
+            "{e}"
+        );
+        let t: T = toml::from_str(&format!(
+            "[[routes]]\nmatch = '{{team=}}'\nreceivers = [\"ml\"]\n{RECEIVERS}"
+        ))
+        .unwrap();
+        let e = settings(
+            Path::new("c.toml"),
+            &t.routes,
+            &[],
+            &t.receivers,
+            "",
+            Duration::ZERO,
+            Duration::ZERO,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("alerting.routes[0].match"), "{e}");
+    }
+}
