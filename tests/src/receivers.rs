@@ -192,10 +192,30 @@ fn manage(venv: &Path, dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A migrated empty database, made once per venv (migrations take ~12 s
-/// on two cores) and copied for every start.
+/// Bugsink's installed version, from the venv's `bugsink-X.Y.Z.dist-info`.
+fn bugsink_version(venv: &Path) -> String {
+    let lib = venv.join("lib");
+    std::fs::read_dir(&lib)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|py| std::fs::read_dir(py.path().join("site-packages")).ok())
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("bugsink-")?
+                .strip_suffix(".dist-info")
+                .map(str::to_string)
+        })
+        .next()
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// A migrated empty database, made once per venv and Bugsink version
+/// (migrations take ~12 s on two cores) and copied for every start.
 fn bugsink_template(venv: &Path, conf: &str) -> PathBuf {
-    let template = venv.join("vitals-test-db");
+    let template = venv.join(format!("vitals-test-db-{}", bugsink_version(venv)));
     if template.join("db.sqlite3").exists() {
         return template;
     }

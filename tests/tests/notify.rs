@@ -617,3 +617,47 @@ fn outbox_alertmanager_down_then_back_gets_the_latest_state_only() {
         .collect();
     assert_eq!(active, ["train-02"]);
 }
+
+#[test]
+fn outbox_resends_of_a_firing_alert_go_to_alertmanager_only() {
+    let test = "outbox_resends_of_a_firing_alert_go_to_alertmanager_only";
+    let Some(_) = required(test, "VITALS_TEST_ALERTMANAGER", alertmanager_binary()) else {
+        return;
+    };
+    let am_dir = tempfile::tempdir().unwrap();
+    let (_am, url) = start_alertmanager(am_dir.path());
+    let hook = WebhookReceiver::start();
+    let list = targets(&format!(
+        "webhook = {{ url = {:?} }}\nalertmanager = {{ url = {url:?} }}",
+        hook.url()
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open_with(&dir.path().join("outbox.db"), quick()).unwrap();
+    let d = Dispatcher::start(&outbox, HashMap::from([("ops".to_string(), list.clone())]));
+    let mut n = firing("r");
+    n.alerts[0].starts_at_ms = notify_now() - 60_000;
+    outbox.enqueue("ops", &n).unwrap();
+    let ends = || -> Option<String> {
+        alertmanager_alerts(&url)
+            .first()
+            .map(|a| a["endsAt"].as_str().unwrap().to_string())
+    };
+    assert!(wait_until(Duration::from_secs(10), || {
+        ends().is_some() && hook.received().len() == 1
+    }));
+    let first_end = ends().unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    outbox.enqueue_resend("ops", &n).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || ends().unwrap() > first_end),
+        "endsAt not pushed back by the resend: {first_end}"
+    );
+    assert!(wait_until(Duration::from_secs(5), || {
+        outbox.open_rows().unwrap() == 0
+    }));
+    d.stop();
+    assert_eq!(hook.received().len(), 1, "the webhook got the resend");
+    let webhook_stats = stats_of(&outbox, &list[0]);
+    assert_eq!((webhook_stats.delivered, webhook_stats.pending), (1, 0));
+    assert_eq!(stats_of(&outbox, &list[1]).delivered, 2);
+}

@@ -7,8 +7,8 @@
 //! `group_wait` so that alerts firing together go out together, and a group
 //! still firing is sent again every `repeat_interval`. Receivers with an
 //! Alertmanager get every firing alert again each `resend_interval` (an
-//! Alertmanager forgets alerts that are not re-sent), through a second
-//! outbox receiver `NAME~resend` holding only the Alertmanager targets.
+//! Alertmanager forgets alerts that are not re-sent), as resend-only outbox
+//! rows that reach only those targets.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -43,8 +43,6 @@ pub struct RouteConfig {
     pub repeat_interval: Option<Duration>,
 }
 
-pub const RESEND_SUFFIX: &str = "~resend";
-
 #[derive(Debug, Clone)]
 pub struct Route {
     pub selector: Option<Selector>,
@@ -60,7 +58,7 @@ pub struct RoutingSettings {
     pub routes: Vec<Route>,
     /// The route for alerts no route takes (its receivers may be empty).
     pub default: Route,
-    /// Receiver → its targets, and the `~resend` receivers (Alertmanager only).
+    /// Receiver → its targets.
     pub targets: HashMap<String, Vec<Target>>,
     /// Receiver → how often firing alerts are sent again to its Alertmanagers.
     pub resend: HashMap<String, Duration>,
@@ -81,27 +79,14 @@ pub fn settings(
     let mut targets = HashMap::new();
     let mut resend = HashMap::new();
     for (name, rc) in receivers {
-        if name.contains(RESEND_SUFFIX) {
-            return Err(ConfigError::invalid(
-                path,
-                &format!("alerting.receivers.{name}"),
-                format!("a receiver name cannot contain {RESEND_SUFFIX:?}"),
-            ));
-        }
         let list = rc.validate(path, name)?;
         for t in &list {
             if t.is_plaintext_remote() {
                 tracing::warn!(receiver = %name, target = %t.display(), "plain-HTTP receiver on another host: alerts and their evidence travel unencrypted");
             }
         }
-        let am: Vec<Target> = list
-            .iter()
-            .filter(|t| t.resend_interval().is_some())
-            .cloned()
-            .collect();
-        if let Some(every) = am.iter().filter_map(Target::resend_interval).min() {
+        if let Some(every) = list.iter().filter_map(Target::resend_interval).min() {
             resend.insert(name.clone(), every);
-            targets.insert(format!("{name}{RESEND_SUFFIX}"), am);
         }
         targets.insert(name.clone(), list);
     }
@@ -387,15 +372,16 @@ impl Sink for Router {
                 // The first pass after a start only sets the clock.
                 continue;
             }
-            let name = format!("{receiver}{RESEND_SUFFIX}");
             let n = Notification {
-                receiver: name.clone(),
-                group_key: name.clone(),
+                receiver: receiver.clone(),
+                group_key: format!("{receiver}:resend"),
                 group_labels: BTreeMap::new(),
                 alerts,
                 external_url: self.settings.external_url.clone(),
             };
-            self.enqueue(&name, &n);
+            if let Err(e) = self.outbox.enqueue_resend(&receiver, &n) {
+                tracing::error!(receiver, error = %e, "cannot queue the Alertmanager re-send; trying next interval");
+            }
         }
     }
 }
@@ -472,11 +458,10 @@ receivers = ["analysts"]
         assert_eq!(names(&s.routes_for("ModelWrong", &an)), ["analysts"]);
         let other = labels(&[("severity", "warning"), ("team", "ops")]);
         assert_eq!(names(&s.routes_for("NicErrorsRising", &other)), ["ops"]);
-        // Alertmanager targets get a resend receiver of their own.
-        assert!(s.targets.contains_key("ops~resend"));
-        assert_eq!(s.targets["ops~resend"].len(), 1);
-        assert!(!s.targets.contains_key("ml~resend"));
+        // Receivers with an Alertmanager are re-sent to.
         assert_eq!(s.resend["ops"], Duration::from_secs(60));
+        assert!(!s.resend.contains_key("ml"));
+        assert_eq!(s.targets["ops"].len(), 2);
     }
 
     #[test]

@@ -404,6 +404,23 @@ mod tests {
     }
 
     #[test]
+    fn the_readmes_receiver_example_parses_and_validates() {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("```toml\n[alerting.receivers.ops]")
+            .expect("README has the receiver example")
+            + "```toml\n".len();
+        let end = start + readme[start..].find("```").unwrap();
+        let table: toml::Table = toml::from_str(&readme[start..end]).unwrap();
+        let ops = table["alerting"]["receivers"]["ops"].clone();
+        let c: ReceiverConfig = ops.try_into().unwrap();
+        let t = c.targets(Path::new("/etc/vitals")).unwrap();
+        let kinds: Vec<_> = t.iter().map(Target::kind).collect();
+        assert_eq!(kinds, ["webhook", "alertmanager", "sentry"]);
+        assert_eq!(c.resend_interval(), Some(Duration::from_secs(60)));
+    }
+
+    #[test]
     fn receiver_config_parses_and_validates() {
         let text = r#"
             webhook = { url = "http://127.0.0.1:9/hook", timeout = "2s" }

@@ -20,6 +20,10 @@
 //!   overtakes "firing". For Alertmanager, which only keeps the latest
 //!   state, a row that a later row of the same group covers (all its
 //!   alert fingerprints) is marked superseded instead of sent.
+//! - **Resends only where needed.** [`Outbox::enqueue_resend`] rows (a
+//!   firing alert re-sent every `resend_interval`) go only to targets that
+//!   need them ([`Target::resend_interval`]: Alertmanager); the others
+//!   never see them.
 //! - **One writer.** One connection behind a mutex does every write
 //!   (`enqueue` and the dispatcher's bookkeeping); WAL, `synchronous=FULL`.
 //!   Its own database file with its own `user_version` migrations.
@@ -112,6 +116,7 @@ const MIGRATIONS: &[&str] = &[
         receiver TEXT NOT NULL,
         group_key TEXT NOT NULL,
         dedup_key TEXT,
+        resend INTEGER NOT NULL DEFAULT 0,
         token TEXT NOT NULL,
         created_ms INTEGER NOT NULL,
         done_ms INTEGER,
@@ -139,6 +144,7 @@ const MIGRATIONS: &[&str] = &[
         dropped INTEGER NOT NULL DEFAULT 0,
         expired INTEGER NOT NULL DEFAULT 0,
         superseded INTEGER NOT NULL DEFAULT 0,
+        wants_resends INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (receiver, target)
      ) WITHOUT ROWID;",
 ];
@@ -183,6 +189,24 @@ struct Candidate {
     token: u128,
     attempts: u32,
     next_attempt_ms: i64,
+}
+
+/// What the outbox needs to know of a target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TargetInfo {
+    /// [`Target::key`].
+    key: String,
+    /// Gets [`Outbox::enqueue_resend`] rows.
+    wants_resends: bool,
+}
+
+impl TargetInfo {
+    fn of(t: &Target) -> TargetInfo {
+        TargetInfo {
+            key: t.key(),
+            wants_resends: t.resend_interval().is_some(),
+        }
+    }
 }
 
 /// A (row, target) given up after `max_age`.
@@ -258,7 +282,15 @@ impl Outbox {
     /// row is on disk when this returns. Blocking (one SQLite commit):
     /// call it from a blocking context or `spawn_blocking`.
     pub fn enqueue(&self, receiver: &str, n: &Notification) -> Result<i64, OutboxError> {
-        self.insert(receiver, None, n)
+        self.insert(receiver, None, false, n)
+            .map(|id| id.unwrap_or_default())
+    }
+
+    /// Like [`enqueue`](Self::enqueue), for the periodic re-send of a firing
+    /// alert: delivered only to the receiver's targets that forget alerts
+    /// not re-sent ([`Target::resend_interval`] is `Some`: Alertmanager).
+    pub fn enqueue_resend(&self, receiver: &str, n: &Notification) -> Result<i64, OutboxError> {
+        self.insert(receiver, None, true, n)
             .map(|id| id.unwrap_or_default())
     }
 
@@ -272,13 +304,14 @@ impl Outbox {
         key: &str,
         n: &Notification,
     ) -> Result<Option<i64>, OutboxError> {
-        self.insert(receiver, Some(key), n)
+        self.insert(receiver, Some(key), false, n)
     }
 
     fn insert(
         &self,
         receiver: &str,
         key: Option<&str>,
+        resend: bool,
         n: &Notification,
     ) -> Result<Option<i64>, OutboxError> {
         let body = serde_json::to_string(n).map_err(OutboxError::Encode)?;
@@ -287,12 +320,13 @@ impl Outbox {
             let conn = self.conn();
             let added = conn.execute(
                 "INSERT OR IGNORE INTO notifications
-                    (receiver, group_key, dedup_key, token, created_ms, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    (receiver, group_key, dedup_key, resend, token, created_ms, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     receiver,
                     n.group_key,
                     key,
+                    resend,
                     format!("{token:032x}"),
                     now_ms(),
                     body
@@ -324,6 +358,7 @@ impl Outbox {
                     c.expired, c.superseded,
                     (SELECT count(*) FROM notifications n
                       WHERE n.receiver = c.receiver AND n.done_ms IS NULL
+                        AND (n.resend = 0 OR c.wants_resends)
                         AND NOT EXISTS (SELECT 1 FROM deliveries d
                                          WHERE d.notification_id = n.id AND d.target = c.target
                                            AND d.state != 'pending'))
@@ -344,10 +379,11 @@ impl Outbox {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn register(&self, receiver: &str, target: &str) -> Result<(), OutboxError> {
+    fn register(&self, receiver: &str, t: &TargetInfo) -> Result<(), OutboxError> {
         self.conn().execute(
-            "INSERT OR IGNORE INTO target_counts (receiver, target) VALUES (?1, ?2)",
-            params![receiver, target],
+            "INSERT INTO target_counts (receiver, target, wants_resends) VALUES (?1, ?2, ?3)
+             ON CONFLICT (receiver, target) DO UPDATE SET wants_resends = excluded.wants_resends",
+            params![receiver, t.key, t.wants_resends],
         )?;
         Ok(())
     }
@@ -356,7 +392,7 @@ impl Outbox {
     fn candidates(
         &self,
         receiver: &str,
-        target: &str,
+        target: &TargetInfo,
         limit: usize,
     ) -> Result<Vec<Candidate>, OutboxError> {
         let conn = self.conn();
@@ -367,9 +403,11 @@ impl Outbox {
              LEFT JOIN deliveries d ON d.notification_id = n.id AND d.target = ?2
              WHERE n.receiver = ?1 AND n.done_ms IS NULL
                AND (d.state IS NULL OR d.state = 'pending')
+               AND (n.resend = 0 OR ?4)
              ORDER BY n.id LIMIT ?3",
         )?;
-        let rows = st.query_map(params![receiver, target, limit as i64], |r| {
+        let params = params![receiver, target.key, limit as i64, target.wants_resends];
+        let rows = st.query_map(params, |r| {
             let token: String = r.get(2)?;
             Ok(Candidate {
                 id: r.get(0)?,
@@ -382,20 +420,19 @@ impl Outbox {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// The stored notification of a row; `None` if gone or unreadable
-    /// (then the message says why).
-    fn body(&self, id: i64) -> Result<Result<Notification, String>, OutboxError> {
+    /// The stored notification of a row: `None` if the row is gone (given
+    /// up meanwhile), `Some(Err)` if it does not decode.
+    fn body(&self, id: i64) -> Result<Option<Result<Notification, String>>, OutboxError> {
         let body: Option<String> = self
             .conn()
             .query_row("SELECT body FROM notifications WHERE id = ?1", [id], |r| {
                 r.get(0)
             })
             .optional()?;
-        Ok(match body {
-            None => Err("the row is gone".into()),
-            Some(b) => serde_json::from_str(&b)
-                .map_err(|e| format!("the stored notification does not decode: {e}")),
-        })
+        Ok(body.map(|b| {
+            serde_json::from_str(&b)
+                .map_err(|e| format!("the stored notification does not decode: {e}"))
+        }))
     }
 
     /// Records `outcome` for (row, target) and finishes the row once every
@@ -404,7 +441,7 @@ impl Outbox {
         &self,
         receiver: &str,
         target: &str,
-        all_targets: &[String],
+        all_targets: &[TargetInfo],
         c: &Candidate,
         outcome: &Outcome,
     ) -> Result<(), OutboxError> {
@@ -451,21 +488,31 @@ impl Outbox {
     /// Gives up rows older than `max_age` for every target of theirs not yet
     /// final, and forgets finished rows kept for `enqueue_once`. Returns
     /// what was given up.
-    fn sweep(&self, targets: &HashMap<String, Vec<String>>) -> Result<Vec<GivenUp>, OutboxError> {
+    fn sweep(
+        &self,
+        targets: &HashMap<String, Vec<TargetInfo>>,
+    ) -> Result<Vec<GivenUp>, OutboxError> {
         let cutoff = now_ms() - self.inner.opts.max_age.as_millis() as i64;
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let old: Vec<(i64, String)> = {
+        let old: Vec<(i64, String, bool)> = {
             let mut st = tx.prepare_cached(
-                "SELECT id, receiver FROM notifications
+                "SELECT id, receiver, resend FROM notifications
                  WHERE created_ms < ?1 AND done_ms IS NULL ORDER BY id",
             )?;
-            st.query_map([cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?
+            st.query_map([cutoff], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<Result<_, _>>()?
         };
         let mut given_up = Vec::new();
-        for (id, receiver) in old {
-            let keys = targets.get(&receiver).map(Vec::as_slice).unwrap_or(&[]);
+        for (id, receiver, resend) in old {
+            let keys: Vec<&String> = targets
+                .get(&receiver)
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
+                .iter()
+                .filter(|t| !resend || t.wants_resends)
+                .map(|t| &t.key)
+                .collect();
             if keys.is_empty() {
                 given_up.push(GivenUp {
                     receiver: receiver.clone(),
@@ -480,7 +527,7 @@ impl Outbox {
                     .query_row(
                         "SELECT state, attempts, last_error FROM deliveries
                          WHERE notification_id = ?1 AND target = ?2",
-                        params![id, key],
+                        params![id, *key],
                         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                     )
                     .optional()?;
@@ -492,7 +539,7 @@ impl Outbox {
                 count(&tx, &receiver, key, "expired")?;
                 given_up.push(GivenUp {
                     receiver: receiver.clone(),
-                    target: key.clone(),
+                    target: (*key).clone(),
                     id,
                     attempts,
                     error,
@@ -505,6 +552,11 @@ impl Outbox {
             [cutoff],
         )?;
         tx.execute("DELETE FROM notifications WHERE created_ms < ?1", [cutoff])?;
+        // Outcomes recorded for rows given up meanwhile.
+        tx.execute(
+            "DELETE FROM deliveries WHERE notification_id NOT IN (SELECT id FROM notifications)",
+            [],
+        )?;
         tx.commit()?;
         Ok(given_up)
     }
@@ -528,7 +580,7 @@ fn count(tx: &Transaction<'_>, receiver: &str, target: &str, column: &str) -> ru
 fn finish_if_done(
     tx: &Transaction<'_>,
     id: i64,
-    all_targets: &[String],
+    all_targets: &[TargetInfo],
     now: i64,
 ) -> rusqlite::Result<()> {
     let mut finals: HashSet<String> = HashSet::new();
@@ -540,14 +592,20 @@ fn finish_if_done(
             finals.insert(t?);
         }
     }
-    if !all_targets.iter().all(|t| finals.contains(t)) {
+    let Some((keyed, resend)) = tx
+        .query_row(
+            "SELECT dedup_key IS NOT NULL, resend FROM notifications WHERE id = ?1",
+            [id],
+            |r| Ok((r.get::<_, bool>(0)?, r.get::<_, bool>(1)?)),
+        )
+        .optional()?
+    else {
+        return Ok(());
+    };
+    let mut needed = all_targets.iter().filter(|t| !resend || t.wants_resends);
+    if !needed.all(|t| finals.contains(&t.key)) {
         return Ok(());
     }
-    let keyed: bool = tx.query_row(
-        "SELECT dedup_key IS NOT NULL FROM notifications WHERE id = ?1",
-        [id],
-        |r| r.get(0),
-    )?;
     if keyed {
         tx.execute(
             "UPDATE notifications SET done_ms = ?2, body = '' WHERE id = ?1",
@@ -603,7 +661,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut keys: HashMap<String, Vec<String>> = HashMap::new();
+    let mut keys: HashMap<String, Vec<TargetInfo>> = HashMap::new();
     let mut workers = JoinSet::new();
     for (receiver, list) in targets {
         let mut seen = BTreeSet::new();
@@ -617,16 +675,16 @@ pub async fn run(
                 fresh
             })
             .collect();
-        let all: Arc<Vec<String>> = Arc::new(list.iter().map(Target::key).collect());
+        let all: Arc<Vec<TargetInfo>> = Arc::new(list.iter().map(TargetInfo::of).collect());
         keys.insert(receiver.clone(), all.to_vec());
         for target in list {
             if target.is_plaintext_remote() {
                 tracing::warn!(receiver, target = %target.display(), "alerts go to this target unencrypted (http:// to another host)");
             }
-            let key = target.key();
+            let info = TargetInfo::of(&target);
             if let Err(e) = blocking(&outbox, {
-                let (r, k) = (receiver.clone(), key.clone());
-                move |o| o.register(&r, &k)
+                let (r, t) = (receiver.clone(), info.clone());
+                move |o| o.register(&r, &t)
             })
             .await
             {
@@ -636,7 +694,7 @@ pub async fn run(
                 Worker {
                     outbox: outbox.clone(),
                     receiver: receiver.clone(),
-                    key,
+                    info,
                     target,
                     all: all.clone(),
                     stop: stop_rx.clone(),
@@ -679,10 +737,10 @@ pub async fn run(
 struct Worker {
     outbox: Outbox,
     receiver: String,
-    key: String,
+    info: TargetInfo,
     target: Target,
-    /// Keys of every target of the receiver.
-    all: Arc<Vec<String>>,
+    /// Every target of the receiver.
+    all: Arc<Vec<TargetInfo>>,
     stop: watch::Receiver<bool>,
     wake: watch::Receiver<u64>,
 }
@@ -724,8 +782,8 @@ impl Worker {
             // Mark what we are about to read as seen before reading it.
             self.wake.borrow_and_update();
             let rows = match blocking(&self.outbox, {
-                let (r, k) = (self.receiver.clone(), self.key.clone());
-                move |o| o.candidates(&r, &k, PASS_ROWS)
+                let (r, t) = (self.receiver.clone(), self.info.clone());
+                move |o| o.candidates(&r, &t, PASS_ROWS)
             })
             .await
             {
@@ -746,11 +804,13 @@ impl Worker {
             };
             let c = rows[i].clone();
             let n = match blocking(&self.outbox, move |o| o.body(c.id)).await {
-                Ok(Ok(n)) => n,
-                Ok(Err(why)) => {
+                Ok(Some(Ok(n))) => n,
+                Ok(Some(Err(why))) => {
+                    tracing::error!(receiver = self.receiver, target = %self.target.display(), row = rows[i].id, error = why, "notification dropped");
                     self.record(&rows[i], Outcome::Dropped { error: why }).await;
                     continue;
                 }
+                Ok(None) => continue, // given up meanwhile
                 Err(e) => {
                     tracing::error!(receiver = self.receiver, error = %e, "outbox read failed");
                     self.pause(Duration::from_secs(1)).await;
@@ -774,9 +834,9 @@ impl Worker {
                     retry_after,
                 }) => {
                     failures += 1;
-                    let row_delay = opts
-                        .backoff(c.attempts + 1)
-                        .max(retry_after.unwrap_or_default());
+                    // Honour Retry-After, up to max_backoff.
+                    let asked = retry_after.unwrap_or_default().min(opts.max_backoff);
+                    let row_delay = opts.backoff(c.attempts + 1).max(asked);
                     tracing::warn!(receiver = self.receiver, target = %self.target.display(), row = c.id, attempt = c.attempts + 1, retry_in = ?row_delay, error = %message, "notification not delivered, will retry");
                     self.record(
                         c,
@@ -786,7 +846,7 @@ impl Worker {
                         },
                     )
                     .await;
-                    let pause = opts.backoff(failures).max(retry_after.unwrap_or_default());
+                    let pause = opts.backoff(failures).max(asked);
                     self.pause(pause).await;
                 }
                 Err(DeliveryError { message, .. }) => {
@@ -805,7 +865,7 @@ impl Worker {
             .filter(|c| c.group_key == rows[i].group_key)
         {
             let id = later.id;
-            if let Ok(Ok(m)) = blocking(&self.outbox, move |o| o.body(id)).await {
+            if let Ok(Some(Ok(m))) = blocking(&self.outbox, move |o| o.body(id)).await {
                 let theirs: BTreeSet<String> =
                     m.alerts.iter().map(|a| a.fingerprint.clone()).collect();
                 if mine.is_subset(&theirs) {
@@ -819,7 +879,7 @@ impl Worker {
     async fn record(&self, c: &Candidate, outcome: Outcome) {
         let (r, k, all, c2) = (
             self.receiver.clone(),
-            self.key.clone(),
+            self.info.key.clone(),
             self.all.clone(),
             c.clone(),
         );
@@ -859,6 +919,13 @@ impl Worker {
 mod tests {
     use super::*;
     use crate::notify::webhook::tests::sample;
+
+    fn info(key: &str, wants_resends: bool) -> TargetInfo {
+        TargetInfo {
+            key: key.into(),
+            wants_resends,
+        }
+    }
 
     fn cand(id: i64, group: &str, next: i64) -> Candidate {
         Candidate {
@@ -914,12 +981,13 @@ mod tests {
         drop(o);
         let o = Outbox::open(&path).unwrap();
         assert_eq!(o.open_rows().unwrap(), 3);
-        let rows = o.candidates("ops", "webhook x", 10).unwrap();
+        let rows = o.candidates("ops", &info("webhook x", false), 10).unwrap();
         assert_eq!(
             rows.iter().map(|c| c.id).collect::<Vec<_>>(),
             [a, b.unwrap()]
         );
-        assert_eq!(o.body(a).unwrap().unwrap(), n);
+        assert_eq!(o.body(a).unwrap().unwrap().unwrap(), n);
+        assert!(o.body(12345).unwrap().is_none());
     }
 
     #[test]
@@ -928,11 +996,12 @@ mod tests {
         let o = Outbox::open(&dir.path().join("o.db")).unwrap();
         let id = o.enqueue("ops", &sample()).unwrap();
         let keyed = o.enqueue_once("ops", "k", &sample()).unwrap().unwrap();
-        let all = vec!["A".to_string(), "B".to_string()];
-        o.register("ops", "A").unwrap();
-        o.register("ops", "B").unwrap();
+        let (a, b) = (info("A", false), info("B", false));
+        let all = vec![a.clone(), b.clone()];
+        o.register("ops", &a).unwrap();
+        o.register("ops", &b).unwrap();
         let c = |id| {
-            o.candidates("ops", "A", 10)
+            o.candidates("ops", &a, 10)
                 .unwrap()
                 .into_iter()
                 .find(|c| c.id == id)
@@ -954,8 +1023,8 @@ mod tests {
         o.record("ops", "A", &all, &c(keyed), &Outcome::Delivered)
             .unwrap();
         // A is done with both rows; B still waits for both.
-        assert!(o.candidates("ops", "A", 10).unwrap().is_empty());
-        assert_eq!(o.candidates("ops", "B", 10).unwrap().len(), 2);
+        assert!(o.candidates("ops", &a, 10).unwrap().is_empty());
+        assert_eq!(o.candidates("ops", &b, 10).unwrap().len(), 2);
         let s = o.stats().unwrap();
         assert_eq!(
             (
@@ -967,7 +1036,7 @@ mod tests {
             ("A", 2, 1, 0)
         );
         assert_eq!((s[1].target.as_str(), s[1].pending), ("B", 2));
-        let cb = o.candidates("ops", "B", 10).unwrap();
+        let cb = o.candidates("ops", &b, 10).unwrap();
         o.record(
             "ops",
             "B",
@@ -991,6 +1060,50 @@ mod tests {
     }
 
     #[test]
+    fn resend_rows_go_only_to_targets_that_want_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(&dir.path().join("o.db")).unwrap();
+        let (am, hook) = (info("am", true), info("hook", false));
+        let all = vec![am.clone(), hook.clone()];
+        o.register("ops", &am).unwrap();
+        o.register("ops", &hook).unwrap();
+        let first = o.enqueue("ops", &sample()).unwrap();
+        let again = o.enqueue_resend("ops", &sample()).unwrap();
+        let ids = |t: &TargetInfo| -> Vec<i64> {
+            o.candidates("ops", t, 10)
+                .unwrap()
+                .iter()
+                .map(|c| c.id)
+                .collect()
+        };
+        assert_eq!(ids(&am), [first, again]);
+        assert_eq!(ids(&hook), [first]);
+        let pending: Vec<u64> = o.stats().unwrap().iter().map(|s| s.pending).collect();
+        assert_eq!(pending, [2, 1]);
+        // The resend row is finished once the Alertmanager has it.
+        let c = o.candidates("ops", &am, 10).unwrap();
+        o.record("ops", "am", &all, &c[1], &Outcome::Delivered)
+            .unwrap();
+        assert_eq!(o.open_rows().unwrap(), 1);
+        // And given up for it alone when old.
+        o.enqueue_resend("ops", &sample()).unwrap();
+        let old = Outbox::open_with(
+            o.path(),
+            OutboxOptions {
+                max_age: Duration::ZERO,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        let gone = old
+            .sweep(&HashMap::from([("ops".to_string(), all.clone())]))
+            .unwrap();
+        let who: Vec<(&str, i64)> = gone.iter().map(|g| (g.target.as_str(), g.id)).collect();
+        assert_eq!(who, [("am", first), ("hook", first), ("am", first + 2)]);
+    }
+
+    #[test]
     fn sweep_gives_up_old_rows() {
         let dir = tempfile::tempdir().unwrap();
         let o = Outbox::open_with(
@@ -1004,7 +1117,7 @@ mod tests {
         let id = o.enqueue("ops", &sample()).unwrap();
         o.enqueue("nobody", &sample()).unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        let targets = HashMap::from([("ops".to_string(), vec!["A".to_string()])]);
+        let targets = HashMap::from([("ops".to_string(), vec![info("A", false)])]);
         let mut gone = o.sweep(&targets).unwrap();
         gone.sort();
         assert_eq!(gone.len(), 2);
