@@ -35,20 +35,27 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use vitals_common::config::duration;
 
 use super::{DeliveryError, Notification, Target, deliver_keyed, now_ms};
 
-/// How the dispatcher retries and when it gives up.
-#[derive(Debug, Clone, PartialEq)]
+/// How the dispatcher retries and when it gives up; serde-deserializable
+/// for a config table (every key optional, defaults below).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct OutboxOptions {
     /// A notification not delivered to a target this long after it was
-    /// enqueued is given up for that target (logged and counted).
+    /// enqueued is given up for that target (logged and counted). Default 24h.
+    #[serde(with = "duration")]
     pub max_age: Duration,
-    /// First retry delay; doubles per failed attempt (with jitter).
+    /// First retry delay; doubles per failed attempt (with jitter). Default 1s.
+    #[serde(with = "duration")]
     pub min_backoff: Duration,
-    /// Longest retry delay.
+    /// Longest retry delay. Default 5m.
+    #[serde(with = "duration")]
     pub max_backoff: Duration,
 }
 
@@ -63,15 +70,32 @@ impl Default for OutboxOptions {
 }
 
 impl OutboxOptions {
+    /// Checks the values; the error names the key and says why.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.max_age.is_zero() {
+            return Err(("max_age".into(), "must be above 0".into()));
+        }
+        if self.min_backoff < Duration::from_millis(10) {
+            return Err(("min_backoff".into(), "must be at least 10ms".into()));
+        }
+        if self.max_backoff < self.min_backoff {
+            return Err(("max_backoff".into(), "must not be below min_backoff".into()));
+        }
+        Ok(())
+    }
+
     /// Delay before attempt `attempts + 1` after `attempts` failures
     /// (≥ 1): `min_backoff × 2^(attempts-1)`, at most `max_backoff`, then a
     /// uniformly random point in its upper half.
     pub fn backoff(&self, attempts: u32) -> Duration {
         let exp = attempts.saturating_sub(1).min(30);
+        // Never a tight loop, whatever the options say.
+        let floor = Duration::from_millis(10);
         let full = self
             .min_backoff
+            .max(floor)
             .saturating_mul(1u32 << exp)
-            .min(self.max_backoff);
+            .min(self.max_backoff.max(floor));
         let half = full / 2;
         half + half.mul_f64(rand::random::<f64>())
     }
@@ -964,6 +988,26 @@ mod tests {
             assert!(b30 >= Duration::from_secs(150) && b30 <= Duration::from_secs(300));
             assert!(o.backoff(u32::MAX) <= Duration::from_secs(300));
         }
+    }
+
+    #[test]
+    fn options_parse_with_defaults_and_validate() {
+        let o: OutboxOptions = toml::from_str("max_age = \"2h\"").unwrap();
+        assert_eq!(o.max_age, Duration::from_secs(7200));
+        assert_eq!(o.max_backoff, OutboxOptions::default().max_backoff);
+        assert!(o.validate().is_ok());
+        assert!(toml::from_str::<OutboxOptions>("max_ages = \"2h\"").is_err());
+        let bad = OutboxOptions {
+            min_backoff: Duration::ZERO,
+            ..Default::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().0, "min_backoff");
+        assert!(bad.backoff(1) >= Duration::from_millis(5));
+        let bad = OutboxOptions {
+            max_backoff: Duration::from_millis(100),
+            ..Default::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().0, "max_backoff");
     }
 
     #[test]
