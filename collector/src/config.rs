@@ -118,7 +118,7 @@ fn default_tls() -> TlsFiles {
     }
 }
 fn default_db() -> PathBuf {
-    "/var/lib/vitals/vitals.db".into()
+    "/var/lib/vitals-collector/vitals.db".into()
 }
 fn default_retention() -> Duration {
     crate::store::StoreOptions::default().retention
@@ -143,6 +143,11 @@ pub struct Settings {
     pub store: crate::store::StoreOptions,
     pub max_series: usize,
     pub max_points: usize,
+    /// The listener's TLS config, built from `tls` (so a key that does not
+    /// match its certificate is a config error, not a failed start).
+    pub server_tls: std::sync::Arc<tokio_rustls::rustls::ServerConfig>,
+    /// The file as written, to tell what a reload changes.
+    pub raw: RawConfig,
 }
 
 /// Reads, parses and validates a collector config file.
@@ -167,6 +172,9 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
         .tls
         .relative_to(base)
         .load()
+        .map_err(|e| ConfigError::invalid(path, "tls", e.to_string()))?;
+    let server_tls = tls
+        .rustls_server_config()
         .map_err(|e| ConfigError::invalid(path, "tls", e.to_string()))?;
     let detect = if raw.detect.enabled {
         Some(
@@ -196,5 +204,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
         },
         max_series: raw.query.max_series,
         max_points: raw.query.max_points,
+        server_tls,
+        raw,
     })
 }

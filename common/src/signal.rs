@@ -1,4 +1,4 @@
-//! Shutdown signals for the daemons and `vitals dev`.
+//! Signals for the daemons and `vitals dev`: termination and reload.
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
 pub async fn termination() {
@@ -17,4 +17,11 @@ pub async fn termination() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// SIGHUP, the reload request (`systemctl reload` sends it). Install it
+/// before anything slow: until it is installed a SIGHUP ends the process.
+/// Must be called inside a tokio runtime.
+pub fn hangup() -> std::io::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
 }

@@ -202,6 +202,12 @@ impl Proc {
         }
     }
 
+    /// SIGHUP: the daemons re-read their config and certificates.
+    pub fn hup(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
@@ -438,6 +444,20 @@ impl Reader {
     }
 }
 
+/// Replaces `dst` with a copy of `src` the way an operator rotating a file
+/// should: write beside it, then rename over it.
+pub fn replace_file(src: &Path, dst: &Path) {
+    let tmp = dst.with_extension("new");
+    std::fs::copy(src, &tmp).unwrap();
+    std::fs::rename(&tmp, dst).unwrap();
+}
+
+/// The serial number of the first certificate in a PEM file.
+pub fn cert_serial(pem: &Path) -> String {
+    let der = vitals_common::identity::first_pem_cert(&std::fs::read(pem).unwrap()).unwrap();
+    vitals_common::identity::cert_info(&der).unwrap().serial
+}
+
 /// Labels of a query result as a map.
 pub fn labels(s: &Series) -> std::collections::BTreeMap<String, String> {
     s.labels
@@ -474,10 +494,20 @@ pub async fn channel(
     ca: &Path,
     cert: Option<(&Path, &Path)>,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    channel_as(port, ca, cert, "localhost").await
+}
+
+/// `channel`, expecting the collector's certificate to name `server_name`.
+pub async fn channel_as(
+    port: u16,
+    ca: &Path,
+    cert: Option<(&Path, &Path)>,
+    server_name: &str,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
-        .domain_name("localhost");
+        .domain_name(server_name);
     if let Some((c, k)) = cert {
         tls = tls.identity(Identity::from_pem(
             std::fs::read(c).unwrap(),
