@@ -223,6 +223,11 @@ impl Drop for Proc {
 
 /// Starts a collector on `port` with the env's certificates and database.
 pub fn start_collector(env: &Env, port: u16) -> Proc {
+    start_collector_with_env(env, port, &[])
+}
+
+/// `start_collector` with extra environment variables.
+pub fn start_collector_with_env(env: &Env, port: u16, vars: &[(&str, &str)]) -> Proc {
     let dir = env.path().join("collector");
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = env.cert("collector");
@@ -238,9 +243,10 @@ pub fn start_collector(env: &Env, port: u16) -> Proc {
         ),
     )
     .unwrap();
-    let p = Proc::spawn(
-        &bin("vitals-collector"),
-        &["--config", cfg.to_str().unwrap()],
+    let p = Proc::spawn_cmd(
+        Command::new(bin("vitals-collector"))
+            .args(["--config", cfg.to_str().unwrap()])
+            .envs(vars.iter().copied()),
         &dir.join("collector.log"),
     );
     let up = wait_until(Duration::from_secs(20), || {

@@ -1,6 +1,78 @@
-//! SIGHUP: the daemons re-read their config and certificates while running.
+//! What the systemd units rely on: readiness notification (`Type=notify`)
+//! and reload (SIGHUP re-reads config and certificates while running).
+
+use std::os::unix::net::UnixDatagram;
 
 use super::*;
+
+/// The datagrams a daemon sent to `NOTIFY_SOCKET`, until `until` is among
+/// them or `timeout` passes.
+fn notifications(sock: &UnixDatagram, until: &str, timeout: Duration) -> Vec<String> {
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let end = std::time::Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while std::time::Instant::now() < end && !got.iter().any(|m: &String| m.contains(until)) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    got
+}
+
+/// Both daemons say READY=1 once they serve and STOPPING=1 on SIGTERM, as
+/// `Type=notify` units need.
+#[test]
+fn daemons_notify_the_service_manager_when_ready_and_when_stopping() {
+    let env = Env::new();
+    env.issue("ready", "agent", &[]);
+    let port = free_port();
+    let sock_path = env.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let notify = [("NOTIFY_SOCKET", sock_path.to_str().unwrap())];
+
+    let mut collector = start_collector_with_env(&env, port, &notify);
+    let got = notifications(&sock, "READY=1", Duration::from_secs(20));
+    let ready = got.iter().find(|m| m.contains("READY=1"));
+    assert!(
+        ready.is_some_and(|m| m.contains(&format!("STATUS=listening on 127.0.0.1:{port}"))),
+        "collector sent {got:?}; log:\n{}",
+        collector.log_text()
+    );
+
+    // The agent: its config from the harness, started again with the socket.
+    let mut first = start_agent(&env, "ready", port, &opts(&env, "ready"));
+    assert!(wait_until(Duration::from_secs(20), || first
+        .proc
+        .log_text()
+        .contains("connected to collector")));
+    stop_agent(&mut first);
+    let mut agent = Proc::spawn_cmd(
+        Command::new(bin("vitals-agent"))
+            .args(["--config", first.config.to_str().unwrap()])
+            .envs(notify),
+        &env.path().join("ready-agent.log"),
+    );
+    let got = notifications(&sock, "READY=1", Duration::from_secs(20));
+    assert!(
+        got.iter().any(|m| m.starts_with("READY=1")),
+        "agent sent {got:?}; log:\n{}",
+        agent.log_text()
+    );
+    assert!(agent.term(Duration::from_secs(20)).success());
+    let got = notifications(&sock, "STOPPING=1", Duration::from_secs(5));
+    assert!(
+        got.iter().any(|m| m == "STOPPING=1"),
+        "agent sent {got:?} on SIGTERM"
+    );
+    assert!(collector.term(Duration::from_secs(10)).success());
+    let got = notifications(&sock, "STOPPING=1", Duration::from_secs(5));
+    assert!(
+        got.iter().any(|m| m == "STOPPING=1"),
+        "collector sent {got:?} on SIGTERM"
+    );
+}
 
 /// An agent whose certificate is replaced and that gets a SIGHUP drops its
 /// stream, connects again presenting the new certificate, and every cycle
