@@ -208,3 +208,22 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
         raw,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_packaged_config_parses_and_uses_the_package_paths() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/collector.toml");
+        let raw: RawConfig = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(raw.storage.path, default_db());
+        assert_eq!(
+            raw.storage.path,
+            Path::new("/var/lib/vitals-collector/vitals.db")
+        );
+        assert_eq!(raw.tls, default_tls());
+        assert_eq!(raw.listen, default_listen());
+    }
+}
