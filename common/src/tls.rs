@@ -150,7 +150,7 @@ impl TlsMaterial {
                 "{} (serial {}, not after {})",
                 info.name,
                 info.serial,
-                format_unix(info.not_after_unix)
+                crate::identity::format_unix(info.not_after_unix)
             ),
             None => "unreadable certificate".into(),
         }
@@ -180,16 +180,6 @@ impl TlsMaterial {
         let der =
             crate::identity::first_pem_cert(&self.cert_pem).map_err(|e| bad(e.to_string()))?;
         crate::identity::identity(&der).map_err(|e| bad(e.to_string()))
-    }
-}
-
-fn format_unix(secs: i64) -> String {
-    match u64::try_from(secs) {
-        Ok(s) => humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
-        )
-        .to_string(),
-        Err(_) => secs.to_string(),
     }
 }
 
