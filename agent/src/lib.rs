@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod cycle;
+pub mod reload;
 pub mod ship;
 pub mod sources;
 pub mod spool;
@@ -21,6 +22,8 @@ pub enum AgentError {
     Spool(#[from] spool::SpoolError),
     #[error(transparent)]
     Source(#[from] cycle::UnknownSource),
+    #[error("cannot handle SIGHUP: {0}")]
+    Signal(#[source] std::io::Error),
 }
 
 /// What a run did, reported when it ends.
@@ -35,6 +38,16 @@ pub struct Summary {
 pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send,
+) -> Result<Summary, AgentError> {
+    run_reloadable(settings, shutdown, None).await
+}
+
+/// `run`, and on every hangup of `reload` re-reads the config file and its
+/// TLS files (see the `reload` module for what changes live).
+pub async fn run_reloadable(
+    mut settings: Settings,
+    shutdown: impl Future<Output = ()> + Send,
+    mut reload: Option<reload::Reload>,
 ) -> Result<Summary, AgentError> {
     let spool = Arc::new(spool::Spool::open(
         &settings.spool_dir,
@@ -54,11 +67,10 @@ pub async fn run(
     let sources = Arc::new(Mutex::new(sources));
     let (stop_tx, stop_rx) = watch::channel(false);
     let notify = Arc::new(Notify::new());
+    let (link_tx, link_rx) = watch::channel(link(&settings));
     let shipper = tokio::spawn(
         ship::Shipper {
-            url: settings.collector_url.clone(),
-            server_name: settings.server_name.clone(),
-            tls: settings.tls.clone(),
+            link: link_rx,
             node: settings.node.clone(),
             spool: spool.clone(),
             notify: notify.clone(),
@@ -67,13 +79,20 @@ pub async fn run(
         .run(),
     );
 
-    let mut ticker = tokio::time::interval(settings.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    vitals_common::notify::ready(&format!("collecting every {:?}", settings.interval));
+
+    let mut ticker = ticker(settings.interval, tokio::time::Instant::now());
     let mut cycles = 0u64;
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
+            Some(()) = hangup(&mut reload) => {
+                if let Some(r) = &reload {
+                    apply_reload(&r.path, &mut settings, &mut ticker, &link_tx, &sources).await;
+                }
+                continue;
+            }
             _ = &mut shutdown => break,
         }
         cycles += 1;
@@ -101,6 +120,7 @@ pub async fn run(
         }
     }
 
+    vitals_common::notify::stopping();
     let _ = stop_tx.send(true);
     let left = spool.stats().batches;
     if left > 0 {
@@ -125,6 +145,77 @@ pub async fn run(
         "agent stopped"
     );
     Ok(summary)
+}
+
+fn link(settings: &Settings) -> ship::Link {
+    ship::Link {
+        url: settings.collector_url.clone(),
+        server_name: settings.server_name.clone(),
+        tls: settings.tls.clone(),
+    }
+}
+
+fn ticker(every: std::time::Duration, start: tokio::time::Instant) -> tokio::time::Interval {
+    let mut t = tokio::time::interval_at(start, every);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}
+
+/// The next reload request; never, without a reload source.
+async fn hangup(reload: &mut Option<reload::Reload>) -> Option<()> {
+    match reload.as_mut() {
+        Some(r) => r.hangups.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Re-reads the config and applies it: a new link makes the shipper
+/// reconnect, a new interval restarts the ticker, new sources or paths
+/// rebuild the sources (off the async threads: building opens files).
+async fn apply_reload(
+    path: &std::path::Path,
+    settings: &mut Settings,
+    ticker_now: &mut tokio::time::Interval,
+    link_tx: &watch::Sender<ship::Link>,
+    sources: &Arc<Mutex<cycle::Sources>>,
+) {
+    let Some(new) = reload::load(path) else {
+        return;
+    };
+    let out = reload::apply(settings, new);
+    reload::log(path, &out, settings);
+    if out.relink {
+        link_tx.send_replace(link(settings));
+    }
+    if out.applied.contains(&"interval") {
+        *ticker_now = ticker(
+            settings.interval,
+            tokio::time::Instant::now() + settings.interval,
+        );
+    }
+    if out.rebuild_sources {
+        let raw = settings.raw.clone();
+        let sources = sources.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            let new = cycle::Sources::new(&raw, &[])?;
+            let names = new.names();
+            match sources.lock() {
+                Ok(mut s) => *s = new,
+                Err(poisoned) => *poisoned.into_inner() = new,
+            }
+            Ok::<_, cycle::UnknownSource>(names)
+        })
+        .await;
+        match built {
+            Ok(Ok(names)) => tracing::info!(sources = ?names, "sources rebuilt"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot rebuild the sources; keeping the running ones")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "rebuilding the sources panicked; keeping the running ones")
+            }
+        }
+    }
 }
 
 /// The agent's own health, sent with every batch.

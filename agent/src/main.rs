@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use vitals_agent::config;
+use vitals_agent::{AgentError, config};
 use vitals_common::{EXIT_CONFIG, EXIT_FAILURE};
 
 /// Vitals agent: collects this host's samples, spools them on disk and
@@ -116,10 +116,19 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_FAILURE);
                 }
             };
-            match rt.block_on(vitals_agent::run(
-                settings,
-                vitals_common::signal::termination(),
-            )) {
+            let result = rt.block_on(async move {
+                // SIGHUP re-reads the config and certificates; its default
+                // action would end the process, so take it over first.
+                let hangups = vitals_common::signal::hangup().map_err(AgentError::Signal)?;
+                let reload = vitals_agent::reload::Reload { path, hangups };
+                vitals_agent::run_reloadable(
+                    settings,
+                    vitals_common::signal::termination(),
+                    Some(reload),
+                )
+                .await
+            });
+            match result {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
                     vitals_common::report_error("vitals-agent", &e);

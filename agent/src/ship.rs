@@ -19,10 +19,18 @@ use crate::spool::Spool;
 /// Batches sent but not yet acknowledged, at most.
 const WINDOW: usize = 64;
 
-pub struct Shipper {
+/// Where and as whom to connect. A reload that changes it makes the shipper
+/// drop its stream and connect again with the new one; whatever was in
+/// flight is still in the spool and is sent again.
+#[derive(Clone)]
+pub struct Link {
     pub url: String,
     pub server_name: String,
     pub tls: vitals_common::tls::TlsMaterial,
+}
+
+pub struct Shipper {
+    pub link: watch::Receiver<Link>,
     pub node: String,
     pub spool: Arc<Spool>,
     pub notify: Arc<Notify>,
@@ -34,6 +42,8 @@ enum End {
     Drained,
     /// The collector closed the stream (e.g. it is shutting down).
     Closed,
+    /// The link changed (reload): connect again with the new one.
+    Relink,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +58,13 @@ enum ShipError {
     Status(#[from] tonic::Status),
     #[error("{0}")]
     Other(String),
+}
+
+/// Resolves when the link changed; never once its sender is gone.
+async fn link_changed(link: &mut watch::Receiver<Link>) {
+    if link.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -80,6 +97,14 @@ impl Shipper {
             match self.session(&mut delay).await {
                 Ok(End::Drained) => return,
                 Ok(End::Closed) => tracing::info!("collector closed the stream; reconnecting"),
+                Ok(End::Relink) => {
+                    tracing::info!(
+                        "reconnecting with the reloaded collector address and certificates"
+                    );
+                    delay = Duration::from_millis(250);
+                    last_warn = None;
+                    continue;
+                }
                 Err(e) => {
                     let msg = chain(&e);
                     let due = match &last_warn {
@@ -110,19 +135,25 @@ impl Shipper {
                 _ = tokio::time::sleep(jittered) => {}
                 // Told to stop while waiting: try to deliver right away.
                 _ = self.stop.changed() => {}
+                // New certificates or address: try them right away.
+                _ = link_changed(&mut self.link) => {
+                    delay = Duration::from_millis(250);
+                    last_warn = None;
+                    continue;
+                }
             }
             delay = (delay * 2).min(max_delay);
         }
     }
 
-    async fn connect(&self) -> Result<Channel, ShipError> {
+    async fn connect(link: &Link) -> Result<Channel, ShipError> {
         let connect_err = |source| ShipError::Connect {
-            url: self.url.clone(),
+            url: link.url.clone(),
             source,
         };
-        Endpoint::from_shared(self.url.clone())
+        Endpoint::from_shared(link.url.clone())
             .map_err(connect_err)?
-            .tls_config(self.tls.client_config(&self.server_name))
+            .tls_config(link.tls.client_config(&link.server_name))
             .map_err(connect_err)?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -135,7 +166,11 @@ impl Shipper {
     }
 
     async fn session(&mut self, delay: &mut Duration) -> Result<End, ShipError> {
-        let channel = self.connect().await?;
+        let link = self.link.borrow_and_update().clone();
+        let channel = tokio::select! {
+            c = Self::connect(&link) => c?,
+            _ = link_changed(&mut self.link) => return Ok(End::Relink),
+        };
         let mut client = IngestClient::new(channel).max_encoding_message_size(64 << 20);
         let (out_tx, out_rx) = mpsc::channel::<AgentMessage>(WINDOW + 1);
         let hello = AgentMessage {
@@ -153,9 +188,11 @@ impl Shipper {
             .stream(ReceiverStream::new(out_rx))
             .await?
             .into_inner();
-        let welcome = tokio::time::timeout(Duration::from_secs(15), inbound.message())
-            .await
-            .map_err(|_| ShipError::Other("no welcome from the collector within 15 s".into()))??;
+        let welcome = tokio::select! {
+            w = tokio::time::timeout(Duration::from_secs(15), inbound.message()) => w
+                .map_err(|_| ShipError::Other("no welcome from the collector within 15 s".into()))??,
+            _ = link_changed(&mut self.link) => return Ok(End::Relink),
+        };
         let acked = match welcome.and_then(|m| m.msg) {
             Some(collector_message::Msg::Welcome(w)) => w.acked_seq,
             Some(_) => return Err(ShipError::Other("collector sent no welcome".into())),
@@ -163,7 +200,7 @@ impl Shipper {
         };
         self.ack(acked);
         *delay = Duration::from_millis(250);
-        tracing::info!(url = %self.url, acked_seq = acked, spooled = self.spool.stats().batches, "connected to collector");
+        tracing::info!(url = %link.url, acked_seq = acked, spooled = self.spool.stats().batches, certificate = %link.tls.describe(), "connected to collector");
 
         let mut last_sent = acked;
         let mut inflight: VecDeque<u64> = VecDeque::new();
@@ -212,6 +249,8 @@ impl Shipper {
                 },
                 _ = self.notify.notified(), if inflight.len() < WINDOW => {}
                 _ = self.stop.changed(), if !stopping => { stopping = true; }
+                // Unacked batches stay spooled and go out on the new stream.
+                _ = link_changed(&mut self.link) => return Ok(End::Relink),
             }
         }
     }

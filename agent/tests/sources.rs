@@ -1874,3 +1874,15 @@ fn the_readme_agent_config_parses_with_every_source_table() {
     assert_eq!(d.sources.net.exclude, cfg.sources.net.exclude);
     assert_eq!(d.sources.zfs.zfs, cfg.sources.zfs.zfs);
 }
+
+#[test]
+fn the_packaged_agent_config_parses_and_uses_the_package_paths() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/agent.toml");
+    let cfg: RawConfig =
+        vitals_common::config::parse(&path, &read(&path)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.spool.dir, Path::new("/var/lib/vitals-agent"));
+    assert_eq!(cfg.tls.cert, Path::new("/etc/vitals/tls/agent.pem"));
+    assert_eq!(cfg.tls.key, Path::new("/etc/vitals/tls/agent.key"));
+    assert_eq!(cfg.tls.ca, Path::new("/etc/vitals/tls/ca.pem"));
+    assert!(cfg.collector.is_some_and(|c| c.starts_with("https://")));
+}

@@ -177,16 +177,6 @@ pub fn parse_date(s: &str) -> Result<OffsetDateTime> {
     OffsetDateTime::from_unix_timestamp(secs).context("date out of range")
 }
 
-fn fmt_unix(secs: i64) -> String {
-    match u64::try_from(secs) {
-        Ok(s) => humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
-        )
-        .to_string(),
-        Err(_) => secs.to_string(),
-    }
-}
-
 /// `vitals certs show`: the facts an operator needs about one certificate.
 pub fn show(path: &Path, json: bool) -> Result<String> {
     let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -215,8 +205,8 @@ pub fn show(path: &Path, json: bool) -> Result<String> {
             "issuer": info.issuer,
             "dns": info.dns_names,
             "ips": info.ips,
-            "not_before": fmt_unix(info.not_before_unix),
-            "not_after": fmt_unix(info.not_after_unix),
+            "not_before": vitals_common::identity::format_unix(info.not_before_unix),
+            "not_after": vitals_common::identity::format_unix(info.not_after_unix),
             "status": status,
             "is_ca": info.is_ca,
             "serial": info.serial,
@@ -241,8 +231,8 @@ pub fn show(path: &Path, json: bool) -> Result<String> {
         } else {
             info.ips.join(", ")
         },
-        fmt_unix(info.not_before_unix),
-        fmt_unix(info.not_after_unix),
+        vitals_common::identity::format_unix(info.not_before_unix),
+        vitals_common::identity::format_unix(info.not_after_unix),
         info.serial,
     ))
 }

@@ -121,7 +121,7 @@ fn default_tls() -> TlsFiles {
     }
 }
 fn default_db() -> PathBuf {
-    "/var/lib/vitals/vitals.db".into()
+    "/var/lib/vitals-collector/vitals.db".into()
 }
 fn default_retention() -> Duration {
     crate::store::StoreOptions::default().retention
@@ -147,6 +147,11 @@ pub struct Settings {
     pub max_series: usize,
     pub max_points: usize,
     pub alerting: crate::alert::AlertSettings,
+    /// The listener's TLS config, built from `tls` (so a key that does not
+    /// match its certificate is a config error, not a failed start).
+    pub server_tls: std::sync::Arc<tokio_rustls::rustls::ServerConfig>,
+    /// The file as written, to tell what a reload changes.
+    pub raw: RawConfig,
 }
 
 /// Reads, parses and validates a collector config file.
@@ -183,6 +188,9 @@ pub fn validate_text(path: &Path, text: &str, raw: RawConfig) -> Result<Settings
         .relative_to(base)
         .load()
         .map_err(|e| ConfigError::invalid(path, "tls", e.to_string()))?;
+    let server_tls = tls
+        .rustls_server_config()
+        .map_err(|e| ConfigError::invalid(path, "tls", e.to_string()))?;
     let detect = if raw.detect.enabled {
         Some(
             vitals_common::selector::parse(&raw.detect.series)
@@ -214,11 +222,14 @@ pub fn validate_text(path: &Path, text: &str, raw: RawConfig) -> Result<Settings
         },
         max_series: raw.query.max_series,
         max_points: raw.query.max_points,
+        server_tls,
+        raw,
     })
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     /// The collector.toml shown in the README parses, and its alerting
@@ -244,5 +255,18 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(a.rules.rules.len() >= 15);
         assert_eq!(a.state_path, Path::new("/var/lib/vitals/alerts.db"));
+    }
+
+    #[test]
+    fn the_packaged_config_parses_and_uses_the_package_paths() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/collector.toml");
+        let raw: RawConfig = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(raw.storage.path, default_db());
+        assert_eq!(
+            raw.storage.path,
+            Path::new("/var/lib/vitals-collector/vitals.db")
+        );
+        assert_eq!(raw.tls, default_tls());
+        assert_eq!(raw.listen, default_listen());
     }
 }

@@ -65,6 +65,19 @@ pub struct IngestService {
     pub shutdown: watch::Receiver<bool>,
 }
 
+/// The serial number of the peer's certificate, for logs (which certificate
+/// an agent connected with, e.g. after a rotation).
+pub fn peer_serial<T>(req: &Request<T>) -> String {
+    req.peer_certs()
+        .and_then(|certs| {
+            certs
+                .first()
+                .and_then(|c| identity::cert_info(c.as_ref()).ok())
+        })
+        .map(|info| info.serial)
+        .unwrap_or_default()
+}
+
 /// The (name, role) proven by the peer's certificate.
 pub fn peer_identity<T>(req: &Request<T>) -> Result<(String, Role), Status> {
     let certs = req
@@ -94,10 +107,12 @@ impl Ingest for IngestService {
                 "certificate of {node} has role {role}; only agent certificates may send samples"
             )));
         }
+        let cert_serial = peer_serial(&request);
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(256);
         let session = Session {
             node,
+            cert_serial,
             writer: self.writer.clone(),
             connected: self.connected.clone(),
             shutdown: self.shutdown.clone(),
@@ -110,6 +125,7 @@ impl Ingest for IngestService {
 
 struct Session {
     node: String,
+    cert_serial: String,
     writer: Writer,
     connected: Connected,
     shutdown: watch::Receiver<bool>,
@@ -163,7 +179,7 @@ impl Session {
             .await
             .map_err(Status::unavailable)?;
         let _guard = self.connected.enter(&self.node);
-        tracing::info!(node = %self.node, instance = %instance, version = %hello.agent_version, acked_seq = acked, "agent connected");
+        tracing::info!(node = %self.node, instance = %instance, version = %hello.agent_version, acked_seq = acked, cert_serial = %self.cert_serial, "agent connected");
         self.tx
             .send(Ok(CollectorMessage {
                 msg: Some(collector_message::Msg::Welcome(Welcome {

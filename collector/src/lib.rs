@@ -6,12 +6,15 @@ pub mod alert;
 pub mod chunk;
 pub mod config;
 pub mod ingest;
+pub mod listen;
 pub mod notify;
 pub mod query;
+pub mod reload;
 pub mod store;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 
 use tokio::sync::watch;
 use vitals_proto::v1::{
@@ -34,8 +37,8 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
-    #[error("TLS setup failed: {0}")]
-    Tls(#[source] tonic::transport::Error),
+    #[error("cannot handle SIGHUP: {0}")]
+    Signal(#[source] std::io::Error),
     #[error("server failed: {0}")]
     Serve(#[source] tonic::transport::Error),
 }
@@ -47,6 +50,17 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_listen: impl FnOnce(SocketAddr) + Send,
+) -> Result<(), RunError> {
+    run_reloadable(settings, shutdown, on_listen, None).await
+}
+
+/// `run`, and on every hangup of `reload` re-reads the config file and its
+/// TLS files (see the `reload` module for what changes live).
+pub async fn run_reloadable(
+    mut settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_listen: impl FnOnce(SocketAddr) + Send,
+    mut reload: Option<reload::Reload>,
 ) -> Result<(), RunError> {
     let conn = store::open(&settings.db_path)?;
     let (writer, reader, writer_thread) =
@@ -109,21 +123,21 @@ pub async fn run(
             stop_rx.clone(),
         ))
     });
+    let (limits_tx, limits_rx) = watch::channel(store::QueryLimits {
+        max_series: settings.max_series,
+        max_points: settings.max_points,
+    });
     let query = query::QueryService {
         store: reader,
         connected,
-        limits: store::QueryLimits {
-            max_series: settings.max_series,
-            max_points: settings.max_points,
-        },
+        limits: limits_rx,
     };
     drop(writer);
 
     let mut server_stop = stop_rx.clone();
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let tls = listen::TlsConfig::new(settings.server_tls.clone());
+    let incoming = listen::incoming(listener, tls.clone(), stop_rx.clone());
     let server = tonic::transport::Server::builder()
-        .tls_config(settings.tls.server_config())
-        .map_err(RunError::Tls)?
         .add_service(IngestServer::new(ingest).max_decoding_message_size(64 << 20))
         .add_service(QueryServer::new(query).max_encoding_message_size(256 << 20))
         .add_service(AlertsServer::new(alert::api::AlertsService {
@@ -134,20 +148,20 @@ pub async fn run(
         });
     tracing::info!(addr = %local, db = %settings.db_path.display(), version = vitals_common::VERSION, "collector listening (mutual TLS)");
     on_listen(local);
+    vitals_common::notify::ready(&format!("listening on {local}"));
 
     let mut server = Box::pin(server);
-    let result = tokio::select! {
-        r = &mut server => r,
-        _ = shutdown => {
-            tracing::info!(grace = ?settings.shutdown_grace, "shutting down: draining in-flight batches");
-            let _ = stop_tx.send(true);
-            match tokio::time::timeout(settings.shutdown_grace, &mut server).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::warn!(grace = ?settings.shutdown_grace, "shutdown grace period ran out; closing the remaining connections (unacked batches will be resent by their agents)");
-                    Ok(())
+    let mut shutdown = std::pin::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            r = &mut server => break r,
+            Some(()) = hangup(&mut reload) => {
+                if let Some(r) = &reload {
+                    let live = reload::Live { tls: &tls, limits: &limits_tx };
+                    reload::reload(&r.path, &mut settings, live);
                 }
             }
+            _ = &mut shutdown => break drain(&settings, &stop_tx, &mut server).await,
         }
     };
     drop(server);
@@ -171,6 +185,36 @@ pub async fn run(
     }
     tracing::info!("collector stopped");
     result.map_err(RunError::Serve)
+}
+
+/// The next reload request; never, without a reload source.
+async fn hangup(reload: &mut Option<reload::Reload>) -> Option<()> {
+    match reload.as_mut() {
+        Some(r) => r.hangups.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// SIGTERM: stop reading new batches; in-flight ones commit and are acked
+/// within `shutdown_grace`.
+async fn drain<F>(
+    settings: &Settings,
+    stop_tx: &watch::Sender<bool>,
+    server: &mut Pin<Box<F>>,
+) -> Result<(), tonic::transport::Error>
+where
+    F: Future<Output = Result<(), tonic::transport::Error>>,
+{
+    vitals_common::notify::stopping();
+    tracing::info!(grace = ?settings.shutdown_grace, "shutting down: draining in-flight batches");
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(settings.shutdown_grace, server.as_mut()).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!(grace = ?settings.shutdown_grace, "shutdown grace period ran out; closing the remaining connections (unacked batches will be resent by their agents)");
+            Ok(())
+        }
+    }
 }
 
 pub use vitals_common::signal::termination as termination_signal;

@@ -58,11 +58,21 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_FAILURE);
                 }
             };
-            let result = rt.block_on(vitals_collector::run(
-                settings,
-                vitals_collector::termination_signal(),
-                |_| {},
-            ));
+            let path = cli.config.clone();
+            let result = rt.block_on(async move {
+                // SIGHUP re-reads the config and certificates; its default
+                // action would end the process, so take it over first.
+                let hangups =
+                    vitals_common::signal::hangup().map_err(vitals_collector::RunError::Signal)?;
+                let reload = vitals_collector::reload::Reload { path, hangups };
+                vitals_collector::run_reloadable(
+                    settings,
+                    vitals_collector::termination_signal(),
+                    |_| {},
+                    Some(reload),
+                )
+                .await
+            });
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -14,7 +14,8 @@ use crate::store::{QueryError, QueryLimits, Store};
 pub struct QueryService {
     pub store: Store,
     pub connected: Connected,
-    pub limits: QueryLimits,
+    /// Current limits; a reload (SIGHUP) may change them.
+    pub limits: tokio::sync::watch::Receiver<QueryLimits>,
 }
 
 fn require_operator<T>(req: &Request<T>) -> Result<(), Status> {
@@ -94,7 +95,7 @@ impl Query for QueryService {
         }
         let selector = selector_from_request(&req)?;
         let store = self.store.clone();
-        let limits = self.limits;
+        let limits = *self.limits.borrow();
         let found = tokio::task::spawn_blocking(move || {
             store.query_range(&selector, req.start_ms, req.end_ms, limits)
         })

@@ -75,6 +75,17 @@ pub enum IdentityError {
     NoPem,
 }
 
+/// A certificate time (Unix seconds) as RFC 3339, e.g. `2027-01-31T12:00:00Z`.
+pub fn format_unix(secs: i64) -> String {
+    match u64::try_from(secs) {
+        Ok(s) => humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
+        )
+        .to_string(),
+        Err(_) => secs.to_string(),
+    }
+}
+
 /// Reads the details of a DER-encoded certificate.
 pub fn cert_info(der: &[u8]) -> Result<CertInfo, IdentityError> {
     let (_, cert) =

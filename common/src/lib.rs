@@ -7,6 +7,7 @@ pub mod config;
 pub mod identity;
 pub mod logging;
 pub mod model;
+pub mod notify;
 pub mod selector;
 pub mod signal;
 pub mod tls;

@@ -1,9 +1,11 @@
 //! TLS settings shared by every Vitals process: PEM files in, tonic configs out.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tokio_rustls::rustls;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// The three files a Vitals process needs for mutual TLS.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -84,14 +86,6 @@ impl TlsFiles {
 }
 
 impl TlsMaterial {
-    /// Server side: present our certificate and require a client certificate
-    /// signed by the CA.
-    pub fn server_config(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
-            .client_ca_root(Certificate::from_pem(&self.ca_pem))
-    }
-
     /// Client side: verify the server against the CA and `server_name`, and
     /// present our certificate.
     pub fn client_config(&self, server_name: &str) -> ClientTlsConfig {
@@ -99,6 +93,82 @@ impl TlsMaterial {
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
             .domain_name(server_name)
+    }
+
+    /// Server side as a rustls config, for a listener whose certificates can
+    /// be swapped while it runs: our certificate chain and key, client
+    /// certificates required and verified against the CA, HTTP/2 only.
+    /// Fails on a key that does not parse or does not match the certificate.
+    pub fn rustls_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |path: &Path, message: String| TlsError::Bad {
+            path: path.to_path_buf(),
+            message,
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&self.ca_pem) {
+            let cert = cert.map_err(|e| bad(&self.files.ca, e.to_string()))?;
+            roots
+                .add(cert)
+                .map_err(|e| bad(&self.files.ca, format!("not a usable CA certificate: {e}")))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| bad(&self.files.ca, e.to_string()))?;
+        let chain = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(&self.files.cert, e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
+            .map_err(|e| bad(&self.files.key, e.to_string()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(&self.files.cert, e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| {
+                bad(
+                    &self.files.key,
+                    format!("does not go with {}: {e}", self.files.cert.display()),
+                )
+            })?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// One line about our certificate for logs: name, serial, expiry.
+    pub fn describe(&self) -> String {
+        match crate::identity::first_pem_cert(&self.cert_pem)
+            .ok()
+            .and_then(|der| crate::identity::cert_info(&der).ok())
+        {
+            Some(info) => format!(
+                "{} (serial {}, not after {})",
+                info.name,
+                info.serial,
+                crate::identity::format_unix(info.not_after_unix)
+            ),
+            None => "unreadable certificate".into(),
+        }
+    }
+
+    /// Which of the three files differ from `other` (path or content).
+    pub fn changed_files(&self, other: &TlsMaterial) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.files.ca != other.files.ca || self.ca_pem != other.ca_pem {
+            out.push("tls.ca");
+        }
+        if self.files.cert != other.files.cert || self.cert_pem != other.cert_pem {
+            out.push("tls.cert");
+        }
+        if self.files.key != other.files.key || self.key_pem != other.key_pem {
+            out.push("tls.key");
+        }
+        out
     }
 
     /// The (name, role) our own certificate carries.

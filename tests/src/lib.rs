@@ -157,10 +157,6 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(program: &Path, args: &[&str], log: &Path) -> Proc {
-        Proc::spawn_cmd(Command::new(program).args(args), log)
-    }
-
     /// [`spawn_cmd`](Self::spawn_cmd) in a new process group, so that
     /// `kill` (and drop) also ends the children it forked.
     pub fn spawn_group(cmd: &mut Command, log: &Path) -> Proc {
@@ -220,6 +216,12 @@ impl Proc {
         }
     }
 
+    /// SIGHUP: the daemons re-read their config and certificates.
+    pub fn hup(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
@@ -235,12 +237,22 @@ impl Drop for Proc {
 
 /// Starts a collector on `port` with the env's certificates and database.
 pub fn start_collector(env: &Env, port: u16) -> Proc {
-    start_collector_with(env, port, "")
+    start_collector_full(env, port, "", &[])
 }
 
 /// [`start_collector`] with `extra` TOML appended to its config (e.g. an
 /// `[alerting]` table); the config is `env/collector/collector.toml`.
 pub fn start_collector_with(env: &Env, port: u16, extra: &str) -> Proc {
+    start_collector_full(env, port, extra, &[])
+}
+
+/// `start_collector` with extra environment variables.
+pub fn start_collector_with_env(env: &Env, port: u16, vars: &[(&str, &str)]) -> Proc {
+    start_collector_full(env, port, "", vars)
+}
+
+/// `start_collector` with extra TOML and environment variables.
+pub fn start_collector_full(env: &Env, port: u16, extra: &str, vars: &[(&str, &str)]) -> Proc {
     let dir = env.path().join("collector");
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = env.cert("collector");
@@ -256,9 +268,10 @@ pub fn start_collector_with(env: &Env, port: u16, extra: &str) -> Proc {
         ),
     )
     .unwrap();
-    let p = Proc::spawn(
-        &bin("vitals-collector"),
-        &["--config", cfg.to_str().unwrap()],
+    let p = Proc::spawn_cmd(
+        Command::new(bin("vitals-collector"))
+            .args(["--config", cfg.to_str().unwrap()])
+            .envs(vars.iter().copied()),
         &dir.join("collector.log"),
     );
     let up = wait_until(Duration::from_secs(20), || {
@@ -487,6 +500,20 @@ impl Reader {
     }
 }
 
+/// Replaces `dst` with a copy of `src` the way an operator rotating a file
+/// should: write beside it, then rename over it.
+pub fn replace_file(src: &Path, dst: &Path) {
+    let tmp = dst.with_extension("new");
+    std::fs::copy(src, &tmp).unwrap();
+    std::fs::rename(&tmp, dst).unwrap();
+}
+
+/// The serial number of the first certificate in a PEM file.
+pub fn cert_serial(pem: &Path) -> String {
+    let der = vitals_common::identity::first_pem_cert(&std::fs::read(pem).unwrap()).unwrap();
+    vitals_common::identity::cert_info(&der).unwrap().serial
+}
+
 /// Labels of a query result as a map.
 pub fn labels(s: &Series) -> std::collections::BTreeMap<String, String> {
     s.labels
@@ -523,10 +550,20 @@ pub async fn channel(
     ca: &Path,
     cert: Option<(&Path, &Path)>,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    channel_as(port, ca, cert, "localhost").await
+}
+
+/// `channel`, expecting the collector's certificate to name `server_name`.
+pub async fn channel_as(
+    port: u16,
+    ca: &Path,
+    cert: Option<(&Path, &Path)>,
+    server_name: &str,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
-        .domain_name("localhost");
+        .domain_name(server_name);
     if let Some((c, k)) = cert {
         tls = tls.identity(Identity::from_pem(
             std::fs::read(c).unwrap(),

@@ -14,6 +14,9 @@ use vitals_proto::v1::{
     collector_message, ingest_client::IngestClient, query_client::QueryClient,
 };
 
+#[path = "e2e/service.rs"]
+mod service;
+
 const SPOOL_BIG: u64 = 64 << 20;
 
 fn opts<'a>(env: &Env, cert: &str) -> AgentOpts<'a> {
