@@ -14,7 +14,8 @@ pub mod nfsd;
 pub mod util;
 pub mod zfs;
 
-use vitals_common::model::Sample;
+use vitals_common::model::{Labels, Sample};
+use vitals_proto::v1::Severity;
 
 use crate::config::RawConfig;
 
@@ -56,6 +57,20 @@ pub trait Source: Send {
     fn name(&self) -> &'static str;
     /// Reads the inputs and appends samples (without node label or timestamp).
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), SourceError>;
+    /// Events noticed since the last call (a job changing state...), taken
+    /// by the cycle after `collect` and sent in the same batch.
+    fn events(&mut self) -> Vec<SourceEvent> {
+        Vec::new()
+    }
+}
+
+/// An event as a source reports it; the cycle adds the node and the time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceEvent {
+    pub kind: String,
+    pub severity: Severity,
+    pub message: String,
+    pub labels: Labels,
 }
 
 /// One entry of the source list.
