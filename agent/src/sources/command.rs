@@ -372,7 +372,10 @@ mod tests {
         let mut r = Runner::new(
             sh(
                 "stderr",
-                &["echo \"squeue: Unrecognized option '--json'\" >&2; exit 1", "echo $VITALS_TEST"],
+                &[
+                    "echo \"squeue: Unrecognized option '--json'\" >&2; exit 1",
+                    "echo $VITALS_TEST",
+                ],
             ),
             Duration::from_secs(5),
         );

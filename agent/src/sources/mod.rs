@@ -11,6 +11,7 @@ pub mod host;
 pub mod net;
 pub mod nfs;
 pub mod nfsd;
+pub mod slurm;
 pub mod util;
 pub mod zfs;
 
@@ -119,6 +120,12 @@ pub const SOURCES: &[SourceSpec] = &[
         help: "GPUs: AMD through ROCm SMI, NVIDIA through NVML (both loaded at run time), else amdgpu sysfs",
         build: gpu::build,
     },
+    SourceSpec {
+        name: "slurm",
+        enabled_by_default: true,
+        help: "SLURM jobs and nodes from squeue and sinfo (--json, else their text forms); unavailable without squeue",
+        build: slurm::build,
+    },
 ];
 
 /// Whether a source is enabled by the config (or its default).
@@ -130,6 +137,7 @@ pub fn enabled(cfg: &RawConfig, spec: &SourceSpec) -> bool {
         "nfsd" => cfg.sources.nfsd.enabled,
         "zfs" => cfg.sources.zfs.enabled,
         "gpu" => cfg.sources.gpu.enabled,
+        "slurm" => cfg.sources.slurm.enabled,
         _ => None,
     };
     toggle.unwrap_or(spec.enabled_by_default)

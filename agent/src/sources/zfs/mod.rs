@@ -28,8 +28,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use vitals_common::model::Sample;
 
-use super::command::{CommandSpec, Runner};
 use self::kstat::{KValue, metric_name, parse_kstat};
+use super::command::{CommandSpec, Runner};
 use super::util::{Deltas, Files, list_dir, ratio, subdirs};
 use super::{Source, SourceError};
 use crate::config::RawConfig;
