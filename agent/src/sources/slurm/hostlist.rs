@@ -29,7 +29,12 @@ pub fn expand(list: &str) -> Result<Vec<String>, String> {
             let prefix = &rest[..open];
             let values =
                 expand_ranges(&rest[open + 1..close]).map_err(|e| format!("{list:?}: {e}"))?;
-            if names.len().saturating_mul(values.len()).saturating_add(out.len()) > MAX_HOSTS {
+            if names
+                .len()
+                .saturating_mul(values.len())
+                .saturating_add(out.len())
+                > MAX_HOSTS
+            {
                 return Err(format!("{list:?}: more than {MAX_HOSTS} hosts"));
             }
             names = names
