@@ -85,6 +85,43 @@ pub struct SourcesConfig {
     /// `[sources.gpu]`: GPUs through ROCm SMI, NVML or amdgpu sysfs.
     #[serde(default)]
     pub gpu: GpuConfig,
+    /// `[sources.slurm]`: SLURM jobs and nodes through squeue and sinfo.
+    #[serde(default)]
+    pub slurm: SlurmConfig,
+}
+
+/// `[sources.slurm]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmConfig {
+    /// Whether the source runs (default: yes; quiet where there is no squeue).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// The `squeue` program; default: found on `PATH`.
+    #[serde(default)]
+    pub squeue: Option<PathBuf>,
+    /// The `sinfo` program; default: found on `PATH`.
+    #[serde(default)]
+    pub sinfo: Option<PathBuf>,
+    /// A command still running after this long is killed and reported
+    /// (`vitals_slurm_command_timeouts_total`, `vitals_slurm_command_hung`).
+    #[serde(default = "default_slurm_timeout", with = "config::duration")]
+    pub command_timeout: Duration,
+}
+
+impl Default for SlurmConfig {
+    fn default() -> Self {
+        SlurmConfig {
+            enabled: None,
+            squeue: None,
+            sinfo: None,
+            command_timeout: default_slurm_timeout(),
+        }
+    }
+}
+
+fn default_slurm_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// `[sources.gpu]`.
@@ -358,6 +395,13 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
         return Err(ConfigError::invalid(
             path,
             "sources.zfs.command_timeout",
+            "must be at least 10ms",
+        ));
+    }
+    if raw.sources.slurm.command_timeout < Duration::from_millis(10) {
+        return Err(ConfigError::invalid(
+            path,
+            "sources.slurm.command_timeout",
             "must be at least 10ms",
         ));
     }

@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use vitals_common::model::{BatchBuilder, Labels, Sample};
-use vitals_proto::v1::Batch;
+use vitals_proto::v1::{Batch, Event, Label};
 
 use crate::config::RawConfig;
-use crate::sources::{self, Source, SourceError};
+use crate::sources::{self, Source, SourceError, SourceEvent};
 
 /// How one source did in one cycle.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -24,6 +24,9 @@ pub struct SourceReport {
 
 pub struct Cycle {
     pub samples: Vec<Sample>,
+    /// Events the sources noticed this cycle (those of a failed source too:
+    /// what it saw happen did happen).
+    pub events: Vec<SourceEvent>,
     pub reports: Vec<SourceReport>,
 }
 
@@ -72,12 +75,14 @@ impl Sources {
     /// Runs every source once. Source self-metrics are appended.
     pub fn collect(&mut self) -> Cycle {
         let mut samples = Vec::new();
+        let mut events = Vec::new();
         let mut reports = Vec::with_capacity(self.sources.len());
         for src in &mut self.sources {
             let name = src.name();
             let start = Instant::now();
             let mut out = Vec::new();
             let result = src.collect(&mut out);
+            events.append(&mut src.events());
             let duration = start.elapsed().as_secs_f64();
             let (status, error) = match result {
                 Ok(()) => ("ok", None),
@@ -123,13 +128,23 @@ impl Sources {
                 );
             }
         }
-        Cycle { samples, reports }
+        Cycle {
+            samples,
+            events,
+            reports,
+        }
     }
 }
 
-/// Builds the batch for one cycle: every sample gets the node label and the
-/// cycle's timestamp. Duplicate series within a cycle keep the first value.
-pub fn to_batch(node: &str, timestamp_ms: i64, samples: &[Sample]) -> Batch {
+/// Builds the batch for one cycle: every sample and event gets the node and
+/// the cycle's timestamp. Duplicate series within a cycle keep the first
+/// value.
+pub fn to_batch(
+    node: &str,
+    timestamp_ms: i64,
+    samples: &[Sample],
+    events: &[SourceEvent],
+) -> Batch {
     let mut b = BatchBuilder::new();
     let mut seen = std::collections::HashSet::new();
     for s in samples {
@@ -138,6 +153,23 @@ pub fn to_batch(node: &str, timestamp_ms: i64, samples: &[Sample]) -> Batch {
         if seen.insert((s.name.clone(), labels.clone())) {
             b.push(&s.name, &labels, timestamp_ms, s.value);
         }
+    }
+    for e in events {
+        b.push_event(Event {
+            timestamp_ms,
+            node: node.into(),
+            kind: e.kind.clone(),
+            severity: e.severity as i32,
+            message: e.message.clone(),
+            labels: e
+                .labels
+                .iter()
+                .map(|(k, v)| Label {
+                    name: k.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+        });
     }
     b.finish()
 }

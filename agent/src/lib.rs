@@ -105,7 +105,7 @@ pub async fn run_reloadable(
                 Err(_) => return Err("source list lock poisoned".to_string()),
             };
             add_self_metrics(&mut cycle.samples, n, &spool2.stats());
-            let batch = cycle::to_batch(&node, ts, &cycle.samples);
+            let batch = cycle::to_batch(&node, ts, &cycle.samples, &cycle.events);
             spool2.push(batch, ts).map_err(|e| e.to_string())
         })
         .await;

@@ -204,7 +204,13 @@ fn once(
                 .iter()
                 .map(|s| serde_json::json!({"name": s.name, "labels": s.labels, "value": vitals_common::model::json_value(s.value)}))
                 .collect();
-            let out = serde_json::json!({"samples": samples, "sources": cycle.reports});
+            let events: Vec<serde_json::Value> = cycle
+                .events
+                .iter()
+                .map(|e| serde_json::json!({"kind": e.kind, "severity": e.severity.as_str_name(), "message": e.message, "labels": e.labels}))
+                .collect();
+            let out =
+                serde_json::json!({"samples": samples, "events": events, "sources": cycle.reports});
             println!("{out}");
         }
     }

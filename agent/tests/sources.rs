@@ -1873,6 +1873,696 @@ fn the_readme_agent_config_parses_with_every_source_table() {
     let d = RawConfig::default();
     assert_eq!(d.sources.net.exclude, cfg.sources.net.exclude);
     assert_eq!(d.sources.zfs.zfs, cfg.sources.zfs.zfs);
+    assert_eq!(cfg.sources.slurm.squeue, None);
+    assert_eq!(
+        d.sources.slurm.command_timeout,
+        cfg.sources.slurm.command_timeout
+    );
+}
+
+// ---------------------------------------------------------------- slurm
+
+mod slurm {
+    use super::*;
+    use vitals_agent::sources::slurm::hostlist;
+    use vitals_agent::sources::slurm::parse::{
+        Job, Node, parse_duration, parse_sinfo_json, parse_sinfo_text, parse_squeue_json,
+        parse_squeue_text,
+    };
+
+    fn slurm(path: &str) -> String {
+        read(&fixture(&format!("slurm/{path}")))
+    }
+
+    fn job(jobs: &[Job], id: u64) -> &Job {
+        jobs.iter()
+            .find(|j| j.id == id)
+            .unwrap_or_else(|| panic!("no job {id}"))
+    }
+
+    fn node<'a>(nodes: &'a [Node], name: &str) -> &'a Node {
+        nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    #[test]
+    fn squeue_json_21_08_plain_values_and_state_string() {
+        let jobs = parse_squeue_json(&slurm("slurm-21.08-cli/squeue_out.json")).unwrap();
+        assert_eq!(jobs.len(), 2);
+        let j = job(&jobs, 26515966);
+        assert_eq!(
+            (j.name.as_str(), j.user.as_str(), j.account.as_str()),
+            ("job_name", "bkd", "account1")
+        );
+        assert_eq!(
+            (j.partition.as_str(), j.state.as_str()),
+            ("hw-l", "RUNNING")
+        );
+        assert_eq!(j.reason, None);
+        assert_eq!(j.nodes, ["cs75"]);
+        assert_eq!(j.gpus, 0);
+        assert_eq!((j.array_job_id, j.array_task_id), (None, None));
+        assert_eq!(j.submit_time, Some(1684114900));
+        assert_eq!(j.start_time, Some(1684114921));
+        assert_eq!(j.time_limit_seconds, Some(30240 * 60));
+        assert_eq!(j.stdout.as_deref(), Some("/nfs/user/stdout.log"));
+        assert_eq!(j.stderr.as_deref(), Some("/nfs/user/stderr.log"));
+        // The second job mixes in the newer number objects.
+        let j = job(&jobs, 58948420);
+        assert_eq!(
+            (j.state.as_str(), j.reason.as_deref()),
+            ("PENDING", Some("Dependency"))
+        );
+        assert_eq!((j.array_job_id, j.array_task_id), (Some(58948420), None));
+        assert_eq!(j.start_time, None);
+        assert_eq!(j.time_limit_seconds, Some(1439 * 60));
+        assert!(j.nodes.is_empty());
+    }
+
+    #[test]
+    fn squeue_json_24_05_objects_state_lists_and_gpus() {
+        let jobs = parse_squeue_json(&slurm("slurm-24.05-rest/slurm-jobs.json")).unwrap();
+        assert_eq!(jobs.len(), 14);
+        let j = job(&jobs, 649717);
+        assert_eq!((j.user.as_str(), j.state.as_str()), ("ksoto", "TIMEOUT"));
+        assert_eq!(j.reason.as_deref(), Some("TimeLimit"));
+        assert_eq!(
+            (j.submit_time, j.start_time),
+            (Some(1747754465), Some(1747754466))
+        );
+        assert_eq!(j.time_limit_seconds, Some(60));
+        assert_eq!(j.stdout.as_deref(), Some("/home/ksoto/slurm-649717.out"));
+        let j = job(&jobs, 649728);
+        assert_eq!((j.user.as_str(), j.state.as_str()), ("crich", "RUNNING"));
+        assert_eq!(j.nodes, ["cn004", "cn005", "cn006"]);
+        assert_eq!(job(&jobs, 649719).state, "FAILED");
+        let states: Vec<&str> = jobs.iter().map(|j| j.state.as_str()).collect();
+        assert_eq!(states.iter().filter(|s| **s == "COMPLETED").count(), 8);
+        assert_eq!(states.iter().filter(|s| **s == "RUNNING").count(), 3);
+
+        let j = &parse_squeue_json(&slurm("slurm-24.05-rest/slurm-job-gpus-multi-nodes.json"))
+            .unwrap()[0];
+        assert_eq!(
+            (j.id, j.user.as_str(), j.partition.as_str()),
+            (11, "jthomas", "gpu")
+        );
+        assert_eq!(j.nodes, ["gpu1", "gpu2"]);
+        assert_eq!(j.gpus, 8, "4 H100 on each of the two nodes (gres_detail)");
+        let j =
+            &parse_squeue_json(&slurm("slurm-24.05-rest/slurm-job-gpus-running.json")).unwrap()[0];
+        assert_eq!(
+            (j.id, j.gpus, j.nodes.as_slice()),
+            (9, 4, &["gpu1".to_string()][..])
+        );
+        let j = &parse_squeue_json(&slurm("slurm-24.05-rest/slurm-job-pending.json")).unwrap()[0];
+        assert_eq!((j.id, j.state.as_str()), (649730, "PENDING"));
+        assert_eq!((j.reason.as_deref(), j.gpus), (Some("BeginTime"), 0));
+        assert!(j.nodes.is_empty());
+        for (file, id, state) in [
+            ("slurm-job-running.json", 649722, "RUNNING"),
+            ("slurm-job-completed.json", 649718, "COMPLETED"),
+        ] {
+            let j = &parse_squeue_json(&slurm(&format!("slurm-24.05-rest/{file}"))).unwrap()[0];
+            assert_eq!(
+                (j.id, j.state.as_str(), j.nodes.as_slice()),
+                (id, state, &["cn001".to_string()][..])
+            );
+        }
+    }
+
+    #[test]
+    fn slurmdbd_accounting_records_are_refused_by_name() {
+        for file in [
+            "slurmdb-job-completed.json",
+            "slurmdb-job-failed.json",
+            "slurmdb-job-gpus-completed.json",
+            "slurmdb-job-running.json",
+        ] {
+            let e = parse_squeue_json(&slurm(&format!("slurm-24.05-rest/{file}"))).unwrap_err();
+            assert!(
+                e.message.contains("slurmdbd accounting record"),
+                "{file}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn sinfo_json_both_shapes() {
+        let nodes = parse_sinfo_json(&slurm("slurm-21.08-cli/sinfo_out.json")).unwrap();
+        assert_eq!(nodes.len(), 4);
+        let n = node(&nodes, "cs2.example.company.com");
+        assert_eq!(n.states, ["mixed"]);
+        assert_eq!(
+            (n.cpus, n.cpus_allocated, n.gpus),
+            (Some(64), Some(4), None)
+        );
+        assert_eq!(n.partitions, ["hw"]);
+        assert_eq!(node(&nodes, "cs3.example.company.com").states, ["idle"]);
+        assert_eq!(
+            node(&nodes, "cs4.example.company.com").states,
+            ["allocated"]
+        );
+        assert_eq!(node(&nodes, "cs5.example.company.com").states, ["down"]);
+
+        let nodes = parse_sinfo_json(&slurm("slurm-24.05-rest/slurm-nodes.json")).unwrap();
+        assert_eq!(nodes.len(), 100);
+        assert!(nodes.iter().all(|n| n.states == ["idle"]));
+        let n = node(&nodes, "cn001");
+        assert_eq!(
+            (n.cpus, n.cpus_allocated, n.reason.as_deref()),
+            (Some(64), Some(0), None)
+        );
+        assert_eq!(node(&nodes, "cn100").partitions, ["interactive"]);
+    }
+
+    #[test]
+    fn node_flags_gres_and_reasons_in_both_shapes() {
+        let old = r#"{"nodes": [{"name": "gpu01", "state": "mixed", "state_flags": ["DRAIN"],
+            "reason": "bad DIMM", "cpus": 128, "alloc_cpus": 64, "gres": "gpu:mi100:8(S:0-1)"}]}"#;
+        let new = r#"{"nodes": [{"name": "gpu01", "state": ["MIXED", "DRAIN"],
+            "reason": "bad DIMM", "cpus": 128, "alloc_cpus": 64,
+            "gres": "gpu:mi100:4(S:0),gpu:mi100:4(S:1),shard:8"}]}"#;
+        for doc in [old, new] {
+            let n = &parse_sinfo_json(doc).unwrap()[0];
+            assert_eq!(n.states, ["mixed", "drain"]);
+            assert_eq!((n.reason.as_deref(), n.gpus), (Some("bad DIMM"), Some(8)));
+        }
+    }
+
+    #[test]
+    fn squeue_text_in_the_sources_format() {
+        let text = "\
+123|123|N/A|alice|ml|gpu|RUNNING|None|gpu[01-02]|gres/gpu:4|1700000000|1700000100|1-00:00:00|train llama | 7b
+124|120|3|bob|ml|gpu|PENDING|Resources||gpu:mi100:2|1700000200|N/A|UNLIMITED|sweep
+";
+        let jobs = parse_squeue_text(text).unwrap();
+        let j = job(&jobs, 123);
+        assert_eq!(
+            j.name, "train llama | 7b",
+            "the name is last and may hold the separator"
+        );
+        assert_eq!(
+            (j.user.as_str(), j.account.as_str(), j.state.as_str()),
+            ("alice", "ml", "RUNNING")
+        );
+        assert_eq!(j.nodes, ["gpu01", "gpu02"]);
+        assert_eq!(j.gpus, 8, "4 per node on two nodes");
+        assert_eq!(
+            (j.submit_time, j.start_time),
+            (Some(1700000000), Some(1700000100))
+        );
+        assert_eq!(j.time_limit_seconds, Some(86_400));
+        assert_eq!(
+            (j.array_job_id, j.array_task_id, j.reason.as_deref()),
+            (None, None, None)
+        );
+        // %A is numeric for every array task; `%i`'s "124_3" form is refused.
+        let e = parse_squeue_text("124_3|120|3|bob|ml|gpu|PENDING|Resources||N/A|1|N/A|5|x\n")
+            .unwrap_err();
+        assert_eq!(e.line, 1);
+        assert!(e.message.contains("job id"), "{e}");
+
+        let j = job(&jobs, 124);
+        assert_eq!((j.array_job_id, j.array_task_id), (Some(120), Some(3)));
+        assert_eq!(
+            (j.gpus, j.time_limit_seconds, j.start_time),
+            (0, None, None)
+        );
+        assert_eq!(j.reason.as_deref(), Some("Resources"));
+    }
+
+    #[test]
+    fn squeue_text_fixture_one_json_object_per_line() {
+        let text = slurm("slurm-21.08-cli/squeue_fallback.txt");
+        // The capture ends with two deliberately broken lines (`"cpu": xx`).
+        let e = parse_squeue_text(&text).unwrap_err();
+        assert_eq!(e.line, 8, "{e}");
+        assert!(e.message.contains("not valid JSON"), "{e}");
+        let good: String = text.lines().take(6).map(|l| format!("{l}\n")).collect();
+        let jobs = parse_squeue_text(&good).unwrap();
+        assert_eq!(jobs.len(), 6);
+        let j = job(&jobs, 26515966);
+        assert_eq!(
+            (j.account.as_str(), j.partition.as_str(), j.state.as_str()),
+            ("account1", "hw-h", "RUNNING")
+        );
+        assert_eq!(j.nodes, ["cs10"]);
+        let j = job(&jobs, 51447052);
+        assert_eq!(j.state, "PENDING");
+        assert_eq!(
+            j.reason.as_deref(),
+            Some("(ReqNodeNotAvail, UnavailableNodes:cs[100,101,102])")
+        );
+        assert_eq!(job(&jobs, 18804).reason.as_deref(), Some("Priority"));
+    }
+
+    #[test]
+    fn sinfo_text_fixture_and_the_sources_format() {
+        let nodes = parse_sinfo_text(&slurm("slurm-21.08-cli/sinfo_fallback.txt")).unwrap();
+        assert_eq!(nodes.len(), 4, "cs25 is listed once per partition");
+        let n = node(&nodes, "cs25");
+        assert_eq!(n.states, ["allocated"]);
+        assert_eq!(n.partitions, ["hw", "hw-l", "hw-m", "hw-h", "cdn"]);
+        assert_eq!((n.cpus_allocated, n.cpus), (Some(64), Some(64)));
+        assert_eq!(node(&nodes, "cs156").states, ["completing"]);
+        assert_eq!(node(&nodes, "cs53").cpus_allocated, Some(52));
+
+        let text = "\
+gpu01|mixed+drain|64/64/0/128|gpu:mi100:8(S:0-1)|gpu*|bad DIMM | replaced
+gpu02|down*|0/0/128/128|gpu:mi100:8|gpu|Not responding
+gpu02|down*|0/0/128/128|gpu:mi100:8|debug|Not responding
+cpu01|drained|0/32/0/32|(null)|cpu|maint
+";
+        let nodes = parse_sinfo_text(text).unwrap();
+        let n = node(&nodes, "gpu01");
+        assert_eq!(n.states, ["mixed", "drain"]);
+        assert_eq!(
+            (n.gpus, n.reason.as_deref()),
+            (Some(8), Some("bad DIMM | replaced"))
+        );
+        assert_eq!(
+            n.partitions,
+            ["gpu"],
+            "the default partition's `*` is dropped"
+        );
+        let n = node(&nodes, "gpu02");
+        assert_eq!(n.states, ["down", "not_responding"]);
+        assert_eq!(n.partitions, ["gpu", "debug"]);
+        let n = node(&nodes, "cpu01");
+        assert_eq!(
+            (n.states.as_slice(), n.gpus),
+            (&["drain".to_string()][..], None)
+        );
+        let e = parse_sinfo_text("gpu01|idle\n").unwrap_err();
+        assert_eq!(e.line, 1);
+        assert!(e.message.contains("2 fields"), "{e}");
+    }
+
+    #[test]
+    fn durations_and_hostlists() {
+        for (s, want) in [
+            ("UNLIMITED", None),
+            ("30", Some(1800)),
+            ("30:05", Some(1805)),
+            ("1:00:00", Some(3600)),
+            ("2-00:00:00", Some(172_800)),
+            ("2-3", Some(2 * 86_400 + 3 * 3600)),
+        ] {
+            assert_eq!(parse_duration(s).unwrap(), want, "{s}");
+        }
+        assert!(parse_duration("soon").unwrap_err().contains("soon"));
+        assert_eq!(
+            hostlist::expand("gpu[01-03,07]").unwrap(),
+            ["gpu01", "gpu02", "gpu03", "gpu07"]
+        );
+    }
+
+    #[test]
+    fn broken_json_says_where_and_what() {
+        let full = slurm("slurm-24.05-rest/slurm-jobs.json");
+        for cut in [0, 1, 100, full.len() / 2, full.len() - 2] {
+            let e = parse_squeue_json(&full[..cut]).unwrap_err();
+            assert!(
+                e.message.contains("JSON") || e.message.contains("jobs"),
+                "{cut}: {e}"
+            );
+            if cut > 1 {
+                assert!(e.line >= 1, "{cut}: {e}");
+            }
+        }
+        let e = parse_sinfo_json(r#"{"nodes": [{"name": "a"}]}"#).unwrap_err();
+        assert!(e.message.contains("nodes[0] (a): no state"), "{e}");
+        let e = parse_squeue_json(r#"{"jobs": [{"job_id": 5}]}"#).unwrap_err();
+        assert!(e.message.contains("job 5: no job_state"), "{e}");
+        let e = parse_squeue_json(
+            r#"{"jobs": [], "errors": [{"error": "Unable to contact slurm controller"}]}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("Unable to contact"), "{e}");
+        let e = parse_squeue_json(
+            r#"{"jobs": [{"job_id": 5, "job_state": "RUNNING", "nodes": "n[1-"}]}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("without `]`"), "{e}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,400}") {
+            let _ = parse_squeue_json(&text);
+            let _ = parse_sinfo_json(&text);
+            let _ = parse_squeue_text(&text);
+            let _ = parse_sinfo_text(&text);
+            let _ = hostlist::expand(&text);
+            let _ = parse_duration(&text);
+        }
+
+        #[test]
+        fn truncated_fixtures_never_panic(cut in 0usize..20_000, which in 0usize..4) {
+            let file = ["slurm-21.08-cli/squeue_out.json", "slurm-21.08-cli/sinfo_out.json",
+                "slurm-24.05-rest/slurm-job-gpus-multi-nodes.json", "slurm-21.08-cli/squeue_fallback.txt"][which];
+            let full = slurm(file);
+            let mut cut = cut.min(full.len());
+            while !full.is_char_boundary(cut) { cut -= 1; }
+            let _ = parse_squeue_json(&full[..cut]);
+            let _ = parse_sinfo_json(&full[..cut]);
+            let _ = parse_squeue_text(&full[..cut]);
+            let _ = parse_sinfo_text(&full[..cut]);
+        }
+    }
+
+    /// Fake `squeue` and `sinfo`: shell scripts printing what `squeue.out`
+    /// and `sinfo.out` in their directory hold, as the JSON form, or (with
+    /// `json = false`) refusing `--json` as an old SLURM does.
+    struct FakeSlurm {
+        dir: tempfile::TempDir,
+    }
+
+    impl FakeSlurm {
+        fn new(json: bool) -> FakeSlurm {
+            use std::os::unix::fs::PermissionsExt;
+            let dir = tempfile::tempdir().unwrap();
+            for name in ["squeue", "sinfo"] {
+                let path = dir.path().join(name);
+                let refuse = if json {
+                    String::new()
+                } else {
+                    format!(
+                        "[ \"$1\" = --json ] && {{ echo \"{name}: unrecognized option '--json'\" >&2; exit 2; }}\n"
+                    )
+                };
+                fs::write(
+                    &path,
+                    format!(
+                        "#!/bin/sh\n{refuse}[ \"$SLURM_TIME_FORMAT\" = %s ] || exit 9\necho \"$@\" > {d}/{name}.args\ncat {d}/{name}.out\n",
+                        d = dir.path().display()
+                    ),
+                )
+                .unwrap();
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+            }
+            FakeSlurm { dir }
+        }
+
+        fn put(&self, name: &str, body: &str) {
+            fs::write(self.dir.path().join(format!("{name}.out")), body).unwrap();
+        }
+
+        fn args(&self, name: &str) -> String {
+            read(&self.dir.path().join(format!("{name}.args")))
+        }
+
+        fn config(&self) -> RawConfig {
+            let mut cfg = config(&self.dir.path().join("proc"), &self.dir.path().join("sys"));
+            cfg.sources.slurm.squeue = Some(self.dir.path().join("squeue"));
+            cfg.sources.slurm.sinfo = Some(self.dir.path().join("sinfo"));
+            cfg.sources.slurm.command_timeout = Duration::from_secs(20);
+            cfg.interval = Duration::from_secs(40);
+            cfg
+        }
+    }
+
+    #[test]
+    fn source_runs_squeue_and_sinfo_json_and_reports_state_changes_as_events() {
+        let fake = FakeSlurm::new(true);
+        let jobs = slurm("slurm-24.05-rest/slurm-jobs.json");
+        fake.put("squeue", &jobs);
+        fake.put("sinfo", &slurm("slurm-21.08-cli/sinfo_out.json"));
+        let mut sources = Sources::new(&fake.config(), &["slurm".to_string()]).unwrap();
+        let cycle = sources.collect();
+        assert_eq!(
+            cycle.reports[0].status, "ok",
+            "{:?}",
+            cycle.reports[0].error
+        );
+        assert!(cycle.events.is_empty(), "no events on first sight");
+        assert_eq!(fake.args("squeue").trim(), "--json");
+        let s = &cycle.samples;
+        let info: Vec<&Sample> = s
+            .iter()
+            .filter(|s| s.name == "vitals_slurm_job_info")
+            .collect();
+        assert_eq!(info.len(), 14);
+        let l = &info
+            .iter()
+            .find(|s| s.labels["job_id"] == "649728")
+            .unwrap()
+            .labels;
+        assert_eq!(
+            (
+                l["user"].as_str(),
+                l["account"].as_str(),
+                l["partition"].as_str(),
+                l["state"].as_str()
+            ),
+            ("crich", "biology", "batch", "RUNNING")
+        );
+        assert!(
+            !l.contains_key("node"),
+            "the agent adds `node`; SLURM's are `slurm_node`"
+        );
+        assert_eq!(
+            value(
+                s,
+                "vitals_slurm_job_state",
+                &[("job_id", "649717"), ("state", "TIMEOUT")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                s,
+                "vitals_slurm_job_state",
+                &[("job_id", "649717"), ("state", "RUNNING")]
+            ),
+            0.0
+        );
+        assert_eq!(
+            value(
+                s,
+                "vitals_slurm_job_node",
+                &[("job_id", "649728"), ("slurm_node", "cn005")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                s,
+                "vitals_slurm_job_start_time_seconds",
+                &[("job_id", "649728")]
+            ),
+            1747754493.0
+        );
+        assert_eq!(
+            value(
+                s,
+                "vitals_slurm_job_time_limit_seconds",
+                &[("job_id", "649728")]
+            ),
+            120.0
+        );
+        assert!(
+            value(
+                s,
+                "vitals_slurm_job_runtime_seconds",
+                &[("job_id", "649728")]
+            ) > 1.0e7
+        );
+        assert_eq!(
+            value(
+                s,
+                "vitals_slurm_jobs",
+                &[("state", "COMPLETED"), ("partition", "batch")]
+            ),
+            8.0
+        );
+        assert_eq!(
+            value(
+                s,
+                "vitals_slurm_job_gpus",
+                &[("job_id", "649728"), ("user", "crich")]
+            ),
+            0.0
+        );
+        assert_eq!(count(s, "vitals_slurm_job_runtime_seconds"), 3);
+        let cs5 = [("slurm_node", "cs5.example.company.com")];
+        assert_eq!(
+            value(s, "vitals_slurm_node_state", &[cs5[0], ("state", "down")]),
+            1.0
+        );
+        assert_eq!(
+            value(s, "vitals_slurm_node_state", &[cs5[0], ("state", "idle")]),
+            0.0
+        );
+        assert_eq!(value(s, "vitals_slurm_node_cpus", &cs5), 64.0);
+        assert_eq!(
+            value(s, "vitals_slurm_command_success", &[("command", "squeue")]),
+            1.0
+        );
+        assert_eq!(
+            value(
+                s,
+                "vitals_slurm_command_text_fallback",
+                &[("command", "sinfo")]
+            ),
+            0.0
+        );
+
+        // 649722 finishes, 649730 starts: two events, one per change.
+        let mut doc: serde_json::Value = serde_json::from_str(&jobs).unwrap();
+        for j in doc["jobs"].as_array_mut().unwrap() {
+            match j["job_id"].as_u64() {
+                Some(649722) => j["job_state"] = serde_json::json!(["FAILED"]),
+                Some(649730) => j["job_state"] = serde_json::json!(["RUNNING", "CONFIGURING"]),
+                _ => {}
+            }
+        }
+        fake.put("squeue", &doc.to_string());
+        let cycle = sources.collect();
+        assert_eq!(
+            cycle.reports[0].status, "ok",
+            "{:?}",
+            cycle.reports[0].error
+        );
+        let mut ev: Vec<(String, String, String, String)> = cycle
+            .events
+            .iter()
+            .map(|e| {
+                assert_eq!(e.kind, "slurm_job_state");
+                let l = &e.labels;
+                (
+                    l["job_id"].clone(),
+                    l["user"].clone(),
+                    l["old_state"].clone(),
+                    l["new_state"].clone(),
+                )
+            })
+            .collect();
+        ev.sort();
+        assert_eq!(
+            ev,
+            [
+                (
+                    "649722".into(),
+                    "ksoto".into(),
+                    "RUNNING".into(),
+                    "FAILED".into()
+                ),
+                (
+                    "649730".into(),
+                    "tmcgrath".into(),
+                    "PENDING".into(),
+                    "RUNNING".into()
+                ),
+            ]
+        );
+        let failed = cycle
+            .events
+            .iter()
+            .find(|e| e.labels["job_id"] == "649722")
+            .unwrap();
+        assert_eq!(failed.severity, vitals_proto::v1::Severity::Warning);
+        let batch = vitals_agent::cycle::to_batch("head1", 42, &cycle.samples, &cycle.events);
+        assert_eq!(batch.events.len(), 2);
+        assert!(
+            batch
+                .events
+                .iter()
+                .all(|e| e.node == "head1" && e.timestamp_ms == 42)
+        );
+        // Nothing changed since: no more events.
+        assert!(sources.collect().events.is_empty());
+    }
+
+    #[test]
+    fn source_falls_back_to_the_text_forms_when_json_is_refused() {
+        let fake = FakeSlurm::new(false);
+        fake.put(
+            "squeue",
+            "123|123|N/A|alice|ml|gpu|RUNNING|None|gpu[01-02]|gres/gpu:4|1700000000|1700000100|1-00:00:00|train\n",
+        );
+        fake.put(
+            "sinfo",
+            "gpu01|mixed+drain|64/64/0/128|gpu:mi100:8|gpu*|bad DIMM\n",
+        );
+        let s = collect_ok(&fake.config(), &["slurm"]);
+        assert_eq!(
+            fake.args("squeue").trim(),
+            "--noheader --states=all -o %A|%F|%K|%u|%a|%P|%T|%r|%N|%b|%V|%S|%l|%j"
+        );
+        assert_eq!(
+            fake.args("sinfo").trim(),
+            "--noheader --Node -o %N|%T|%C|%G|%P|%E"
+        );
+        assert_eq!(
+            value(
+                &s,
+                "vitals_slurm_command_text_fallback",
+                &[("command", "squeue")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &s,
+                "vitals_slurm_job_gpus",
+                &[("job_id", "123"), ("user", "alice")]
+            ),
+            8.0
+        );
+        assert_eq!(
+            value(
+                &s,
+                "vitals_slurm_job_time_limit_seconds",
+                &[("job_id", "123")]
+            ),
+            86_400.0
+        );
+        let g = ("slurm_node", "gpu01");
+        assert_eq!(
+            value(&s, "vitals_slurm_node_state", &[g, ("state", "drain")]),
+            1.0
+        );
+        assert_eq!(
+            value(&s, "vitals_slurm_node_state", &[g, ("state", "mixed")]),
+            1.0
+        );
+        assert_eq!(value(&s, "vitals_slurm_node_gpus", &[g]), 8.0);
+        assert_eq!(
+            value(
+                &s,
+                "vitals_slurm_node_info",
+                &[g, ("partitions", "gpu"), ("reason", "bad DIMM")]
+            ),
+            1.0
+        );
+    }
+
+    #[test]
+    fn no_squeue_is_unavailable_and_bad_output_is_an_error() {
+        let mut cfg = RawConfig::default();
+        cfg.sources.slurm.squeue = Some("/nonexistent/squeue".into());
+        let cycle = run(&cfg, &["slurm"]);
+        assert_eq!(cycle.reports[0].status, "unavailable");
+        assert!(
+            cycle.reports[0]
+                .error
+                .as_ref()
+                .unwrap()
+                .contains("/nonexistent/squeue")
+        );
+        assert!(cycle.samples.is_empty());
+
+        let fake = FakeSlurm::new(true);
+        fake.put("squeue", "{\"jobs\": [");
+        fake.put("sinfo", "{\"nodes\": []}");
+        let cycle = run(&fake.config(), &["slurm"]);
+        assert_eq!(cycle.reports[0].status, "error");
+        let e = cycle.reports[0].error.as_ref().unwrap();
+        assert!(e.contains("`squeue` output: line 1: not valid JSON"), "{e}");
+    }
 }
 
 #[test]

@@ -5,15 +5,18 @@
 //! at debug and never counted as an error; anything else is `Failed`: that
 //! source skips the cycle, its error counter goes up, the others go on.
 
+pub mod command;
 pub mod gpu;
 pub mod host;
 pub mod net;
 pub mod nfs;
 pub mod nfsd;
+pub mod slurm;
 pub mod util;
 pub mod zfs;
 
-use vitals_common::model::Sample;
+use vitals_common::model::{Labels, Sample};
+use vitals_proto::v1::Severity;
 
 use crate::config::RawConfig;
 
@@ -55,6 +58,20 @@ pub trait Source: Send {
     fn name(&self) -> &'static str;
     /// Reads the inputs and appends samples (without node label or timestamp).
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), SourceError>;
+    /// Events noticed since the last call (a job changing state...), taken
+    /// by the cycle after `collect` and sent in the same batch.
+    fn events(&mut self) -> Vec<SourceEvent> {
+        Vec::new()
+    }
+}
+
+/// An event as a source reports it; the cycle adds the node and the time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceEvent {
+    pub kind: String,
+    pub severity: Severity,
+    pub message: String,
+    pub labels: Labels,
 }
 
 /// One entry of the source list.
@@ -103,6 +120,12 @@ pub const SOURCES: &[SourceSpec] = &[
         help: "GPUs: AMD through ROCm SMI, NVIDIA through NVML (both loaded at run time), else amdgpu sysfs",
         build: gpu::build,
     },
+    SourceSpec {
+        name: "slurm",
+        enabled_by_default: true,
+        help: "SLURM jobs and nodes from squeue and sinfo (--json, else their text forms); unavailable without squeue",
+        build: slurm::build,
+    },
 ];
 
 /// Whether a source is enabled by the config (or its default).
@@ -114,6 +137,7 @@ pub fn enabled(cfg: &RawConfig, spec: &SourceSpec) -> bool {
         "nfsd" => cfg.sources.nfsd.enabled,
         "zfs" => cfg.sources.zfs.enabled,
         "gpu" => cfg.sources.gpu.enabled,
+        "slurm" => cfg.sources.slurm.enabled,
         _ => None,
     };
     toggle.unwrap_or(spec.enabled_by_default)

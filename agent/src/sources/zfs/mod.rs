@@ -10,7 +10,7 @@
 //! `node_zfs_arc_l2_hit_ratio`.
 //!
 //! Pool health through the configured `zpool` and `zfs` programs, run off
-//! the collection thread with a timeout (see `command`): `zpool list` (size,
+//! the collection thread with a timeout (see `sources::command`): `zpool list` (size,
 //! allocated, free, fragmentation, capacity, dedup, health), `zpool status`
 //! (state and error counters of every vdev including log, cache and spare
 //! devices, scrub/resilver progress and last result, data errors) and
@@ -19,7 +19,6 @@
 //! `vitals_zfs_command_duration_seconds`, `vitals_zfs_command_timeouts_total`
 //! and `vitals_zfs_command_hung`.
 
-pub mod command;
 pub mod kstat;
 pub mod zpool;
 
@@ -29,8 +28,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use vitals_common::model::Sample;
 
-use self::command::{CommandSpec, Runner};
 use self::kstat::{KValue, metric_name, parse_kstat};
+use super::command::{CommandSpec, Runner};
 use super::util::{Deltas, Files, list_dir, ratio, subdirs};
 use super::{Source, SourceError};
 use crate::config::RawConfig;
@@ -93,6 +92,8 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
                     .into_iter()
                     .map(|v| v.into_iter().map(str::to_string).collect())
                     .collect(),
+                fallback_on: &[],
+                env: Vec::new(),
             },
             z.command_timeout,
         )

@@ -1,4 +1,5 @@
-//! Runs `zpool`/`zfs` off the collection thread, with a timeout.
+//! Runs external programs (`zpool`/`zfs`, `squeue`/`sinfo`) off the
+//! collection thread, with a timeout.
 //!
 //! Each command runs in its own worker thread. The source starts a run when
 //! none is in flight and waits for it at most until the cycle's deadline; a
@@ -20,13 +21,20 @@ const OUTPUT_CAP: usize = 16 << 20;
 
 /// One command and its argument variants, newest format first: when a
 /// variant exits with status 2 (usage error: an option this implementation
-/// does not have), the next is tried, and the one that worked is kept.
+/// does not have), or fails with one of `fallback_on` in its stderr, the
+/// next is tried, and the one that worked is kept.
 #[derive(Debug, Clone)]
 pub struct CommandSpec {
     /// Label value in the self-metrics, e.g. "zpool status".
     pub label: &'static str,
     pub program: PathBuf,
     pub variants: Vec<Vec<String>>,
+    /// Stderr fragments (matched case-insensitively) that, on a non-zero
+    /// exit, mean "this option is not supported here": SLURM's commands
+    /// exit 1, not 2, on an unknown option.
+    pub fallback_on: &'static [&'static str],
+    /// Environment set for the program besides `LC_ALL=C`.
+    pub env: Vec<(String, String)>,
 }
 
 /// How a run ended.
@@ -200,7 +208,20 @@ fn run(spec: &CommandSpec, first: usize, timeout: Duration) -> Outcome {
         let args = spec.variants.get(variant).cloned().unwrap_or_default();
         let left = timeout.saturating_sub(start.elapsed());
         let outcome = run_once(spec, &args, variant, left, start);
-        let usage_error = matches!(outcome, Outcome::Exited { code: Some(2), .. });
+        let usage_error = match &outcome {
+            Outcome::Exited { code: Some(2), .. } => true,
+            Outcome::Exited {
+                code: Some(c),
+                stderr,
+                ..
+            } if *c != 0 => {
+                let stderr = stderr.to_ascii_lowercase();
+                spec.fallback_on
+                    .iter()
+                    .any(|f| stderr.contains(&f.to_ascii_lowercase()))
+            }
+            _ => false,
+        };
         if usage_error && variant + 1 < spec.variants.len() {
             variant += 1;
             continue;
@@ -219,6 +240,7 @@ fn run_once(
     let child = Command::new(&spec.program)
         .args(args)
         .env("LC_ALL", "C")
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -310,6 +332,8 @@ mod tests {
                 .iter()
                 .map(|v| vec!["-c".to_string(), v.to_string()])
                 .collect(),
+            fallback_on: &["unrecognized option"],
+            env: vec![("VITALS_TEST".into(), "set".into())],
         }
     }
 
@@ -344,6 +368,20 @@ mod tests {
         r.receive(Some(Instant::now() + Duration::from_secs(5)));
         let failure = r.last.as_ref().unwrap().failure().unwrap();
         assert_eq!(failure, "exit status 1: no");
+        // Exit 1 with a known complaint also falls back; the env is passed.
+        let mut r = Runner::new(
+            sh(
+                "stderr",
+                &[
+                    "echo \"squeue: Unrecognized option '--json'\" >&2; exit 1",
+                    "echo $VITALS_TEST",
+                ],
+            ),
+            Duration::from_secs(5),
+        );
+        r.start();
+        r.receive(Some(Instant::now() + Duration::from_secs(5)));
+        assert_eq!(r.last.as_ref().unwrap().success(), Some((1, "set\n")));
     }
 
     #[test]
@@ -373,6 +411,8 @@ mod tests {
                 label: "missing",
                 program: "/nonexistent/zpool".into(),
                 variants: vec![vec![]],
+                fallback_on: &[],
+                env: Vec::new(),
             },
             Duration::from_secs(1),
         );
