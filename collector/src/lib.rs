@@ -86,7 +86,7 @@ pub async fn run_reloadable(
     // Receivers configured: route into the outbox and deliver from it.
     let (sink, dispatcher): (Box<dyn alert::Sink>, _) =
         if settings.alerting.routing.targets.is_empty() {
-            (Box::new(alert::LogSink), None)
+            (Box::new(alert::LogSink::default()), None)
         } else {
             let outbox = notify::Outbox::open_with(
                 &settings.alerting.outbox_path,

@@ -332,7 +332,7 @@ async fn a_healthy_day_fires_nothing_and_a_real_failure_fires() {
     // silent nodes), anomaly scores included.
     for r in &rules {
         let values = match &r.condition {
-            Condition::Expr(e) => eval::term(&e.term, &store, end).unwrap(),
+            Condition::Expr(e) => eval::term(&e.term, &store, end, i64::MIN).unwrap(),
             Condition::Stall { series, .. } => store
                 .range(series, end - 60_000, end)
                 .unwrap()

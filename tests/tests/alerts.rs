@@ -156,7 +156,7 @@ summary = "ZFS pool {{zpool}} on {{node}} is {{state}}"
 [[rules]]
 name = "NfsMountHung"
 stalled = "node_mountstats_nfs_transport_receives_total"
-while = "diff(node_mountstats_nfs_transport_sends_total, node_mountstats_nfs_transport_receives_total) > 0"
+while = "increase(node_mountstats_nfs_transport_sends_total[3s]) > 0"
 window = "3s"
 severity = "critical"
 labels = { team = "ops" }

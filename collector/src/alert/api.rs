@@ -124,7 +124,7 @@ impl Alerts for AlertsService {
         let limit = if req.limit == 0 {
             1000
         } else {
-            req.limit as usize
+            (req.limit as usize).min(100_000)
         };
         let alerts = self
             .with(move |st| {

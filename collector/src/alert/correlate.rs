@@ -137,12 +137,12 @@ pub fn related(
             .then(a.1.since_ms.cmp(&b.1.since_ms))
             .then(b.1.score.total_cmp(&a.1.score))
     });
-    found.truncate(MAX_RELATED);
     let start = alert.active_since_ms;
     let cause = found
         .iter()
         .find(|(_, r)| r.since_ms <= start)
         .map(|(_, r)| describe(r));
+    found.truncate(MAX_RELATED);
     (found.into_iter().map(|(_, r)| r).collect(), cause)
 }
 

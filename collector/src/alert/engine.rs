@@ -117,6 +117,8 @@ pub struct Engine {
     pub default_keep_firing_for: Duration,
     /// Rules whose last evaluation failed, and why (logged once).
     pub errors: HashMap<String, String>,
+    /// When this engine began evaluating (silence is counted from here).
+    pub started_ms: i64,
 }
 
 impl Engine {
@@ -129,6 +131,7 @@ impl Engine {
                 .collect(),
             default_keep_firing_for,
             errors: HashMap::new(),
+            started_ms: i64::MIN,
         }
     }
 
@@ -137,7 +140,7 @@ impl Engine {
         let mut changes = Vec::new();
         let rules = std::mem::take(&mut self.rules);
         for rule in &rules {
-            let values = match eval::condition(&rule.condition, data, now) {
+            let values = match eval::condition(&rule.condition, data, now, self.started_ms) {
                 Ok(v) => {
                     if self.errors.remove(&rule.name).is_some() {
                         tracing::info!(rule = %rule.name, "alert rule evaluates again");

@@ -106,7 +106,9 @@ fn join(left: Vec<Value>, right: &[Value], f: impl Fn(f64, f64) -> Option<f64>) 
     out
 }
 
-pub fn term(t: &Term, data: &dyn Data, now: i64) -> Result<Vec<Value>, String> {
+/// Values of a term at `now`. `started_ms`: when evaluation began (this
+/// process); a series is not silent for longer than we have been looking.
+pub fn term(t: &Term, data: &dyn Data, now: i64, started_ms: i64) -> Result<Vec<Value>, String> {
     Ok(match t {
         Term::Instant(sel) => data
             .range(sel, now - ms(INSTANT_LOOKBACK), now)?
@@ -133,14 +135,14 @@ pub fn term(t: &Term, data: &dyn Data, now: i64) -> Result<Vec<Value>, String> {
             })
             .collect(),
         Term::Ratio(a, b) => {
-            let right = term(b, data, now)?;
-            join(term(a, data, now)?, &right, |x, y| {
+            let right = term(b, data, now, started_ms)?;
+            join(term(a, data, now, started_ms)?, &right, |x, y| {
                 (y != 0.0).then_some(x / y)
             })
         }
         Term::Diff(a, b) => {
-            let right = term(b, data, now)?;
-            join(term(a, data, now)?, &right, |x, y| Some(x - y))
+            let right = term(b, data, now, started_ms)?;
+            join(term(a, data, now, started_ms)?, &right, |x, y| Some(x - y))
         }
         Term::Anomaly(sel) => {
             let mut matchers: Vec<Matcher> = sel
@@ -181,7 +183,10 @@ pub fn term(t: &Term, data: &dyn Data, now: i64) -> Result<Vec<Value>, String> {
                 let interval = typical_interval(&s.points)?;
                 let last = s.points.last()?.0;
                 let silent_ms = now - last;
-                (silent_ms as f64 > intervals * interval as f64).then(|| Value {
+                // After a collector restart, agents need a moment to come
+                // back: count silence from when we started looking.
+                let counted = now - last.max(started_ms);
+                (counted as f64 > intervals * interval as f64).then(|| Value {
                     evidence: vec![evidence(&s)],
                     labels: s.labels,
                     value: silent_ms as f64 / 1000.0,
@@ -203,8 +208,8 @@ pub fn typical_interval(points: &[(i64, f64)]) -> Option<i64> {
 }
 
 /// The label sets for which the expression holds now.
-pub fn expr(e: &Expr, data: &dyn Data, now: i64) -> Result<Vec<Value>, String> {
-    Ok(term(&e.term, data, now)?
+pub fn expr(e: &Expr, data: &dyn Data, now: i64, started_ms: i64) -> Result<Vec<Value>, String> {
+    Ok(term(&e.term, data, now, started_ms)?
         .into_iter()
         .filter(|v| match e.cmp {
             Some((op, n)) => op.holds(v.value, n),
@@ -214,9 +219,14 @@ pub fn expr(e: &Expr, data: &dyn Data, now: i64) -> Result<Vec<Value>, String> {
 }
 
 /// The label sets for which a rule's condition holds now.
-pub fn condition(c: &Condition, data: &dyn Data, now: i64) -> Result<Vec<Value>, String> {
+pub fn condition(
+    c: &Condition,
+    data: &dyn Data,
+    now: i64,
+    started_ms: i64,
+) -> Result<Vec<Value>, String> {
     match c {
-        Condition::Expr(e) => expr(e, data, now),
+        Condition::Expr(e) => expr(e, data, now, started_ms),
         Condition::Stall {
             series,
             window,
@@ -224,7 +234,7 @@ pub fn condition(c: &Condition, data: &dyn Data, now: i64) -> Result<Vec<Value>,
         } => {
             let w = ms(*window);
             let gate = match while_ {
-                Some(e) => Some(expr(e, data, now)?),
+                Some(e) => Some(expr(e, data, now, started_ms)?),
                 None => None,
             };
             let mut out = Vec::new();
@@ -331,7 +341,7 @@ pub mod tests {
             ),
         ]);
         let e = expr::parse("ratio(gpu_used_vram, gpu_total_vram) > 0.95").unwrap();
-        let v = expr(&e, &data, 2000).unwrap();
+        let v = expr(&e, &data, 2000, i64::MIN).unwrap();
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].labels["gpu"], "0");
         assert_eq!(v[0].value, 0.96);
@@ -343,10 +353,13 @@ pub mod tests {
         let pts: Vec<(i64, f64)> = (0..10).map(|i| (i * 1000, i as f64)).collect();
         let data = Mem(vec![series("c", &[("node", "a")], &pts)]);
         let e = expr::parse("silent(c[1h], 3)").unwrap();
-        assert!(expr(&e, &data, 9000 + 2500).unwrap().is_empty());
-        let v = expr(&e, &data, 9000 + 3500).unwrap();
+        assert!(expr(&e, &data, 9000 + 2500, i64::MIN).unwrap().is_empty());
+        let v = expr(&e, &data, 9000 + 3500, i64::MIN).unwrap();
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].value, 3.5);
+        // A collector that started 1 s ago has not yet seen 3 intervals.
+        assert!(expr(&e, &data, 12_500, 11_500).unwrap().is_empty());
+        assert_eq!(expr(&e, &data, 15_000, 11_500).unwrap()[0].value, 6.0);
     }
 
     #[test]
@@ -363,10 +376,10 @@ pub mod tests {
             while_: Some(expr::parse("diff(tx, rx) > 0").unwrap()),
         };
         // Unchanged since t=20s: at t=45s only 25 s, at t=55s 35 s.
-        assert!(condition(&c, &data, 45_000).unwrap().is_empty());
-        assert_eq!(condition(&c, &data, 55_000).unwrap().len(), 1);
+        assert!(condition(&c, &data, 45_000, i64::MIN).unwrap().is_empty());
+        assert_eq!(condition(&c, &data, 55_000, i64::MIN).unwrap().len(), 1);
         // Without outstanding requests, an idle mount is not hung.
         let idle = Mem(vec![series("rx", &l, &rx), series("tx", &l, &rx)]);
-        assert!(condition(&c, &idle, 55_000).unwrap().is_empty());
+        assert!(condition(&c, &idle, 55_000, i64::MIN).unwrap().is_empty());
     }
 }

@@ -267,7 +267,7 @@ impl P<'_> {
             while let Some(c) = self.peek() {
                 self.i += 1;
                 match (quote, c) {
-                    (Some(_), b'\\') => self.i += 1,
+                    (Some(_), b'\\') => self.i = (self.i + 1).min(self.s.len()),
                     (Some(q), c) if c == q => quote = None,
                     (Some(_), _) => {}
                     (None, b'"') | (None, b'\'') | (None, b'`') => quote = Some(c),
@@ -418,6 +418,8 @@ mod tests {
         );
         // Braces inside quoted values do not end the selector.
         parse(r#"x{a=~"b{2}"} > 1"#).unwrap();
+        // An escape at the very end is an error, not a panic.
+        assert!(parse("x{a=\"\\").is_err());
     }
 
     #[test]

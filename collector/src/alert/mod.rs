@@ -17,6 +17,7 @@ pub mod expr;
 pub mod route;
 pub mod rules;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -209,15 +210,33 @@ pub fn settings(
 }
 
 /// Where firing and resolved alerts go (routing and the outbox).
+///
+/// A firing alert is offered to `notify` on every evaluation until `tick`
+/// reports it durably queued (then it is recorded as notified): a crash in
+/// between sends it again rather than never. A sink must therefore take
+/// each firing alert once however often it is offered.
 pub trait Sink: Send {
-    /// An alert that fired (or, with `phase == Resolved`, resolved).
+    /// An alert to send: firing, or resolved (`phase == Resolved`; sent only
+    /// if its firing was, or is queued to be).
     fn notify(&mut self, alert: &Alert, now: i64);
-    /// After each evaluation: flush groups, re-send what must be re-sent.
-    fn tick(&mut self, open: &[&Alert], now: i64);
+    /// After each evaluation: flush groups whose wait passed (all of them
+    /// with `flush_all`, at shutdown), repeat and re-send what must be,
+    /// leaving out silenced alerts. Returns the fingerprints of firing
+    /// alerts now durably queued.
+    fn tick(
+        &mut self,
+        open: &[&Alert],
+        silenced: &HashSet<String>,
+        now: i64,
+        flush_all: bool,
+    ) -> Vec<String>;
 }
 
 /// A sink that only logs (no receivers configured).
-pub struct LogSink;
+#[derive(Default)]
+pub struct LogSink {
+    logged: Vec<String>,
+}
 
 impl Sink for LogSink {
     fn notify(&mut self, a: &Alert, _now: i64) {
@@ -227,8 +246,19 @@ impl Sink for LogSink {
             summary = a.annotations.get("summary").map(String::as_str).unwrap_or(""),
             "alert (no receivers configured)"
         );
+        if a.phase == Phase::Firing {
+            self.logged.push(a.fingerprint.clone());
+        }
     }
-    fn tick(&mut self, _open: &[&Alert], _now: i64) {}
+    fn tick(
+        &mut self,
+        _open: &[&Alert],
+        _silenced: &HashSet<String>,
+        _now: i64,
+        _flush_all: bool,
+    ) -> Vec<String> {
+        std::mem::take(&mut self.logged)
+    }
 }
 
 /// The engine and its database, shared with the Alerts API.
@@ -251,8 +281,10 @@ pub fn open(settings: &AlertSettings) -> Result<Shared, db::DbError> {
             settings.state_path.display()
         );
     }
+    let mut engine = Engine::new(settings.rules.rules.clone(), settings.keep_firing_for, open);
+    engine.started_ms = vitals_common::now_ms();
     Ok(Arc::new(Mutex::new(Alerting {
-        engine: Engine::new(settings.rules.rules.clone(), settings.keep_firing_for, open),
+        engine,
         db,
         correlation_window: settings.correlation_window,
     })))
@@ -308,35 +340,44 @@ pub fn evaluate(shared: &Shared, data: &dyn eval::Data, now: i64) -> Vec<Alert> 
             a.related = related;
         }
     }
-    // Decide what to send: firing alerts not yet sent and not silenced
-    // (including ones whose silence just ended), resolutions of sent ones.
-    for c in changes.iter_mut() {
-        match c {
-            Change::Fired(a) | Change::Updated(a)
-                if a.phase == Phase::Firing && !a.notified && !silenced(&silences, a) =>
-            {
-                a.notified = true;
-                send.push(a.clone());
-            }
-            Change::Resolved(a) if a.notified => send.push(a.clone()),
-            _ => {}
-        }
-    }
     for c in &changes {
         if let Some(open) = st.engine.open.get_mut(&c.alert().fingerprint) {
             *open = c.alert().clone();
         }
     }
     if let Err(e) = st.db.apply(&changes) {
-        // Not recorded: do not notify either; the next step retries from
-        // the engine's state.
+        // Not recorded: put back what this step closed, so the next step
+        // closes (and notifies) it again; send nothing now.
         tracing::error!(error = %e, "cannot record alert changes; notifications wait for the next evaluation");
-        for a in &send {
-            if let Some(open) = st.engine.open.get_mut(&a.fingerprint) {
-                open.notified = false;
+        for c in changes {
+            match c {
+                Change::Resolved(mut a) => {
+                    a.phase = Phase::Firing;
+                    a.resolved_ms = None;
+                    st.engine.open.insert(a.fingerprint.clone(), a);
+                }
+                Change::Dropped(a) => {
+                    st.engine.open.insert(a.fingerprint.clone(), a);
+                }
+                _ => {}
             }
         }
         return Vec::new();
+    }
+    // What to offer the sink: every firing alert not yet queued and not
+    // silenced (new ones, ones whose silence just ended, ones a crash left
+    // unqueued), and resolutions that are not silenced.
+    for a in st.engine.open.values() {
+        if a.phase == Phase::Firing && !a.notified && !silenced(&silences, a) {
+            send.push(a.clone());
+        }
+    }
+    for c in &changes {
+        if let Change::Resolved(a) = c
+            && !silenced(&silences, a)
+        {
+            send.push(a.clone());
+        }
     }
     for c in &changes {
         match c {
@@ -369,40 +410,80 @@ pub async fn run(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.wait_for(|s| *s) => break,
-        }
+        let stopping = tokio::select! {
+            _ = ticker.tick() => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
         let now = vitals_common::now_ms();
         let (s2, st2) = (shared.clone(), store.clone());
-        let sent = tokio::task::spawn_blocking(move || evaluate(&s2, &st2, now)).await;
-        let sent = match sent {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "alert evaluation panicked");
-                continue;
-            }
-        };
-        let open: Vec<Alert> = match shared.lock() {
-            Ok(g) => g.engine.open.values().cloned().collect(),
-            Err(p) => p.into_inner().engine.open.values().cloned().collect(),
-        };
-        // The sink commits to the outbox: off the async threads.
-        sink = match tokio::task::spawn_blocking(move || {
+        // Evaluate (unless stopping), offer to the sink, flush, and record
+        // what is now queued: all off the async threads (SQLite commits).
+        let step = tokio::task::spawn_blocking(move || {
+            let sent = if stopping {
+                Vec::new()
+            } else {
+                evaluate(&s2, &st2, now)
+            };
             for a in &sent {
                 sink.notify(a, now);
             }
+            let (open, silenced) = snapshot(&s2, now);
             let refs: Vec<&Alert> = open.iter().collect();
-            sink.tick(&refs, now);
+            let queued = sink.tick(&refs, &silenced, now, stopping);
+            mark_notified(&s2, &queued);
             sink
         })
-        .await
-        {
+        .await;
+        sink = match step {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(error = %e, "alert notification step panicked; notifications stop until restart");
+                tracing::error!(error = %e, "alert evaluation panicked; alerting stops until restart");
                 return;
             }
         };
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// The open alerts, and the fingerprints of those a silence covers now.
+fn snapshot(shared: &Shared, now: i64) -> (Vec<Alert>, HashSet<String>) {
+    let g = match shared.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    let silences = g.db.silences(false, now).unwrap_or_default();
+    let open: Vec<Alert> = g.engine.open.values().cloned().collect();
+    let silenced = open
+        .iter()
+        .filter(|a| silenced(&silences, a))
+        .map(|a| a.fingerprint.clone())
+        .collect();
+    (open, silenced)
+}
+
+/// Records that these firing alerts are queued for their receivers.
+fn mark_notified(shared: &Shared, fingerprints: &[String]) {
+    if fingerprints.is_empty() {
+        return;
+    }
+    let mut g = match shared.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    let st = &mut *g;
+    let mut changes = Vec::new();
+    for fp in fingerprints {
+        if let Some(a) = st.engine.open.get_mut(fp)
+            && !a.notified
+        {
+            a.notified = true;
+            changes.push(Change::Updated(a.clone()));
+        }
+    }
+    if let Err(e) = st.db.apply(&changes) {
+        // Kept in memory; a restart may send these again (at least once).
+        tracing::error!(error = %e, "cannot record that alerts were queued");
     }
 }

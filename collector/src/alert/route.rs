@@ -10,7 +10,7 @@
 //! Alertmanager forgets alerts that are not re-sent), as resend-only outbox
 //! rows that reach only those targets.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -293,26 +293,76 @@ impl Sink for Router {
                     firing: BTreeMap::new(),
                     last_sent: None,
                 });
-                g.pending.insert(p.fingerprint.clone(), p.clone());
+                let fp = &p.fingerprint;
+                let unsent = g
+                    .pending
+                    .get(fp)
+                    .is_some_and(|q| q.status == AlertStatus::Firing);
                 if p.status == AlertStatus::Firing {
-                    g.firing.insert(p.fingerprint.clone(), p.clone());
+                    // Offered again until queued: take it once.
+                    if g.firing.contains_key(fp) {
+                        continue;
+                    }
+                    g.firing.insert(fp.clone(), p.clone());
                 } else {
-                    g.firing.remove(&p.fingerprint);
+                    let known = g.firing.remove(fp).is_some();
+                    if unsent {
+                        // Resolved before its firing went out: nobody heard
+                        // of it; send neither.
+                        g.pending.remove(fp);
+                        if g.pending.is_empty() {
+                            g.pending_since = None;
+                        }
+                        continue;
+                    }
+                    if !known && !a.notified {
+                        continue;
+                    }
                 }
+                g.pending.insert(fp.clone(), p.clone());
                 g.pending_since.get_or_insert(now);
             }
         }
     }
 
-    fn tick(&mut self, open: &[&Alert], now: i64) {
+    fn tick(
+        &mut self,
+        open: &[&Alert],
+        silenced: &HashSet<String>,
+        now: i64,
+        flush_all: bool,
+    ) -> Vec<String> {
+        let mut queued = Vec::new();
+        // A silence that started while a firing waited holds it back (it
+        // is offered again when the silence ends).
+        for g in self.groups.values_mut() {
+            let held: Vec<String> = g
+                .pending
+                .iter()
+                .filter(|(fp, p)| p.status == AlertStatus::Firing && silenced.contains(*fp))
+                .map(|(fp, _)| fp.clone())
+                .collect();
+            for fp in held {
+                g.pending.remove(&fp);
+                g.firing.remove(&fp);
+            }
+            if g.pending.is_empty() {
+                g.pending_since = None;
+            }
+        }
         let mut due: Vec<(String, Notification, bool)> = Vec::new();
         for g in self.groups.values() {
+            let audible: Vec<AlertPayload> = g
+                .firing
+                .iter()
+                .filter(|(fp, _)| !silenced.contains(*fp))
+                .map(|(_, p)| p.clone())
+                .collect();
             let send = if !g.pending.is_empty() {
-                g.pending_since
-                    .is_some_and(|t| now - t >= ms(g.wait))
+                (flush_all || g.pending_since.is_some_and(|t| now - t >= ms(g.wait)))
                     .then(|| g.pending.values().cloned().collect::<Vec<_>>())
-            } else if !g.firing.is_empty() && g.last_sent.is_some_and(|t| now - t >= ms(g.repeat)) {
-                Some(g.firing.values().cloned().collect())
+            } else if !audible.is_empty() && g.last_sent.is_some_and(|t| now - t >= ms(g.repeat)) {
+                Some(audible)
             } else {
                 None
             };
@@ -336,6 +386,12 @@ impl Sink for Router {
             {
                 g.last_sent = Some(now);
                 if was_pending {
+                    queued.extend(
+                        g.pending
+                            .values()
+                            .filter(|p| p.status == AlertStatus::Firing)
+                            .map(|p| p.fingerprint.clone()),
+                    );
                     g.pending.clear();
                     g.pending_since = None;
                 }
@@ -359,7 +415,9 @@ impl Sink for Router {
             self.last_resend.insert(receiver.clone(), now);
             let alerts: Vec<AlertPayload> = open
                 .iter()
-                .filter(|a| a.phase == Phase::Firing && a.notified)
+                .filter(|a| {
+                    a.phase == Phase::Firing && a.notified && !silenced.contains(&a.fingerprint)
+                })
                 .filter(|a| {
                     self.settings
                         .routes_for(&a.rule, &a.labels)
@@ -383,6 +441,7 @@ impl Sink for Router {
                 tracing::error!(receiver, error = %e, "cannot queue the Alertmanager re-send; trying next interval");
             }
         }
+        queued
     }
 }
 
@@ -504,5 +563,69 @@ receivers = ["analysts"]
         .unwrap_err()
         .to_string();
         assert!(e.contains("alerting.routes[0].match"), "{e}");
+    }
+
+    fn alert(fp: &str, phase: Phase) -> Alert {
+        Alert {
+            id: None,
+            fingerprint: fp.into(),
+            rule: "X".into(),
+            severity: "critical".into(),
+            labels: labels(&[("alertname", "X"), ("node", fp)]),
+            annotations: BTreeMap::new(),
+            phase,
+            active_since_ms: 1,
+            fired_ms: Some(1),
+            resolved_ms: (phase == Phase::Resolved).then_some(2),
+            last_true_ms: 1,
+            value: 1.0,
+            evidence: Vec::new(),
+            related: Vec::new(),
+            notified: false,
+        }
+    }
+
+    #[test]
+    fn a_firing_alert_offered_again_is_queued_once_and_silences_hold_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(&dir.path().join("o.db")).unwrap();
+        let mut s = cfg(&format!("default_receivers = [\"ml\"]\n{RECEIVERS}"));
+        s.default.group_wait = Duration::ZERO;
+        let mut r = Router::new(s, outbox.clone());
+        let none = HashSet::new();
+        let a = alert("a", Phase::Firing);
+        r.notify(&a, 10);
+        r.notify(&a, 10);
+        assert_eq!(r.tick(&[&a], &none, 10, false), ["a"]);
+        assert_eq!(outbox.open_rows().unwrap(), 1);
+        // Offered again before it was recorded as queued: not again.
+        r.notify(&a, 20);
+        assert!(r.tick(&[&a], &none, 20, false).is_empty());
+        assert_eq!(outbox.open_rows().unwrap(), 1);
+        // Resolved before its firing went out: neither is sent.
+        let b = alert("b", Phase::Firing);
+        let mut r2 = Router::new(
+            cfg(&format!("default_receivers = [\"ml\"]\n{RECEIVERS}")),
+            outbox.clone(),
+        );
+        r2.notify(&b, 30);
+        r2.notify(&alert("b", Phase::Resolved), 31);
+        assert!(r2.tick(&[], &none, 60_000, true).is_empty());
+        assert_eq!(outbox.open_rows().unwrap(), 1);
+        // A silence that starts while a firing waits holds it back.
+        let c = alert("c", Phase::Firing);
+        r2.notify(&c, 40);
+        let quiet: HashSet<String> = ["c".to_string()].into();
+        assert!(r2.tick(&[&c], &quiet, 60_000, true).is_empty());
+        assert_eq!(outbox.open_rows().unwrap(), 1);
+        // At shutdown everything waiting goes out, whatever its group_wait.
+        let d = alert("d", Phase::Firing);
+        r2.notify(&d, 50);
+        assert!(
+            r2.tick(&[&d], &none, 51, false).is_empty(),
+            "group_wait 10s"
+        );
+        assert_eq!(r2.tick(&[&d], &none, 52, true), ["d"]);
+        assert_eq!(outbox.open_rows().unwrap(), 2);
     }
 }

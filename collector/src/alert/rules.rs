@@ -312,6 +312,25 @@ pub fn compile(path: &Path, text: &str, raw: &RawRule, builtin: bool) -> Result<
     })
 }
 
+/// A placeholder for a rule that is only turned off.
+fn disabled(name: &str) -> Rule {
+    Rule {
+        name: name.trim().to_string(),
+        condition: Condition::Expr(Expr {
+            term: super::expr::Term::Instant(Selector::default()),
+            cmp: None,
+            text: String::new(),
+        }),
+        for_: Duration::ZERO,
+        keep_firing_for: None,
+        severity: Severity::Info,
+        labels: Labels::new(),
+        summary: String::new(),
+        description: String::new(),
+        origin: "disabled".into(),
+    }
+}
+
 /// Parses and checks a rules file's text.
 pub fn parse_file(path: &Path, text: &str) -> Result<Vec<(RawRule, Rule)>, ConfigError> {
     let file: RulesFile = vitals_common::config::parse(path, text)?;
@@ -326,7 +345,12 @@ fn compile_all(
 ) -> Result<Vec<(RawRule, Rule)>, ConfigError> {
     let mut out: Vec<(RawRule, Rule)> = Vec::new();
     for raw in raws {
-        let rule = compile(path, text, raw, builtin)?;
+        let rule = if raw.enabled == Some(false) && raw.expr.is_none() && raw.stalled.is_none() {
+            // `name = "X"` + `enabled = false` turns a rule off: nothing to compile.
+            disabled(raw.name.get_ref())
+        } else {
+            compile(path, text, raw, builtin)?
+        };
         if let Some((_, prev)) = out.iter().find(|(_, r)| r.name == rule.name) {
             return Err(err_at(
                 path,
@@ -485,7 +509,7 @@ mod tests {
 
     #[test]
     fn a_file_overrides_or_disables_builtin_rules() {
-        let text = "[[rules]]\nname = \"GpuMemoryOverload\"\nexpr = \"ratio(gpu_used_vram, gpu_total_vram) > 0.9\"\n[[rules]]\nname = \"NodeDown\"\nexpr = \"x > 1\"\nenabled = false\n";
+        let text = "[[rules]]\nname = \"GpuMemoryOverload\"\nexpr = \"ratio(gpu_used_vram, gpu_total_vram) > 0.9\"\n[[rules]]\nname = \"NodeDown\"\nenabled = false\n";
         let (_, raws) = {
             let file: RulesFile = vitals_common::config::parse(Path::new("o.toml"), text).unwrap();
             (text.to_string(), file.rules)

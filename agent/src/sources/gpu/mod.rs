@@ -556,6 +556,7 @@ impl Source for Gpu {
                         // Logged once above; every cycle after is quiet
                         // until the next attempt says something new.
                         self.state = State::Idle;
+                        self.hung = false;
                         return Err(SourceError::Unavailable(e.text().to_string()));
                     }
                     // Opened: the read follows on the same request.
@@ -604,6 +605,7 @@ impl Source for Gpu {
                     self.requests = None;
                     self.replies = None;
                     self.state = State::Idle;
+                    self.hung = false;
                     return Err(SourceError::Failed(
                         "the GPU thread has stopped; restarting it next cycle".into(),
                     ));

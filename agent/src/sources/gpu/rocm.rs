@@ -417,6 +417,7 @@ impl Rocm {
         });
         if let Some(mask) = enabled {
             let mut total = EccCount::default();
+            let mut complete = true;
             for &(bit, block) in sys::BLOCKS {
                 if mask & bit == 0 {
                     continue;
@@ -432,9 +433,15 @@ impl Rocm {
                     total.correctable += c.correctable;
                     total.uncorrectable += c.uncorrectable;
                     g.ecc_blocks.push((block, c));
+                } else {
+                    complete = false;
                 }
             }
-            g.ecc_total = Some(total);
+            // A total over some blocks only would dip and jump back: a
+            // counter reset and a false increase to rules. Only whole.
+            if complete {
+                g.ecc_total = Some(total);
+            }
         }
 
         let mut xgmi = 0u32;
