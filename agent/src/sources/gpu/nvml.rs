@@ -308,12 +308,11 @@ impl Nvml {
         }
     }
 
+    /// Keeps a value; logs an unexpected error once per GPU, function and
+    /// error (a success does not reset it: see the ROCm layer).
     fn keep<T>(&mut self, gpu: u32, what: &'static str, r: Result<T, NvmlError>) -> Option<T> {
         match r {
-            Ok(v) => {
-                self.logged.remove(&(gpu, what));
-                Some(v)
-            }
+            Ok(v) => Some(v),
             Err(e) if e.unsupported() => None,
             Err(e) => {
                 if self.logged.insert((gpu, what), e) != Some(e) {

@@ -280,13 +280,12 @@ impl Rocm {
         }
     }
 
-    /// Keeps a value; logs an unexpected error once per GPU and function.
+    /// Keeps a value; logs an unexpected error once per GPU, function and
+    /// error. A success does not reset it: one function reads several
+    /// sensors, and one failing among working ones must not log every cycle.
     fn keep<T>(&mut self, gpu: u32, what: &'static str, r: Result<T, RsmiError>) -> Option<T> {
         match r {
-            Ok(v) => {
-                self.logged.remove(&(gpu, what));
-                Some(v)
-            }
+            Ok(v) => Some(v),
             Err(e) if e.unsupported() => None,
             Err(e) => {
                 if self.logged.insert((gpu, what), e) != Some(e) {
