@@ -53,6 +53,7 @@ fn write(path: &Path, text: &str) {
     f.set_len(text.len() as u64).unwrap();
 }
 
+#[derive(Clone)]
 struct Tree {
     root: PathBuf,
     capture: PathBuf,
@@ -336,15 +337,8 @@ sentry = {{ dsn = "{dsn}" }}
     let nfs_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let nfs = {
         let stop = nfs_stop.clone();
-        let root = tree.root.clone();
-        let orig = tree.mountstats_orig.clone();
+        let t = tree.clone();
         std::thread::spawn(move || {
-            let t = Tree {
-                root,
-                capture: PathBuf::new(),
-                mountstats_orig: orig,
-                capture_orig: String::new(),
-            };
             let mut n = 6429;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 t.nfs_sends(Some(n));

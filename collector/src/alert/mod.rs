@@ -300,15 +300,19 @@ fn silenced(silences: &[db::Silence], a: &Alert) -> bool {
 
 /// One evaluation at `now`: step, correlate, notify decisions, persist.
 /// Returns the alerts to hand to the sink (fired or resolved), after the
-/// transaction that records them committed.
-pub fn evaluate(shared: &Shared, data: &dyn eval::Data, now: i64) -> Vec<Alert> {
+/// transaction that records them committed. `silences`: those in force now.
+pub fn evaluate(
+    shared: &Shared,
+    data: &dyn eval::Data,
+    now: i64,
+    silences: &[db::Silence],
+) -> Vec<Alert> {
     let mut guard = match shared.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     };
     let st = &mut *guard;
     let mut changes = st.engine.step(data, now);
-    let silences = st.db.silences(false, now).unwrap_or_default();
     let window = st.correlation_window.as_millis() as i64;
     let mut send = Vec::new();
     // Correlate what fired.
@@ -368,13 +372,13 @@ pub fn evaluate(shared: &Shared, data: &dyn eval::Data, now: i64) -> Vec<Alert> 
     // silenced (new ones, ones whose silence just ended, ones a crash left
     // unqueued), and resolutions that are not silenced.
     for a in st.engine.open.values() {
-        if a.phase == Phase::Firing && !a.notified && !silenced(&silences, a) {
+        if a.phase == Phase::Firing && !a.notified && !silenced(silences, a) {
             send.push(a.clone());
         }
     }
     for c in &changes {
         if let Change::Resolved(a) = c
-            && !silenced(&silences, a)
+            && !silenced(silences, a)
         {
             send.push(a.clone());
         }
@@ -419,15 +423,16 @@ pub async fn run(
         // Evaluate (unless stopping), offer to the sink, flush, and record
         // what is now queued: all off the async threads (SQLite commits).
         let step = tokio::task::spawn_blocking(move || {
+            let silences = silences_now(&s2, now);
             let sent = if stopping {
                 Vec::new()
             } else {
-                evaluate(&s2, &st2, now)
+                evaluate(&s2, &st2, now, &silences)
             };
             for a in &sent {
                 sink.notify(a, now);
             }
-            let (open, silenced) = snapshot(&s2, now);
+            let (open, silenced) = snapshot(&s2, &silences);
             let refs: Vec<&Alert> = open.iter().collect();
             let queued = sink.tick(&refs, &silenced, now, stopping);
             mark_notified(&s2, &queued);
@@ -447,17 +452,25 @@ pub async fn run(
     }
 }
 
-/// The open alerts, and the fingerprints of those a silence covers now.
-fn snapshot(shared: &Shared, now: i64) -> (Vec<Alert>, HashSet<String>) {
+/// The silences in force at `now` (read once per evaluation).
+fn silences_now(shared: &Shared, now: i64) -> Vec<db::Silence> {
     let g = match shared.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     };
-    let silences = g.db.silences(false, now).unwrap_or_default();
+    g.db.silences(false, now).unwrap_or_default()
+}
+
+/// The open alerts, and the fingerprints of those a silence covers.
+fn snapshot(shared: &Shared, silences: &[db::Silence]) -> (Vec<Alert>, HashSet<String>) {
+    let g = match shared.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
     let open: Vec<Alert> = g.engine.open.values().cloned().collect();
     let silenced = open
         .iter()
-        .filter(|a| silenced(&silences, a))
+        .filter(|a| silenced(silences, a))
         .map(|a| a.fingerprint.clone())
         .collect();
     (open, silenced)

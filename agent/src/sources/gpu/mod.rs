@@ -276,6 +276,76 @@ pub fn push_samples(g: &GpuStats, out: &mut Vec<Sample>) {
     }
 }
 
+/// A NUL-terminated string a vendor library wrote into `buf`, trimmed.
+pub(crate) fn c_string(buf: &[std::ffi::c_char]) -> String {
+    let bytes: Vec<u8> = buf
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).trim().to_string()
+}
+
+/// Loads a vendor library: the configured file, else the first name of
+/// `search` that loads; `absent` says what was searched.
+pub(crate) fn load_library<A>(
+    configured: Option<&std::path::Path>,
+    search: &[&str],
+    absent: &str,
+    load: impl Fn(&std::path::Path) -> Result<A, libloading::Error>,
+) -> Result<(A, PathBuf), OpenError> {
+    if let Some(p) = configured {
+        return load(p)
+            .map(|a| (a, p.to_path_buf()))
+            .map_err(|e| OpenError::Failed(format!("cannot load {}: {e}", p.display())));
+    }
+    search
+        .iter()
+        .find_map(|name| {
+            load(std::path::Path::new(name))
+                .ok()
+                .map(|a| (a, PathBuf::from(name)))
+        })
+        .ok_or_else(|| OpenError::Absent(absent.to_string()))
+}
+
+/// Vendor call errors, each logged once per GPU, function and error. A
+/// success does not reset it: one function reads several sensors, and one
+/// failing among working ones must not log every cycle.
+pub(crate) struct CallErrors<E> {
+    vendor: &'static str,
+    seen: std::collections::HashMap<(u32, &'static str), E>,
+}
+
+impl<E: Copy + PartialEq + std::fmt::Display> CallErrors<E> {
+    pub(crate) fn new(vendor: &'static str) -> Self {
+        CallErrors {
+            vendor,
+            seen: std::collections::HashMap::new(),
+        }
+    }
+
+    /// The value, or `None`: quietly when `unsupported(e)`, else logged once.
+    pub(crate) fn keep<T>(
+        &mut self,
+        gpu: u32,
+        what: &'static str,
+        r: Result<T, E>,
+        unsupported: impl Fn(E) -> bool,
+    ) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) if unsupported(e) => None,
+            Err(e) => {
+                if self.seen.insert((gpu, what), e) != Some(e) {
+                    tracing::warn!(gpu, function = what, error = %e, "gpu: {} call failed; that metric is skipped", self.vendor);
+                }
+                None
+            }
+        }
+    }
+}
+
 /// A backend that is open and has found at least one GPU.
 /// "2 GPU(s): 2× Arcturus GL-XL [Instinct MI100]" for the log.
 pub fn summary<'a>(models: impl Iterator<Item = &'a str>) -> String {

@@ -10,13 +10,14 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_uint, c_ulonglong};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::nvml_sys::{
     self as sys, Api, Device, EventData, EventSet, Memory, PciInfo, Utilization,
 };
 use super::{
-    Backend, BackendKind, EccCount, GpuIdentity, GpuProcess, GpuStats, OpenError, OpenSpec,
+    Backend, BackendKind, CallErrors, EccCount, GpuIdentity, GpuProcess, GpuStats, OpenError,
+    OpenSpec, c_string, load_library,
 };
 
 /// `nvmlReturn_t`, one arm per documented value.
@@ -161,39 +162,21 @@ pub struct Nvml {
     events: Option<EventSet>,
     xids: HashMap<u32, (u64, u64)>,
     processes: bool,
-    logged: HashMap<(u32, &'static str), NvmlError>,
+    errors: CallErrors<NvmlError>,
 }
 
 // SAFETY: NVML is thread-safe; the handles are opaque pointers the library
 // owns, used only by the one thread that owns this backend.
 unsafe impl Send for Nvml {}
 
-fn c_string(buf: &[c_char]) -> String {
-    let bytes: Vec<u8> = buf
-        .iter()
-        .take_while(|&&c| c != 0)
-        .map(|&c| c as u8)
-        .collect();
-    String::from_utf8_lossy(&bytes).trim().to_string()
-}
-
-fn load(configured: Option<&Path>) -> Result<(Api, PathBuf), OpenError> {
-    if let Some(p) = configured {
-        return Api::load(p)
-            .map(|a| (a, p.to_path_buf()))
-            .map_err(|e| OpenError::Failed(format!("cannot load {}: {e}", p.display())));
-    }
-    for name in ["libnvidia-ml.so.1", "libnvidia-ml.so"] {
-        if let Ok(api) = Api::load(Path::new(name)) {
-            return Ok((api, PathBuf::from(name)));
-        }
-    }
-    Err(OpenError::Absent("libnvidia-ml.so.1 not found".into()))
-}
-
 impl Nvml {
     pub fn open(spec: &OpenSpec) -> Result<Nvml, OpenError> {
-        let (api, path) = load(spec.library.as_deref())?;
+        let (api, path) = load_library(
+            spec.library.as_deref(),
+            &["libnvidia-ml.so.1", "libnvidia-ml.so"],
+            "libnvidia-ml.so.1 not found",
+            Api::load,
+        )?;
         call!(api, nvmlInit_v2()).map_err(|e| match e {
             NvmlError::DriverNotLoaded | NvmlError::GpuNotFound | NvmlError::LibraryNotFound => {
                 OpenError::Absent(format!(
@@ -211,7 +194,7 @@ impl Nvml {
             events: None,
             xids: HashMap::new(),
             processes: spec.processes,
-            logged: HashMap::new(),
+            errors: CallErrors::new("NVML"),
         };
         let mut buf = [0 as c_char; 80];
         if call!(nv.api, nvmlSystemGetDriverVersion(buf.as_mut_ptr(), 80)).is_ok() {
@@ -308,19 +291,8 @@ impl Nvml {
         }
     }
 
-    /// Keeps a value; logs an unexpected error once per GPU, function and
-    /// error (a success does not reset it: see the ROCm layer).
     fn keep<T>(&mut self, gpu: u32, what: &'static str, r: Result<T, NvmlError>) -> Option<T> {
-        match r {
-            Ok(v) => Some(v),
-            Err(e) if e.unsupported() => None,
-            Err(e) => {
-                if self.logged.insert((gpu, what), e) != Some(e) {
-                    tracing::warn!(gpu, function = what, error = %e, "gpu: NVML call failed; that metric is skipped");
-                }
-                None
-            }
-        }
+        self.errors.keep(gpu, what, r, NvmlError::unsupported)
     }
 
     fn uint(

@@ -13,11 +13,12 @@
 
 use std::collections::HashMap;
 use std::ffi::c_char;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::rocm_sys::{self as sys, Api, Buf, ErrorCount, ProcessInfo};
 use super::{
-    Backend, BackendKind, EccCount, GpuIdentity, GpuProcess, GpuStats, OpenError, OpenSpec,
+    Backend, BackendKind, CallErrors, EccCount, GpuIdentity, GpuProcess, GpuStats, OpenError,
+    OpenSpec, c_string, load_library,
 };
 
 /// `rsmi_status_t`, one arm per documented value.
@@ -151,17 +152,7 @@ pub struct Rocm {
     version: String,
     gpus: Vec<GpuIdentity>,
     processes: bool,
-    /// Errors already logged, per (GPU, function).
-    logged: HashMap<(u32, &'static str), RsmiError>,
-}
-
-fn c_string(buf: &[c_char]) -> String {
-    let bytes: Vec<u8> = buf
-        .iter()
-        .take_while(|&&c| c != 0)
-        .map(|&c| c as u8)
-        .collect();
-    String::from_utf8_lossy(&bytes).trim().to_string()
+    errors: CallErrors<RsmiError>,
 }
 
 /// Formats a BDFID (`domain << 32 | bus << 8 | device << 3 | function`).
@@ -181,7 +172,12 @@ fn usable_id(s: &str) -> bool {
 
 impl Rocm {
     pub fn open(spec: &OpenSpec) -> Result<Rocm, OpenError> {
-        let (api, path) = load(spec.library.as_deref())?;
+        let (api, path) = load_library(
+            spec.library.as_deref(),
+            SEARCH,
+            "librocm_smi64.so not found (searched librocm_smi64.so.{7,6,5,1}, /opt/rocm/lib, /usr/lib)",
+            Api::load,
+        )?;
         let mut missing = api.missing();
         call!(api, rsmi_init(0)).map_err(|e| match e {
             RsmiError::InitError | RsmiError::NotFound => OpenError::Absent(format!(
@@ -197,7 +193,7 @@ impl Rocm {
             version: String::new(),
             gpus: Vec::new(),
             processes: spec.processes,
-            logged: HashMap::new(),
+            errors: CallErrors::new("ROCm SMI"),
         };
         let mut v = sys::Version {
             major: 0,
@@ -280,20 +276,8 @@ impl Rocm {
         }
     }
 
-    /// Keeps a value; logs an unexpected error once per GPU, function and
-    /// error. A success does not reset it: one function reads several
-    /// sensors, and one failing among working ones must not log every cycle.
     fn keep<T>(&mut self, gpu: u32, what: &'static str, r: Result<T, RsmiError>) -> Option<T> {
-        match r {
-            Ok(v) => Some(v),
-            Err(e) if e.unsupported() => None,
-            Err(e) => {
-                if self.logged.insert((gpu, what), e) != Some(e) {
-                    tracing::warn!(gpu, function = what, error = %e, "gpu: ROCm SMI call failed; that metric is skipped");
-                }
-                None
-            }
-        }
+        self.errors.keep(gpu, what, r, RsmiError::unsupported)
     }
 
     fn u64_of(
@@ -499,24 +483,6 @@ impl Rocm {
         }
         Some(by_gpu)
     }
-}
-
-/// Loads the configured library, or the first of [`SEARCH`] that loads.
-fn load(configured: Option<&Path>) -> Result<(Api, PathBuf), OpenError> {
-    if let Some(p) = configured {
-        return Api::load(p)
-            .map(|a| (a, p.to_path_buf()))
-            .map_err(|e| OpenError::Failed(format!("cannot load {}: {e}", p.display())));
-    }
-    for name in SEARCH {
-        if let Ok(api) = Api::load(Path::new(name)) {
-            return Ok((api, PathBuf::from(name)));
-        }
-    }
-    Err(OpenError::Absent(
-        "librocm_smi64.so not found (searched librocm_smi64.so.{7,6,5,1}, /opt/rocm/lib, /usr/lib)"
-            .into(),
-    ))
 }
 
 impl Backend for Rocm {

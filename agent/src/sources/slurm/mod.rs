@@ -108,6 +108,9 @@ pub struct Slurm {
     /// How long one cycle waits for the commands it started.
     wait: Duration,
     runners: Option<[Runner; 2]>,
+    /// Why the programs were not found, and when to look again (a host
+    /// without SLURM is not searched every cycle).
+    missing: Option<(Instant, String)>,
     /// Each job's state in the last cycle; None before the first.
     states: Option<HashMap<u64, String>>,
     events: Vec<SourceEvent>,
@@ -123,11 +126,15 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
         timeout: s.command_timeout,
         wait: s.command_timeout.min(cfg.interval / 2),
         runners: None,
+        missing: None,
         states: None,
         events: Vec::new(),
         logged: HashMap::new(),
     })
 }
+
+/// How often a host without the SLURM commands is searched again.
+const LOOK_AGAIN: Duration = Duration::from_secs(60);
 
 /// `name` in a directory of `PATH`, if there.
 fn on_path(name: &str) -> Option<PathBuf> {
@@ -149,8 +156,20 @@ impl Slurm {
     /// The runners, made once both programs are found.
     fn runners(&mut self) -> Result<&mut [Runner; 2], SourceError> {
         if self.runners.is_none() {
-            let squeue = program(&self.squeue, "squeue").map_err(SourceError::Unavailable)?;
-            let sinfo = program(&self.sinfo, "sinfo").map_err(SourceError::Unavailable)?;
+            if let Some((again, why)) = &self.missing
+                && Instant::now() < *again
+            {
+                return Err(SourceError::Unavailable(why.clone()));
+            }
+            let found = program(&self.squeue, "squeue")
+                .and_then(|q| Ok((q, program(&self.sinfo, "sinfo")?)));
+            let (squeue, sinfo) = match found {
+                Ok(p) => p,
+                Err(why) => {
+                    self.missing = Some((Instant::now() + LOOK_AGAIN, why.clone()));
+                    return Err(SourceError::Unavailable(why));
+                }
+            };
             let spec = |label, program, text: Vec<&str>| {
                 Runner::new(
                     CommandSpec {
