@@ -30,6 +30,20 @@ pub struct IngestArgs {
     pub window: usize,
     /// Run the collector with its anomaly detector on (as shipped).
     pub detect: bool,
+    /// Drive this collector instead of starting one.
+    pub remote: Option<Remote>,
+}
+
+/// A collector the bench does not start.
+pub struct Remote {
+    /// Its gRPC URL, e.g. `https://collector.example:7443`.
+    pub url: String,
+    /// The CA that signs agent certificates there (`ca.pem`, `ca.key`).
+    pub ca_dir: PathBuf,
+    /// Name its certificate carries; default: the URL's host.
+    pub server_name: Option<String>,
+    /// Its process id, when it runs on this host: peak RSS and CPU.
+    pub pid: Option<u32>,
 }
 
 #[derive(Clone, Copy)]
@@ -40,7 +54,7 @@ enum Kind {
     Percent,
     /// A byte counter growing by a varying amount.
     Counter,
-    /// A latency in seconds: a noisy float.
+    /// A latency in seconds measured in microseconds: a noisy decimal.
     Latency,
 }
 
@@ -73,7 +87,9 @@ impl SeriesGen {
                 }
             }
             Kind::Counter => self.value += (1_000_000 + (r >> 8) % 4096) as f64,
-            Kind::Latency => self.value = 0.002 + ((r >> 11) % 1000) as f64 * 1e-6,
+            // The value a parser makes of the text "0.002345" (or a count
+            // of microseconds divided by 10^6): the double nearest to it.
+            Kind::Latency => self.value = (2000 + (r >> 11) % 1000) as f64 / 1e6,
         }
         self.value
     }
@@ -195,19 +211,40 @@ pub async fn ingest(args: IngestArgs) -> Result<String> {
     let tmp = tempfile_dir(&args.keep)?;
     let dir = tmp.as_path();
     let certs_dir = dir.join("certs");
-    certs::init(&certs_dir, 2)?;
-    let loopback = [std::net::IpAddr::from([127, 0, 0, 1])];
-    certs::issue(
-        &certs_dir,
-        &certs::IssueRequest {
-            name: "collector",
-            role: Role::Collector,
-            dns: &["localhost".into()],
-            ips: &loopback,
-            days: 2,
-            not_after: None,
-        },
-    )?;
+    match &args.remote {
+        None => {
+            certs::init(&certs_dir, 2)?;
+            let loopback = [std::net::IpAddr::from([127, 0, 0, 1])];
+            certs::issue(
+                &certs_dir,
+                &certs::IssueRequest {
+                    name: "collector",
+                    role: Role::Collector,
+                    dns: &["localhost".into()],
+                    ips: &loopback,
+                    days: 2,
+                    not_after: None,
+                },
+            )?;
+        }
+        Some(r) => {
+            // Agent certificates are issued here, from a copy of the CA, so
+            // the operator's CA directory gains no bench certificates.
+            std::fs::create_dir_all(&certs_dir)?;
+            for f in [certs::CA_CERT, certs::CA_KEY] {
+                let from = r.ca_dir.join(f);
+                let data = std::fs::read_to_string(&from).with_context(|| {
+                    format!(
+                        "cannot read {}: --ca-dir must hold the CA that signs the collector's agents ({} and {})",
+                        from.display(),
+                        certs::CA_CERT,
+                        certs::CA_KEY
+                    )
+                })?;
+                certs::write_private(&certs_dir.join(f), &data)?;
+            }
+        }
+    }
     eprintln!("vitals bench: issuing {} agent certificates", args.agents);
     for a in 0..args.agents {
         let name = format!("bench-{a:04}");
@@ -223,36 +260,27 @@ pub async fn ingest(args: IngestArgs) -> Result<String> {
             },
         )?;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let cfg = dir.join("collector.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/collector.pem\"\nkey = \"certs/collector.key\"\n[storage]\npath = \"data/vitals.db\"\n[detect]\nenabled = {}\n",
-            args.detect
-        ),
-    )?;
-    let mut collector = CollectorProc(
-        Command::new(find_binary("vitals-collector")?)
-            .args(["--config", cfg.to_str().unwrap_or_default()])
-            .env("VITALS_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .context("cannot start vitals-collector")?,
-    );
-    let pid = collector.0.id();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("collector did not listen within 20 s");
+    let (url, domain, mut collector, pid) = match &args.remote {
+        Some(r) => {
+            let domain = match &r.server_name {
+                Some(s) => s.clone(),
+                None => vitals_common::tls::host_of(&r.url)
+                    .with_context(|| format!("no host in collector URL {:?}", r.url))?,
+            };
+            (r.url.clone(), domain, None, r.pid)
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        None => {
+            let (url, proc) = start_collector(dir, args.detect).await?;
+            let pid = proc.0.id();
+            (url, "localhost".to_string(), Some(proc), Some(pid))
+        }
+    };
     eprintln!(
-        "vitals bench: {} agents x {} series against collector pid {pid} on 127.0.0.1:{port} for {} s",
-        args.agents, args.series_per_agent, args.seconds
+        "vitals bench: {} agents x {} series against {url}{} for {} s",
+        args.agents,
+        args.series_per_agent,
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+        args.seconds
     );
 
     let ca = std::fs::read(certs_dir.join("ca.pem"))?;
@@ -269,9 +297,10 @@ pub async fn ingest(args: IngestArgs) -> Result<String> {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&ca))
             .identity(Identity::from_pem(cert, key))
-            .domain_name("localhost");
-        let endpoint =
-            Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?.tls_config(tls)?;
+            .domain_name(domain.clone());
+        let endpoint = Endpoint::from_shared(url.clone())
+            .with_context(|| format!("bad collector URL {url:?}"))?
+            .tls_config(tls)?;
         let shared = shared.clone();
         let m = args.series_per_agent;
         let window = args.window.max(1);
@@ -286,7 +315,7 @@ pub async fn ingest(args: IngestArgs) -> Result<String> {
     for t in tasks {
         match t.await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => failures.push(e.to_string()),
+            Ok(Err(e)) => failures.push(format!("{e:#}")),
             Err(e) => failures.push(e.to_string()),
         }
     }
@@ -295,18 +324,25 @@ pub async fn ingest(args: IngestArgs) -> Result<String> {
         bail!("{} simulated agents failed; first: {f}", failures.len());
     }
     let acked = shared.acked_samples.load(Ordering::SeqCst);
-    let rss = peak_rss(pid).unwrap_or(0);
-    let collector_cpu = cpu_seconds(pid).unwrap_or(0.0);
+    let rss = pid.and_then(peak_rss);
+    let collector_cpu = pid.and_then(cpu_seconds);
     let bench_cpu = cpu_seconds(std::process::id()).unwrap_or(0.0);
-    // SIGTERM: the collector drains and checkpoints (head flushed, WAL emptied).
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    let status = collector.0.wait()?;
-    if !status.success() {
-        bail!("collector exited with {status}");
-    }
-    let disk = dir_bytes(&dir.join("data"));
+    // SIGTERM: the collector drains and checkpoints (head flushed, WAL
+    // emptied). A collector the bench did not start keeps running, and its
+    // disk is not measured.
+    let disk = match collector.take() {
+        Some(mut proc) => {
+            let _ = Command::new("kill")
+                .args(["-TERM", &proc.0.id().to_string()])
+                .status();
+            let status = proc.0.wait()?;
+            if !status.success() {
+                bail!("collector exited with {status}");
+            }
+            Some(dir_bytes(&dir.join("data")))
+        }
+        None => None,
+    };
     let mut lat = shared.latencies_us.lock().await;
     lat.sort_unstable();
     let pct = |p: f64| -> f64 {
@@ -317,11 +353,7 @@ pub async fn ingest(args: IngestArgs) -> Result<String> {
         lat[i] as f64 / 1000.0
     };
     let samples_per_sec = acked as f64 / elapsed;
-    let bytes_per_sample = if acked > 0 {
-        disk as f64 / acked as f64
-    } else {
-        0.0
-    };
+    let bytes_per_sample = disk.filter(|_| acked > 0).map(|d| d as f64 / acked as f64);
     let (p50, p99) = (pct(0.5), pct(0.99));
     if args.json {
         return Ok(serde_json::json!({
@@ -336,17 +368,63 @@ pub async fn ingest(args: IngestArgs) -> Result<String> {
             "series_per_agent": args.series_per_agent,
             "window": args.window,
             "detect": args.detect,
-                        "disk_bytes": disk,
+            "collector": url,
+            "disk_bytes": disk,
             "collector_cpu_seconds": collector_cpu,
             "bench_cpu_seconds": bench_cpu,
         })
         .to_string());
     }
+    let not_measured = "not measured (a collector the bench did not start)";
+    let disk_line = match (disk, bytes_per_sample) {
+        (Some(d), Some(b)) => {
+            format!("{d} bytes, {b:.3} bytes/sample (after the head was flushed)")
+        }
+        _ => not_measured.to_string(),
+    };
+    let rss_line = rss.map_or(not_measured.to_string(), |r| {
+        format!("{:.1} MiB", r as f64 / (1 << 20) as f64)
+    });
+    let cpu_line = collector_cpu.map_or(not_measured.to_string(), |c| {
+        format!(
+            "{c:.1} s ({:.0} samples per collector CPU second)",
+            acked as f64 / c.max(1e-9)
+        )
+    });
     Ok(format!(
-        "acked samples:      {acked} in {elapsed:.1} s\nsamples/s:          {samples_per_sec:.0}\nack latency:        p50 {p50:.1} ms, p99 {p99:.1} ms\non disk:            {disk} bytes, {bytes_per_sample:.3} bytes/sample (after the head was flushed)\ncollector peak RSS: {:.1} MiB\nCPU:                collector {collector_cpu:.1} s ({:.0} samples per collector CPU second), simulated agents {bench_cpu:.1} s",
-        rss as f64 / (1 << 20) as f64,
-        acked as f64 / collector_cpu.max(1e-9)
+        "acked samples:      {acked} in {elapsed:.1} s\nsamples/s:          {samples_per_sec:.0}\nack latency:        p50 {p50:.1} ms, p99 {p99:.1} ms\non disk:            {disk_line}\ncollector peak RSS: {rss_line}\nCPU:                collector {cpu_line}, simulated agents {bench_cpu:.1} s"
     ))
+}
+
+/// Starts the `vitals-collector` beside this binary on a free loopback
+/// port with the certificates in `dir/certs`; returns its URL.
+async fn start_collector(dir: &Path, detect: bool) -> Result<(String, CollectorProc)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let cfg = dir.join("collector.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/collector.pem\"\nkey = \"certs/collector.key\"\n[storage]\npath = \"data/vitals.db\"\n[detect]\nenabled = {detect}\n"
+        ),
+    )?;
+    let collector = CollectorProc(
+        Command::new(find_binary("vitals-collector")?)
+            .args(["--config", cfg.to_str().unwrap_or_default()])
+            .env("VITALS_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .context("cannot start vitals-collector")?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("collector did not listen within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok((format!("https://127.0.0.1:{port}"), collector))
 }
 
 struct CollectorProc(Child);

@@ -32,7 +32,7 @@ static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;
 /// Make certificates:             vitals certs init --dir /etc/vitals/tls
 ///                                vitals certs issue --dir /etc/vitals/tls --name train-01 --role agent
 /// Cost of the agent's collection: vitals bench agent [--procfs DIR] [--sysfs DIR] [--cycles N] [--json]
-/// Ingest throughput:             vitals bench ingest [--agents N] [--series-per-agent M] [--seconds S] [--json]
+/// Ingest throughput:             vitals bench ingest [--agents N] [--series-per-agent M] [--seconds S] [--collector URL --ca-dir DIR] [--json]
 /// Score a CSV for anomalies:     vitals detect data.csv --out scored.csv
 ///
 /// The collector address and TLS files come from --config FILE, else
@@ -222,6 +222,15 @@ enum BenchCommand {
     /// Start a collector (the vitals-collector binary beside this one) and
     /// drive it with simulated agents over real gRPC + mutual TLS; report
     /// acked samples/s, ack latency, bytes on disk per sample and peak RSS.
+    ///
+    /// With --collector URL it drives a running collector instead; agent
+    /// certificates come from the CA in --ca-dir (copied, not written to).
+    /// Bytes on disk are then not measured, and peak RSS and CPU only with
+    /// --collector-pid.
+    ///
+    /// Examples:
+    ///   vitals bench ingest --agents 100 --series-per-agent 1000 --seconds 30 --json
+    ///   vitals bench ingest --collector https://127.0.0.1:7443 --ca-dir vitals-dev/certs --agents 10 --seconds 10
     Ingest {
         /// Simulated agents, each with its own certificate and stream.
         #[arg(long, default_value_t = 100)]
@@ -240,9 +249,23 @@ enum BenchCommand {
         window: usize,
         /// Run the collector with its anomaly detector on, as shipped
         /// (default: off, to measure the storage path alone).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "collector")]
         detect: bool,
-        /// One JSON object: samples_per_sec, ack_p50_ms, ack_p99_ms, bytes_per_sample, peak_rss_bytes.
+        /// Drive this running collector (gRPC URL) instead of starting one.
+        #[arg(long, value_name = "URL", requires = "ca_dir", conflicts_with = "keep")]
+        collector: Option<String>,
+        /// With --collector: the directory holding the CA (ca.pem, ca.key)
+        /// that signs that collector's agent certificates.
+        #[arg(long, value_name = "DIR", requires = "collector")]
+        ca_dir: Option<PathBuf>,
+        /// With --collector: the name its certificate carries (default: the URL's host).
+        #[arg(long, requires = "collector")]
+        server_name: Option<String>,
+        /// With --collector on this host: its process id, for peak RSS and CPU.
+        #[arg(long, value_name = "PID", requires = "collector")]
+        collector_pid: Option<u32>,
+        /// One JSON object: samples_per_sec, ack_p50_ms, ack_p99_ms, bytes_per_sample, peak_rss_bytes
+        /// (null when not measured).
         #[arg(long)]
         json: bool,
     },
@@ -337,8 +360,21 @@ fn main() -> ExitCode {
                     json,
                     window,
                     detect,
+                    collector,
+                    ca_dir,
+                    server_name,
+                    collector_pid,
                 },
         } => runtime().and_then(|rt| {
+            let remote = match (collector, ca_dir) {
+                (Some(url), Some(ca_dir)) => Some(bench::Remote {
+                    url,
+                    ca_dir,
+                    server_name,
+                    pid: collector_pid,
+                }),
+                _ => None,
+            };
             let text = rt.block_on(bench::ingest(bench::IngestArgs {
                 agents,
                 series_per_agent,
@@ -347,6 +383,7 @@ fn main() -> ExitCode {
                 keep,
                 window,
                 detect,
+                remote,
             }))?;
             print_out(&text);
             Ok(())

@@ -570,7 +570,7 @@ pub fn spawn_writer(
                 state.maybe_checkpoint();
             }
             // Last words: leave a short WAL for the next start.
-            if let Err(e) = state.checkpoint() {
+            if let Err(e) = state.checkpoint(true) {
                 tracing::warn!(error = %e, "final checkpoint failed; the WAL will be replayed on start");
             }
             tracing::debug!("store writer stopped: every queued batch handled");
@@ -801,7 +801,7 @@ impl WriterState {
         }
         drop(head);
         if checkpoint_asked {
-            let r = self.checkpoint().map_err(|e| e.to_string());
+            let r = self.checkpoint(false).map_err(|e| e.to_string());
             for (cmd, res) in group.iter().zip(results.iter_mut()) {
                 if matches!(cmd, Command::Checkpoint { .. }) && res.is_ok() {
                     *res = r.clone().map(|_| CommandResult::Done);
@@ -833,13 +833,16 @@ impl WriterState {
         let wal_bytes = self.head.read().map(|h| h.wal_bytes).unwrap_or(0);
         let due = self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval
             || wal_bytes >= self.opts.checkpoint_wal_bytes;
-        if due && let Err(e) = self.checkpoint() {
+        if due && let Err(e) = self.checkpoint(false) {
             tracing::error!(error = %e, "checkpoint failed; the WAL keeps growing until one succeeds");
         }
     }
 
     /// Snapshot of every open chunk, WAL truncated, retention applied.
-    fn checkpoint(&mut self) -> Result<(), StoreError> {
+    /// `compact`: open chunks in their compact form, which costs a decode and
+    /// an encode of each (the last checkpoint before exit, when the head
+    /// lock no longer holds up ingest); else their streaming form.
+    fn checkpoint(&mut self, compact: bool) -> Result<(), StoreError> {
         let started = Instant::now();
         self.last_checkpoint = Instant::now();
         let mut head = match self.head.write() {
@@ -855,7 +858,12 @@ impl WriterState {
                 if let Some(s) = s
                     && !s.open.is_empty()
                 {
-                    ins.execute(params![id as i64, s.open.bytes()])?;
+                    let data = if compact {
+                        s.open.compact_bytes()
+                    } else {
+                        s.open.bytes()
+                    };
+                    ins.execute(params![id as i64, data])?;
                 }
             }
         }
@@ -906,7 +914,13 @@ fn append(
     if let Some((lo, hi)) = s.open.time_range()
         && (s.open.len() >= CHUNK_MAX_SAMPLES || ts.saturating_sub(lo) >= CHUNK_MAX_SPAN_MS)
     {
-        close.execute(params![id, lo, hi, s.open.len() as i64, s.open.bytes()])?;
+        close.execute(params![
+            id,
+            lo,
+            hi,
+            s.open.len() as i64,
+            s.open.compact_bytes()
+        ])?;
         s.open = ChunkEncoder::new();
     }
     s.open.push(ts, v);

@@ -855,3 +855,69 @@ fn collector_sigkill_under_load_loses_no_acked_sample() {
     assert_eq!(checked, acked.len() * SERIES as usize);
     assert!(collector.term(Duration::from_secs(10)).success());
 }
+
+/// `vitals bench ingest --collector URL`: simulated agents against a
+/// collector the bench did not start; every sample it counts as acked is
+/// stored once, and still there after a restart (the head flushed in its
+/// compact form at shutdown and read back).
+#[test]
+fn bench_ingest_drives_a_running_collector_and_every_acked_sample_is_stored() {
+    let env = Env::new();
+    let port = free_port();
+    let mut collector = start_collector(&env, port);
+    let url = format!("https://127.0.0.1:{port}");
+    let pid = collector.child.id().to_string();
+    let certs = env.certs();
+    let out = env.vitals_ok(&[
+        "bench",
+        "ingest",
+        "--collector",
+        &url,
+        "--ca-dir",
+        certs.to_str().unwrap(),
+        "--collector-pid",
+        &pid,
+        "--agents",
+        "3",
+        "--series-per-agent",
+        "40",
+        "--seconds",
+        "2",
+        "--json",
+    ]);
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let acked = r["acked_samples"].as_u64().unwrap();
+    assert!(acked >= 3 * 40 * 5, "only {acked} samples acked: {r}");
+    assert!(r["samples_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{r}");
+    assert!(r["bytes_per_sample"].is_null(), "disk not measured: {r}");
+    // The operator's CA directory gained no bench certificates.
+    assert!(!certs.join("bench-0000.pem").exists());
+
+    let check = |when: &str| {
+        let reader = Reader::new(&env, port);
+        let mut stored = 0u64;
+        for a in 0..3 {
+            let series = reader.node_series(&format!("bench-{a:04}"));
+            assert_eq!(series.len(), 40, "{when}: series of agent {a}");
+            assert_eq!(Reader::duplicates(&series), 0, "{when}");
+            let n = series[0].points.len();
+            for s in &series {
+                // One point per simulated second, the same ticks for all.
+                assert_eq!(s.points.len(), n, "{when}: {}", s.name);
+                assert!(
+                    s.points
+                        .windows(2)
+                        .all(|w| w[1].timestamp_ms - w[0].timestamp_ms == 1000)
+                );
+                assert_eq!(s.points[0].timestamp_ms, series[0].points[0].timestamp_ms);
+            }
+            stored += series.iter().map(|s| s.points.len() as u64).sum::<u64>();
+        }
+        assert_eq!(stored, acked, "{when}: stored samples against acked");
+    };
+    check("running");
+    collector.term(Duration::from_secs(30));
+    let _collector = start_collector(&env, port);
+    check("after a restart");
+}

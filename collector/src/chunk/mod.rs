@@ -1,6 +1,12 @@
-//! Compressed chunks of one series: Gorilla-style delta-of-delta timestamps,
-//! and values either XOR-encoded (floats) or delta-of-delta encoded (when
-//! every value of the chunk is an exact integer: temperatures, byte counts).
+//! Compressed chunks of one series, in two forms that share one decoder.
+//!
+//! The streaming form (version 1, this file) is what the head appends to one
+//! sample at a time: Gorilla-style delta-of-delta timestamps, and values
+//! either XOR-encoded (floats) or delta-of-delta encoded (when every value of
+//! the chunk is an exact integer: temperatures, byte counts). A chunk is
+//! stored closed, and the head flushed at shutdown, in the smaller of this
+//! form and the compact form (version 2, [`compact`]), which sees the whole
+//! chunk before choosing its encodings.
 //!
 //! Layout (version 1):
 //!
@@ -30,6 +36,8 @@
 //! ±Inf, -0.0, subnormals) round-trips exactly.
 
 use std::fmt;
+
+pub mod compact;
 
 const VERSION: u8 = 1;
 const MODE_FLOAT: u8 = 0;
@@ -207,6 +215,84 @@ fn read_dod(r: &mut BitReader<'_>, buckets: &[(u32, u32)]) -> Result<i64, Corrup
     Ok(((raw << shift) as i64) >> shift)
 }
 
+/// Facebook Gorilla's XOR encoding of a stream of f64 bit patterns: the
+/// first in 64 bits; then `0` when equal to the previous; `10` + the
+/// meaningful bits inside the previous window; `11` + 5 bits of leading
+/// zeros + 6 bits of length − 1 + the meaningful bits otherwise.
+#[derive(Clone, Default)]
+struct XorEncoder {
+    started: bool,
+    prev: u64,
+    /// Window of the last `11` record; None before the first.
+    window: Option<(u32, u32)>,
+}
+
+impl XorEncoder {
+    fn put(&mut self, w: &mut BitWriter, b: u64) {
+        if !self.started {
+            w.write_bits(b, 64);
+        } else {
+            let x = b ^ self.prev;
+            if x == 0 {
+                w.write_bit(false);
+            } else {
+                w.write_bit(true);
+                let lead = x.leading_zeros().min(31);
+                let trail = x.trailing_zeros();
+                match self.window {
+                    Some((l, t)) if lead >= l && trail >= t => {
+                        w.write_bit(false);
+                        w.write_bits(x >> t, 64 - l - t);
+                    }
+                    _ => {
+                        w.write_bit(true);
+                        let len = 64 - lead - trail;
+                        w.write_bits(u64::from(lead), 5);
+                        w.write_bits(u64::from(len - 1), 6);
+                        w.write_bits(x >> trail, len);
+                        self.window = Some((lead, trail));
+                    }
+                }
+            }
+        }
+        self.started = true;
+        self.prev = b;
+    }
+}
+
+/// Reads what [`XorEncoder`] wrote.
+#[derive(Default)]
+struct XorDecoder {
+    started: bool,
+    prev: u64,
+    window: Option<(u32, u32)>,
+}
+
+impl XorDecoder {
+    fn get(&mut self, r: &mut BitReader<'_>) -> Result<u64, CorruptChunk> {
+        if !self.started {
+            self.started = true;
+            self.prev = r.read_bits(64)?;
+            return Ok(self.prev);
+        }
+        if r.read_bit()? {
+            if r.read_bit()? {
+                let leading = r.read_bits(5)? as u32;
+                let len = r.read_bits(6)? as u32 + 1;
+                if leading + len > 64 {
+                    return Err(CorruptChunk("bad XOR window"));
+                }
+                self.window = Some((leading, 64 - leading - len));
+            }
+            let Some((l, t)) = self.window else {
+                return Err(CorruptChunk("XOR window reused before set"));
+            };
+            self.prev ^= r.read_bits(64 - l - t)? << t;
+        }
+        Ok(self.prev)
+    }
+}
+
 /// Whether `v` is stored exactly by the integer mode.
 fn as_exact_int(v: f64) -> Option<i64> {
     if !v.is_finite() || v.abs() >= 9_007_199_254_740_992.0 {
@@ -228,9 +314,7 @@ pub struct ChunkEncoder {
     prev_ts_delta: i64,
     prev_int: i64,
     prev_int_delta: i64,
-    prev_bits: u64,
-    leading: u32,
-    trailing: u32,
+    xor: XorEncoder,
     /// Kept only while in integer mode, to re-encode on a mode switch.
     samples: Option<Vec<(i64, f64)>>,
 }
@@ -252,9 +336,7 @@ impl ChunkEncoder {
             prev_ts_delta: 0,
             prev_int: 0,
             prev_int_delta: 0,
-            prev_bits: 0,
-            leading: u32::MAX,
-            trailing: 0,
+            xor: XorEncoder::default(),
             samples: None,
         }
     }
@@ -348,37 +430,26 @@ impl ChunkEncoder {
 
     fn push_float(&mut self, ts: i64, v: f64) {
         self.push_ts(ts);
-        let b = v.to_bits();
-        if self.count == 0 {
-            self.bits.write_bits(b, 64);
-        } else {
-            let x = b ^ self.prev_bits;
-            if x == 0 {
-                self.bits.write_bit(false);
-            } else {
-                self.bits.write_bit(true);
-                let lead = x.leading_zeros().min(31);
-                let trail = x.trailing_zeros();
-                if self.leading != u32::MAX && lead >= self.leading && trail >= self.trailing {
-                    self.bits.write_bit(false);
-                    let len = 64 - self.leading - self.trailing;
-                    self.bits.write_bits(x >> self.trailing, len);
-                } else {
-                    self.bits.write_bit(true);
-                    let len = 64 - lead - trail;
-                    self.bits.write_bits(u64::from(lead), 5);
-                    self.bits.write_bits(u64::from(len - 1), 6);
-                    self.bits.write_bits(x >> trail, len);
-                    self.leading = lead;
-                    self.trailing = trail;
-                }
-            }
-        }
-        self.prev_bits = b;
+        self.xor.put(&mut self.bits, v.to_bits());
         self.count += 1;
     }
 
-    /// The encoded chunk.
+    /// The chunk in the smaller of its two forms: the compact one (version
+    /// 2, see [`compact`]) for storing a closed chunk, or this streaming one.
+    /// Costs a decode and an encode of the whole chunk.
+    pub fn compact_bytes(&self) -> Vec<u8> {
+        let streaming = self.bytes();
+        let samples = match decode(&streaming) {
+            Ok(s) => s,
+            Err(_) => return streaming,
+        };
+        match compact::encode(&samples) {
+            Some(c) if c.len() < streaming.len() => c,
+            _ => streaming,
+        }
+    }
+
+    /// The encoded chunk in the streaming form (version 1).
     pub fn bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.bits.bytes.len() + 16);
         out.push(VERSION);
@@ -403,6 +474,9 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<(i64, f64)>, CorruptChunk> {
 /// Decodes samples in order and hands each to `f`; stops early when `f`
 /// returns false.
 pub fn decode_into(bytes: &[u8], mut f: impl FnMut(i64, f64) -> bool) -> Result<(), CorruptChunk> {
+    if bytes.first() == Some(&compact::VERSION) {
+        return compact::decode_into(bytes, f);
+    }
     if bytes.len() < 2 {
         return Err(CorruptChunk("too short"));
     }
@@ -426,7 +500,7 @@ pub fn decode_into(bytes: &[u8], mut f: impl FnMut(i64, f64) -> bool) -> Result<
     };
     let (mut ts, mut ts_delta) = (first_ts, 0i64);
     let (mut int, mut int_delta) = (0i64, 0i64);
-    let (mut bits, mut leading, mut trailing) = (0u64, 0u32, 0u32);
+    let mut xor = XorDecoder::default();
     for i in 0..count {
         if i > 0 {
             let dod = read_dod(&mut r, &TS_BUCKETS)?;
@@ -442,23 +516,7 @@ pub fn decode_into(bytes: &[u8], mut f: impl FnMut(i64, f64) -> bool) -> Result<
             }
             int as f64
         } else {
-            if i == 0 {
-                bits = r.read_bits(64)?;
-            } else if r.read_bit()? {
-                if r.read_bit()? {
-                    leading = r.read_bits(5)? as u32;
-                    let len = r.read_bits(6)? as u32 + 1;
-                    if leading + len > 64 {
-                        return Err(CorruptChunk("bad XOR window"));
-                    }
-                    trailing = 64 - leading - len;
-                } else if i == 1 || leading + trailing >= 64 {
-                    return Err(CorruptChunk("XOR window reused before set"));
-                }
-                let len = 64 - leading - trailing;
-                bits ^= r.read_bits(len)? << trailing;
-            }
-            f64::from_bits(bits)
+            f64::from_bits(xor.get(&mut r)?)
         };
         if !f(ts, v) {
             break;
