@@ -133,6 +133,19 @@ const MIGRATIONS: &[Migration] = &[
     ),
     // 3: raw samples of schema 1 become chunks; the table goes.
     Migration::Rust(migrate_samples_to_chunks),
+    // 4: the series table without its UNIQUE (name, labels) index, which
+    // held a second copy of every name and label set (half the table). The
+    // writer, the only one that inserts, keeps the unique index in memory.
+    Migration::Sql(
+        "CREATE TABLE series_v4 (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            labels TEXT NOT NULL
+         );
+         INSERT INTO series_v4 (id, name, labels) SELECT id, name, labels FROM series;
+         DROP TABLE series;
+         ALTER TABLE series_v4 RENAME TO series;",
+    ),
 ];
 
 fn migrate_samples_to_chunks(tx: &Transaction<'_>) -> Result<(), rusqlite::Error> {
@@ -588,6 +601,11 @@ fn load_head(conn: &Connection) -> Result<Head, StoreError> {
         while let Some(r) = rows.next()? {
             let (id, name, labels_text): (i64, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
             let labels: Labels = serde_json::from_str(&labels_text).unwrap_or_default();
+            if let Some(first) = head.by_key.get(&format!("{name}{labels_text}")) {
+                // Only a hand-edited database gets here: keep the first.
+                tracing::error!(series = id, same_as = *first, name = %name, "duplicate series row ignored");
+                continue;
+            }
             head.insert(id, name, labels, labels_text);
         }
     }
@@ -1475,6 +1493,109 @@ mod tests {
                 .enumerate()
                 .all(|(i, p)| p.0 == i as i64 * 10 && p.1 == i as f64 * 0.5)
         );
+    }
+
+    #[tokio::test]
+    async fn schema_3_database_is_upgraded_and_its_streaming_chunks_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.db");
+        // Recent: the checkpoint at shutdown applies the 30-day retention.
+        let t0 = vitals_common::now_ms() / 1000 * 1000 - 3_600_000;
+        let old: Vec<(i64, f64)> = (0..1500)
+            .map(|i| (t0 + i * 1000, i as f64 * 0.25))
+            .collect();
+        {
+            let c = Connection::open(&path).unwrap();
+            for step in &MIGRATIONS[..3] {
+                let tx = c.unchecked_transaction().unwrap();
+                match step {
+                    Migration::Sql(sql) => tx.execute_batch(sql).unwrap(),
+                    Migration::Rust(f) => f(&tx).unwrap(),
+                }
+                tx.commit().unwrap();
+            }
+            c.pragma_update(None, "user_version", 3).unwrap();
+            c.execute(
+                "INSERT INTO series (id, name, labels) VALUES (1, 'm', '{\"node\":\"a\"}')",
+                [],
+            )
+            .unwrap();
+            // What the previous binary stored: streaming-form chunks only.
+            let closed = chunk::encode(&old[..1024]);
+            assert_eq!(closed[0], 1);
+            c.execute(
+                "INSERT INTO chunks VALUES (1, ?1, ?2, 1024, ?3)",
+                params![t0, old[1023].0, closed],
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO head_snapshot VALUES (1, ?1)",
+                params![chunk::encode(&old[1024..])],
+            )
+            .unwrap();
+        }
+        let (w, store, h) = start(&path);
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        assert_eq!(points(&store, "m{node=\"a\"}", 0, i64::MAX), old);
+        // The same series takes new samples under its old id.
+        assert_eq!(w.hello("a", "i1", "0").await.unwrap(), 0);
+        assert_eq!(
+            put(&w, "i1", batch(1, "a", t0 + 1_500_000, 9.5)).await,
+            Outcome::Stored
+        );
+        drop(w);
+        h.join().unwrap();
+        let (_w, store, _h) = start(&path);
+        let got = points(&store, "m{node=\"a\"}", 0, i64::MAX);
+        assert_eq!(got.len(), 1501);
+        assert_eq!(got[1500], (t0 + 1_500_000, 9.5));
+        assert_eq!(store.series_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn head_flushed_at_shutdown_in_the_compact_form_reads_back_bit_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.db");
+        let (w, _store, h) = start(&path);
+        assert_eq!(w.hello("a", "i1", "0").await.unwrap(), 0);
+        // Decimals (a latency in µs reported in seconds), then a -0.0 and a
+        // NaN in the same open chunk.
+        let mut sent = Vec::new();
+        let t0 = vitals_common::now_ms() / 1000 * 1000 - 3_600_000;
+        for k in 0..300u64 {
+            let v = match k {
+                100 => -0.0,
+                200 => f64::from_bits(0x7ff8_0000_dead_beef),
+                _ => (2000 + (k * 7919) % 1000) as f64 / 1e6,
+            };
+            let ts = t0 + k as i64 * 1000;
+            assert_eq!(
+                put(&w, "i1", batch(k + 1, "a", ts, v)).await,
+                Outcome::Stored
+            );
+            sent.push((ts, v));
+        }
+        drop(w);
+        h.join().unwrap();
+        let snap: Vec<u8> = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT data FROM head_snapshot", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            snap[0],
+            chunk::compact::VERSION_COMPACT,
+            "compact form at shutdown"
+        );
+        let (_w, store, _h) = start(&path);
+        let got = points(&store, "m{node=\"a\"}", 0, i64::MAX);
+        assert_eq!(got.len(), sent.len());
+        for (g, s) in got.iter().zip(&sent) {
+            assert_eq!((g.0, g.1.to_bits()), (s.0, s.1.to_bits()));
+        }
     }
 
     #[tokio::test]

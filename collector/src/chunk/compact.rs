@@ -44,7 +44,8 @@ use super::{
     read_dod, unzigzag, write_dod, zigzag,
 };
 
-pub(super) const VERSION: u8 = 2;
+pub const VERSION_COMPACT: u8 = 2;
+pub(super) const VERSION: u8 = VERSION_COMPACT;
 /// Decoding allocates per sample: a count above this is corruption.
 pub const MAX_SAMPLES: u64 = 1 << 20;
 
