@@ -32,7 +32,7 @@ pub struct QueryBenchArgs {
     pub json: bool,
 }
 
-pub const METRIC: &str = "gpu_busy_percent";
+pub const METRIC: &str = "gpu_gfx_activity";
 
 /// A utilisation-like integer percentage: slow waves plus a per-GPU phase.
 fn value(t_s: i64, series: usize) -> f64 {

@@ -31,7 +31,7 @@ static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;
 /// List nodes:                    vitals --config vitals-dev/cli.toml nodes
 /// Query a series:                vitals --config vitals-dev/cli.toml query 'node_load1{node="train-01"}' --since 1h
 /// Functions and aggregations:    vitals query 'avg by (node) (rate(node_cpu_seconds_total{mode="user"}[5m]))' --since 6h
-/// Series, events, alerts:        vitals series 'gpu_busy_percent{node=~"train-.*"}'; vitals events --since 1d; vitals watch
+/// Series, events, alerts:        vitals series 'gpu_gfx_activity{node=~"train-.*"}'; vitals events --since 1d; vitals watch
 /// Machine-readable output:       add --json to any command
 /// Make certificates:             vitals certs init --dir /etc/vitals/tls
 ///                                vitals certs issue --dir /etc/vitals/tls --name train-01 --role agent
@@ -70,7 +70,7 @@ enum Command {
     /// List the series a selector matches (names and labels, no samples).
     ///
     /// Examples:
-    ///   vitals series 'gpu_busy_percent'
+    ///   vitals series 'gpu_gfx_activity'
     ///   vitals series '{node="train-01"}' --limit 50
     ///   vitals series '{__name__=~"node_nfs.*", node!="nas-01"}' --json
     #[command(verbatim_doc_comment)]
@@ -100,7 +100,7 @@ enum Command {
     ///   vitals query node_load1
     ///   vitals query 'node_filesystem_avail_bytes{mountpoint=~"/data.*"}' --since 2h
     ///   vitals query 'rate(node_network_receive_bytes_total{node="train-01",device="ib0"}[1m])' --since 1h --step 30s
-    ///   vitals query 'avg by (node) (gpu_busy_percent)' --since 24h --json
+    ///   vitals query 'avg by (node) (gpu_gfx_activity)' --since 24h --json
     ///   vitals query 'max by (node) (gpu_temperature_celsius)' --instant
     ///   vitals query 'node_load1{node!="nas-01"}' --start 2026-11-29T10:00:00Z --end now --json
     #[command(verbatim_doc_comment)]
@@ -133,11 +133,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Events agents reported (SLURM job state changes, ...), newest first.
+    /// Events agents reported (SLURM job state changes: slurm_job_state, ...), newest first.
     ///
     /// Examples:
     ///   vitals events
-    ///   vitals events --node train-01 --kind slurm_job --since 2h
+    ///   vitals events --node train-01 --kind slurm_job_state --since 2h
     ///   vitals events --start 2026-11-29T00:00:00Z --end 2026-11-30T00:00:00Z --json
     #[command(verbatim_doc_comment)]
     Events {

@@ -1282,7 +1282,8 @@ impl Store {
 
     /// Per node (its `node` label), what its series tell about its
     /// sources: the `source` label of its `vitals_source_success` series,
-    /// and gpu / slurm / zfs / nfsd from metric names.
+    /// and gpu / slurm / zfs / nfsd from metric names (`gpu_*`,
+    /// `vitals_slurm_*`, `node_zfs_*`, `node_nfsd_*`).
     pub fn node_sources(&self) -> HashMap<String, std::collections::BTreeSet<String>> {
         let head = match self.head.read() {
             Ok(h) => h,
@@ -1297,7 +1298,7 @@ impl Store {
                 s.labels.get("source").map(String::as_str)
             } else if s.name.starts_with("gpu_") {
                 Some("gpu")
-            } else if s.name.starts_with("slurm_") {
+            } else if s.name.starts_with("vitals_slurm_") {
                 Some("slurm")
             } else if s.name.starts_with("node_zfs_") {
                 Some("zfs")

@@ -82,6 +82,15 @@ fn dataset(base: i64) -> Vec<Written> {
             samples: vec![(base, 1.0)],
         },
         Written {
+            name: "vitals_slurm_jobs",
+            labels: labels(&[
+                ("node", "train-02"),
+                ("state", "running"),
+                ("partition", "gpu"),
+            ]),
+            samples: vec![(base, 3.0)],
+        },
+        Written {
             name: "node_zfs_arc_hits_total",
             labels: labels(&[("node", "nas-01")]),
             samples: (0..1500).map(|k| (base + k * s, (k * 10) as f64)).collect(),
@@ -421,6 +430,7 @@ fn query_rpcs_answer_what_was_written() {
     assert_eq!(by_name["nas-01"].role, "storage");
     assert_eq!(by_name["nas-01"].sources, ["host", "zfs"]);
     assert_eq!(by_name["train-02"].agent_version, "test-1");
+    assert_eq!(by_name["train-02"].sources, ["gpu", "slurm"]);
     assert!(by_name["nas-01"].last_seen_ms > 0);
 
     // ListSeries: matchers and limit.
