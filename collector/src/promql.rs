@@ -259,9 +259,11 @@ pub fn extrapolated_rate(
             prev = v;
         }
     }
-    let mut to_start = (first_t - range_start) as f64 / 1000.0;
-    let mut to_end = (range_end - last_t) as f64 / 1000.0;
-    let sampled = (last_t - first_t) as f64 / 1000.0;
+    // In f64: the differences of extreme i64 times do not overflow.
+    let ms = |a: i64, b: i64| (a as f64 - b as f64) / 1000.0;
+    let mut to_start = ms(first_t, range_start);
+    let mut to_end = ms(range_end, last_t);
+    let sampled = ms(last_t, first_t);
     if sampled <= 0.0 {
         return None;
     }
@@ -283,7 +285,7 @@ pub fn extrapolated_rate(
     }
     let mut factor = (sampled + to_start + to_end) / sampled;
     if is_rate {
-        factor /= (range_end - range_start) as f64 / 1000.0;
+        factor /= ms(range_end, range_start);
     }
     Some(result * factor)
 }
@@ -314,10 +316,11 @@ pub fn quantile(q: f64, values: &mut [f64]) -> Option<f64> {
 
 /// One function over the samples of `(t - window, t]`.
 pub fn apply(func: Func, points: &[(i64, f64)], t: i64, window_ms: i64) -> Option<f64> {
+    let from = t.saturating_sub(window_ms);
     match func {
-        Func::Range(RangeFn::Rate) => extrapolated_rate(points, t - window_ms, t, true, true),
-        Func::Range(RangeFn::Increase) => extrapolated_rate(points, t - window_ms, t, true, false),
-        Func::Range(RangeFn::Delta) => extrapolated_rate(points, t - window_ms, t, false, false),
+        Func::Range(RangeFn::Rate) => extrapolated_rate(points, from, t, true, true),
+        Func::Range(RangeFn::Increase) => extrapolated_rate(points, from, t, true, false),
+        Func::Range(RangeFn::Delta) => extrapolated_rate(points, from, t, false, false),
         Func::Range(f) => f.apply(points),
         Func::Quantile(q) => {
             let mut v: Vec<f64> = points.iter().map(|p| p.1).collect();
@@ -375,7 +378,9 @@ impl Steps {
     }
 
     pub fn count(&self) -> usize {
-        ((self.end - self.start) / self.step) as usize + 1
+        // In i128: any two i64 times (end >= start, step > 0).
+        let n = (i128::from(self.end) - i128::from(self.start)) / i128::from(self.step);
+        usize::try_from(n).unwrap_or(usize::MAX).saturating_add(1)
     }
 
     fn at(&self, i: usize) -> i64 {
@@ -474,7 +479,7 @@ fn eval_series(
         while hi < points.len() && points[hi].0 <= t {
             hi += 1;
         }
-        while lo < hi && points[lo].0 <= t - reach {
+        while lo < hi && points[lo].0 <= t.saturating_sub(reach) {
             lo += 1;
         }
         if lo == hi {
@@ -801,5 +806,17 @@ mod tests {
         assert!(matches!(Steps::new(0, 10, -5), Err(EvalError::Invalid(_))));
         assert!(matches!(Steps::new(10, 0, 1), Err(EvalError::Invalid(m)) if m.contains("before")));
         assert_eq!(Steps::new(0, 10, 3).unwrap().count(), 4);
+        // The widest range does not overflow; it is simply too many steps.
+        assert_eq!(
+            Steps::new(i64::MIN, i64::MAX, 1).unwrap().count(),
+            usize::MAX
+        );
+        let e = apply(
+            Func::Range(RangeFn::Rate),
+            &[(i64::MIN + 1, 1.0), (0, 2.0)],
+            0,
+            i64::MAX,
+        );
+        assert!(e.is_some_and(f64::is_finite));
     }
 }

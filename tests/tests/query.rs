@@ -908,6 +908,11 @@ fn query_limits_answer_resource_exhausted_and_agents_are_refused() {
         ),
         "max_samples = 1000",
     );
+    // The widest range there is: too many steps, not an overflow.
+    limit(
+        c.range("gpu_busy_percent", i64::MIN, i64::MAX, 1),
+        "max_points = 100",
+    );
     // Under the limits the same data answers.
     let got = c
         .instant(
