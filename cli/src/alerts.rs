@@ -6,7 +6,8 @@ use anyhow::{Context, Result};
 use vitals_collector::alert::rules::{self, RuleSet};
 use vitals_common::model::format_value;
 use vitals_proto::v1::{
-    AddSilenceRequest, Alert, DeleteSilenceRequest, ListAlertsRequest, ListSilencesRequest, Silence,
+    AddSilenceRequest, Alert, DeleteSilenceRequest, ListAlertsRequest, ListSilencesRequest,
+    Silence, WatchAlertsRequest,
 };
 
 use crate::client::{self, CliConfig};
@@ -57,11 +58,20 @@ fn alert_json(a: &Alert) -> serde_json::Value {
     })
 }
 
-/// `vitals alerts [--all] [--json]`.
-pub async fn alerts(cfg: &CliConfig, all: bool, json: bool) -> Result<String> {
+/// `vitals alerts [--all] [--state S] [--json]`.
+pub async fn alerts(
+    cfg: &CliConfig,
+    all: bool,
+    state: Option<String>,
+    json: bool,
+) -> Result<String> {
     let mut c = client::alerts(cfg).await?;
     let resp = c
-        .list_alerts(ListAlertsRequest { all, limit: 0 })
+        .list_alerts(ListAlertsRequest {
+            all,
+            limit: 0,
+            state: state.unwrap_or_default(),
+        })
         .await
         .map_err(status_error)?
         .into_inner();
@@ -125,6 +135,54 @@ pub async fn alerts(cfg: &CliConfig, all: bool, json: bool) -> Result<String> {
         }
     }
     Ok(out.trim_end().to_string())
+}
+
+/// `vitals watch [--json]`: every alert change as it is recorded, one
+/// line each (JSON lines with --json), until the stream ends or ^C.
+pub async fn watch(cfg: &CliConfig, json: bool, mut out: impl std::io::Write) -> Result<()> {
+    let mut c = client::alerts(cfg).await?;
+    let mut stream = c
+        .watch_alerts(WatchAlertsRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    loop {
+        let change = match stream.message().await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(e) => return Err(status_error(e)),
+        };
+        let Some(a) = change.alert.as_ref() else {
+            continue;
+        };
+        let line = if json {
+            let mut v = alert_json(a);
+            v["change"] = serde_json::Value::String(change.kind.clone());
+            v["at_ms"] = serde_json::json!(change.at_ms);
+            v.to_string()
+        } else {
+            // A new value of an open alert is not news on a terminal.
+            if change.kind == "updated" {
+                continue;
+            }
+            format!(
+                "{}  {:<9} {:<8} {}  node={}  {}{}",
+                fmt_ms(change.at_ms),
+                change.kind,
+                a.severity,
+                a.rule,
+                label(a, "node"),
+                annotation(a, "summary"),
+                if a.silenced { "  (silenced)" } else { "" }
+            )
+        };
+        writeln!(out, "{line}")?;
+        out.flush()?;
+    }
+    if !json {
+        writeln!(out, "(the collector closed the stream)")?;
+    }
+    Ok(())
 }
 
 fn silence_json(s: &Silence) -> serde_json::Value {

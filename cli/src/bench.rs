@@ -156,7 +156,7 @@ fn realistic_series(agent: usize, n: usize) -> (Vec<SeriesDef>, Vec<SeriesGen>) 
     (defs, gens)
 }
 
-fn find_binary(name: &str) -> Result<PathBuf> {
+pub(crate) fn find_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let here = exe.parent().map(|d| d.join(name));
     match here.filter(|p| p.exists()) {
@@ -427,7 +427,7 @@ async fn start_collector(dir: &Path, detect: bool) -> Result<(String, CollectorP
     Ok((format!("https://127.0.0.1:{port}"), collector))
 }
 
-struct CollectorProc(Child);
+pub(crate) struct CollectorProc(pub(crate) Child);
 
 impl Drop for CollectorProc {
     fn drop(&mut self) {
@@ -439,13 +439,13 @@ impl Drop for CollectorProc {
 }
 
 /// A scratch directory, removed at the end unless `keep` names one.
-enum Scratch {
+pub(crate) enum Scratch {
     Temp(PathBuf),
     Kept(PathBuf),
 }
 
 impl Scratch {
-    fn as_path(&self) -> &Path {
+    pub(crate) fn as_path(&self) -> &Path {
         match self {
             Scratch::Temp(p) | Scratch::Kept(p) => p,
         }
@@ -460,7 +460,7 @@ impl Drop for Scratch {
     }
 }
 
-fn tempfile_dir(keep: &Option<PathBuf>) -> Result<Scratch> {
+pub(crate) fn tempfile_dir(keep: &Option<PathBuf>) -> Result<Scratch> {
     if let Some(k) = keep {
         std::fs::create_dir_all(k)?;
         return Ok(Scratch::Kept(k.clone()));

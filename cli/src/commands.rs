@@ -1,10 +1,15 @@
-//! `vitals nodes` and `vitals query`.
+//! `vitals nodes`, `vitals series`, `vitals query`, `vitals events`.
 
+use std::io::IsTerminal;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use vitals_common::model::{Labels, format_value, json_value, series_text};
-use vitals_proto::v1::{ListNodesRequest, MatchOp, Matcher, QueryRangeRequest};
+use vitals_common::selector::Selector;
+use vitals_proto::v1::{
+    Event, ListEventsRequest, ListNodesRequest, ListSeriesRequest, MatchOp, Matcher,
+    QueryInstantRequest, QueryRangeRequest, Series, Severity,
+};
 
 use crate::client::{self, CliConfig};
 
@@ -72,9 +77,11 @@ pub async fn nodes(cfg: &CliConfig, json: bool) -> Result<String> {
             .map(|n| {
                 serde_json::json!({
                     "name": n.name,
+                    "role": n.role,
                     "connected": n.connected,
                     "last_seen_ms": n.last_seen_ms,
                     "agent_version": n.agent_version,
+                    "sources": n.sources,
                 })
             })
             .collect();
@@ -96,10 +103,15 @@ pub async fn nodes(cfg: &CliConfig, json: bool) -> Result<String> {
                 },
                 format!("{} ({})", fmt_ms(n.last_seen_ms), ago(n.last_seen_ms)),
                 n.agent_version.clone(),
+                n.role.clone(),
+                n.sources.join(","),
             ]
         })
         .collect();
-    Ok(table(&["NODE", "CONNECTED", "LAST SEEN", "AGENT"], &rows))
+    Ok(table(
+        &["NODE", "CONNECTED", "LAST SEEN", "AGENT", "ROLE", "SOURCES"],
+        &rows,
+    ))
 }
 
 /// Parses a time: RFC 3339, Unix seconds (or milliseconds), or `now`.
@@ -130,6 +142,12 @@ pub struct Range {
 
 impl Range {
     pub fn resolve(&self) -> Result<(i64, i64)> {
+        self.resolve_default("15m")
+    }
+
+    /// `resolve`, with this range ending now when neither --since nor
+    /// --start is given.
+    pub fn resolve_default(&self, default: &str) -> Result<(i64, i64)> {
         let end = match &self.end {
             Some(e) => parse_time(e)?,
             None => vitals_common::now_ms(),
@@ -138,9 +156,10 @@ impl Range {
             (Some(_), Some(_)) => bail!("give --since or --start, not both"),
             (Some(s), None) => parse_time(s)?,
             (None, since) => {
-                let d = humantime::parse_duration(since.as_deref().unwrap_or("15m")).with_context(
-                    || format!("--since {:?} is not a duration (e.g. 15m, 2h)", since),
-                )?;
+                let d = humantime::parse_duration(since.as_deref().unwrap_or(default))
+                    .with_context(|| {
+                        format!("--since {:?} is not a duration (e.g. 15m, 2h)", since)
+                    })?;
                 end - d.as_millis() as i64
             }
         };
@@ -151,11 +170,8 @@ impl Range {
     }
 }
 
-pub async fn query(cfg: &CliConfig, selector: &str, range: &Range, json: bool) -> Result<String> {
-    let sel = vitals_common::selector::parse(selector).map_err(anyhow::Error::msg)?;
-    let (start_ms, end_ms) = range.resolve()?;
-    let matchers = sel
-        .matchers
+fn matchers_pb(sel: &Selector) -> Vec<Matcher> {
+    sel.matchers
         .iter()
         .map(|m| Matcher {
             name: m.name.clone(),
@@ -167,60 +183,165 @@ pub async fn query(cfg: &CliConfig, selector: &str, range: &Range, json: bool) -
             } as i32,
             value: m.value.clone(),
         })
-        .collect();
+        .collect()
+}
+
+fn labels_of(s: &Series) -> Labels {
+    s.labels
+        .iter()
+        .map(|l| (l.name.clone(), l.value.clone()))
+        .collect()
+}
+
+fn labels_json(ls: &[vitals_proto::v1::Label]) -> serde_json::Map<String, serde_json::Value> {
+    ls.iter()
+        .map(|l| (l.name.clone(), serde_json::Value::String(l.value.clone())))
+        .collect()
+}
+
+/// What `vitals query` asks for.
+pub struct QueryArgs {
+    pub expr: String,
+    pub range: Range,
+    /// Evaluation step (a duration); default: about 240 points over the range.
+    pub step: Option<String>,
+    /// Evaluate once, at this time (or now).
+    pub at: Option<String>,
+    pub instant: bool,
+    /// Chart a single series even when stdout is not a terminal.
+    pub chart: bool,
+    pub json: bool,
+}
+
+/// The default step: the range in about 240 steps, whole seconds.
+pub fn default_step_ms(start_ms: i64, end_ms: i64) -> i64 {
+    let raw = (end_ms - start_ms) / 240;
+    ((raw + 999) / 1000 * 1000).max(1000)
+}
+
+pub async fn query(cfg: &CliConfig, a: &QueryArgs) -> Result<String> {
+    // A plain selector without --step: every stored sample (raw).
+    let plain = vitals_common::selector::parse(&a.expr).ok();
     let mut c = client::connect(cfg).await?;
-    let resp = c
-        .query_range(QueryRangeRequest {
-            metric: sel.metric.clone(),
-            matchers,
-            start_ms,
-            end_ms,
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    if json {
-        let series: Vec<_> = resp
-            .series
+    let (series, range) = if a.instant || a.at.is_some() {
+        let t = match &a.at {
+            Some(t) => parse_time(t)?,
+            None => vitals_common::now_ms(),
+        };
+        let resp = c
+            .query_instant(QueryInstantRequest {
+                query: a.expr.clone(),
+                time_ms: t,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        (resp.series, (t, t))
+    } else {
+        let (start_ms, end_ms) = a.range.resolve()?;
+        let req = match (&plain, &a.step) {
+            (Some(sel), None) => QueryRangeRequest {
+                metric: sel.metric.clone(),
+                matchers: matchers_pb(sel),
+                start_ms,
+                end_ms,
+                ..Default::default()
+            },
+            (_, step) => {
+                let step_ms = match step {
+                    Some(s) => {
+                        let d = humantime::parse_duration(s).with_context(|| {
+                            format!("--step {s:?} is not a duration (e.g. 15s, 1m)")
+                        })?;
+                        if d.is_zero() {
+                            bail!("--step must be above zero");
+                        }
+                        d.as_millis() as i64
+                    }
+                    None => default_step_ms(start_ms, end_ms),
+                };
+                QueryRangeRequest {
+                    query: a.expr.clone(),
+                    start_ms,
+                    end_ms,
+                    step_ms,
+                    ..Default::default()
+                }
+            }
+        };
+        let resp = c.query_range(req).await.map_err(status_error)?.into_inner();
+        (resp.series, (start_ms, end_ms))
+    };
+    if a.json {
+        let list: Vec<_> = series
             .iter()
             .map(|s| {
-                let labels: serde_json::Map<String, serde_json::Value> = s
-                    .labels
-                    .iter()
-                    .map(|l| (l.name.clone(), serde_json::Value::String(l.value.clone())))
-                    .collect();
                 let points: Vec<_> = s
                     .points
                     .iter()
                     .map(|p| serde_json::json!([p.timestamp_ms, json_value(p.value)]))
                     .collect();
-                serde_json::json!({"name": s.name, "labels": labels, "points": points})
+                serde_json::json!({"name": s.name, "labels": labels_json(&s.labels), "points": points})
             })
             .collect();
-        return Ok(serde_json::json!({ "series": series }).to_string());
+        return Ok(serde_json::json!({ "series": list }).to_string());
     }
-    if resp.series.is_empty() {
+    if series.is_empty() {
+        return Ok(if range.0 == range.1 {
+            format!("no value for {} at {}", a.expr, fmt_ms(range.0))
+        } else {
+            format!(
+                "no samples for {} between {} and {}",
+                a.expr,
+                fmt_ms(range.0),
+                fmt_ms(range.1)
+            )
+        });
+    }
+    let one = series.len() == 1 && series[0].points.len() > 1;
+    if one && (a.chart || std::io::stdout().is_terminal()) {
+        let s = &series[0];
+        let width = std::env::var("COLUMNS")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(80usize);
+        let pts: Vec<(i64, f64)> = s.points.iter().map(|p| (p.timestamp_ms, p.value)).collect();
+        let last = s
+            .points
+            .last()
+            .map(|p| format_value(p.value))
+            .unwrap_or_default();
         return Ok(format!(
-            "no samples for {selector} between {} and {}",
-            fmt_ms(start_ms),
-            fmt_ms(end_ms)
+            "{}  ({} points, last {last})\n{}",
+            series_text(&s.name, &labels_of(s)),
+            s.points.len(),
+            crate::chart::render(&pts, width, 10)
         ));
     }
-    let rows: Vec<Vec<String>> = resp
-        .series
+    if range.0 == range.1 {
+        let rows: Vec<Vec<String>> = series
+            .iter()
+            .map(|s| {
+                vec![
+                    series_text(&s.name, &labels_of(s)),
+                    s.points
+                        .first()
+                        .map(|p| format_value(p.value))
+                        .unwrap_or_default(),
+                ]
+            })
+            .collect();
+        return Ok(table(&["SERIES", "VALUE"], &rows));
+    }
+    let rows: Vec<Vec<String>> = series
         .iter()
         .map(|s| {
-            let labels: Labels = s
-                .labels
-                .iter()
-                .map(|l| (l.name.clone(), l.value.clone()))
-                .collect();
             let vals: Vec<f64> = s.points.iter().map(|p| p.value).collect();
             let min = vals.iter().copied().fold(f64::INFINITY, f64::min);
             let max = vals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let last = s.points.last();
             vec![
-                series_text(&s.name, &labels),
+                series_text(&s.name, &labels_of(s)),
                 s.points.len().to_string(),
                 format_value(min),
                 format_value(max),
@@ -233,4 +354,119 @@ pub async fn query(cfg: &CliConfig, selector: &str, range: &Range, json: bool) -
         &["SERIES", "POINTS", "MIN", "MAX", "LAST", "AT"],
         &rows,
     ))
+}
+
+/// `vitals series SELECTOR [--limit N]`.
+pub async fn series(cfg: &CliConfig, selector: &str, limit: u32, json: bool) -> Result<String> {
+    let sel = vitals_common::selector::parse(selector).map_err(anyhow::Error::msg)?;
+    let mut c = client::connect(cfg).await?;
+    let resp = c
+        .list_series(ListSeriesRequest {
+            metric: sel.metric.clone(),
+            matchers: matchers_pb(&sel),
+            limit,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if json {
+        let list: Vec<_> = resp
+            .series
+            .iter()
+            .map(|s| serde_json::json!({"name": s.name, "labels": labels_json(&s.labels)}))
+            .collect();
+        return Ok(serde_json::json!({ "series": list, "truncated": resp.truncated }).to_string());
+    }
+    if resp.series.is_empty() {
+        return Ok(format!("no series match {selector}"));
+    }
+    let mut out: Vec<String> = resp
+        .series
+        .iter()
+        .map(|s| {
+            let labels: Labels = s
+                .labels
+                .iter()
+                .map(|l| (l.name.clone(), l.value.clone()))
+                .collect();
+            series_text(&s.name, &labels)
+        })
+        .collect();
+    if resp.truncated {
+        out.push(format!(
+            "(more series match; showing the first {}: raise --limit or narrow the selector)",
+            resp.series.len()
+        ));
+    }
+    Ok(out.join("\n"))
+}
+
+fn severity_name(s: i32) -> &'static str {
+    match Severity::try_from(s) {
+        Ok(Severity::Info) => "info",
+        Ok(Severity::Warning) => "warning",
+        Ok(Severity::Error) => "error",
+        Ok(Severity::Critical) => "critical",
+        _ => "unspecified",
+    }
+}
+
+fn event_json(e: &Event) -> serde_json::Value {
+    serde_json::json!({
+        "timestamp_ms": e.timestamp_ms,
+        "node": e.node,
+        "kind": e.kind,
+        "severity": severity_name(e.severity),
+        "message": e.message,
+        "labels": labels_json(&e.labels),
+    })
+}
+
+/// `vitals events [--node N] [--kind K] [--since D]`.
+pub async fn events(
+    cfg: &CliConfig,
+    node: Option<String>,
+    kind: Option<String>,
+    range: &Range,
+    limit: u32,
+    json: bool,
+) -> Result<String> {
+    let (start_ms, end_ms) = range.resolve_default("24h")?;
+    let mut c = client::connect(cfg).await?;
+    let resp = c
+        .list_events(ListEventsRequest {
+            node: node.unwrap_or_default(),
+            kind: kind.unwrap_or_default(),
+            start_ms,
+            end_ms,
+            limit,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if json {
+        let list: Vec<_> = resp.events.iter().map(event_json).collect();
+        return Ok(serde_json::json!({ "events": list }).to_string());
+    }
+    if resp.events.is_empty() {
+        return Ok(format!(
+            "no events between {} and {}",
+            fmt_ms(start_ms),
+            fmt_ms(end_ms)
+        ));
+    }
+    let rows: Vec<Vec<String>> = resp
+        .events
+        .iter()
+        .map(|e| {
+            vec![
+                fmt_ms(e.timestamp_ms),
+                e.node.clone(),
+                e.kind.clone(),
+                severity_name(e.severity).to_string(),
+                e.message.clone(),
+            ]
+        })
+        .collect();
+    Ok(table(&["AT", "NODE", "KIND", "SEVERITY", "MESSAGE"], &rows))
 }

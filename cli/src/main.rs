@@ -4,7 +4,9 @@ mod alerts;
 mod alloc_count;
 mod bench;
 mod bench_agent;
+mod bench_query;
 mod certs;
+mod chart;
 mod client;
 mod commands;
 mod detect;
@@ -28,11 +30,14 @@ static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;
 /// Start everything locally:      vitals dev
 /// List nodes:                    vitals --config vitals-dev/cli.toml nodes
 /// Query a series:                vitals --config vitals-dev/cli.toml query 'node_load1{node="train-01"}' --since 1h
-/// Machine-readable output:       add --json to nodes and query
+/// Functions and aggregations:    vitals query 'avg by (node) (rate(node_cpu_seconds_total{mode="user"}[5m]))' --since 6h
+/// Series, events, alerts:        vitals series 'gpu_gfx_activity{node=~"train-.*"}'; vitals events --since 1d; vitals watch
+/// Machine-readable output:       add --json to any command
 /// Make certificates:             vitals certs init --dir /etc/vitals/tls
 ///                                vitals certs issue --dir /etc/vitals/tls --name train-01 --role agent
 /// Cost of the agent's collection: vitals bench agent [--procfs DIR] [--sysfs DIR] [--cycles N] [--json]
 /// Ingest throughput:             vitals bench ingest [--agents N] [--series-per-agent M] [--seconds S] [--collector URL --ca-dir DIR] [--json]
+/// Query latency:                 vitals bench query [--nodes N] [--gpus G] [--hours H] [--json]
 /// Score a CSV for anomalies:     vitals detect data.csv --out scored.csv
 ///
 /// The collector address and TLS files come from --config FILE, else
@@ -49,20 +54,59 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// List the nodes that have reported, whether connected, when last seen.
+    /// List the nodes that have reported: whether connected, when last seen,
+    /// agent version, role (training: gpu/slurm; storage: zfs/nfsd; other)
+    /// and the sources each reports.
+    ///
+    /// Examples:
+    ///   vitals nodes
+    ///   vitals nodes --json | jq '.nodes[] | select(.role == "training") | .name'
+    #[command(verbatim_doc_comment)]
     Nodes {
+        /// Print {"nodes":[{"name","role","connected","last_seen_ms","agent_version","sources"}]}.
         #[arg(long)]
         json: bool,
     },
-    /// Query a series selector over a time range.
+    /// List the series a selector matches (names and labels, no samples).
+    ///
+    /// Examples:
+    ///   vitals series 'gpu_gfx_activity'
+    ///   vitals series '{node="train-01"}' --limit 50
+    ///   vitals series '{__name__=~"node_nfs.*", node!="nas-01"}' --json
+    #[command(verbatim_doc_comment)]
+    Series {
+        /// Selector: name{label="v", other=~"regex", x!="v", y!~"regex"}.
+        selector: String,
+        /// Most series listed (0: the collector's max_series).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+        /// Print {"series":[{"name","labels"}],"truncated":bool}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Query a selector or an expression over a time range, or at one time.
+    ///
+    /// A plain selector without --step lists every stored sample in the
+    /// range. An expression (or --step) is evaluated every step:
+    ///   selector                          latest sample within 5 min
+    ///   rate|increase|delta|changes(selector[5m])
+    ///   avg_over_time|max_over_time|min_over_time(selector[5m])
+    ///   quantile_over_time(0.99, selector[5m])
+    ///   sum|avg|min|max|count [by (label, ...)] (one of the above)
+    /// One series is drawn as a text chart in a terminal (--chart: always);
+    /// otherwise a table. See docs/QUERY.md.
     ///
     /// Examples:
     ///   vitals query node_load1
     ///   vitals query 'node_filesystem_avail_bytes{mountpoint=~"/data.*"}' --since 2h
+    ///   vitals query 'rate(node_network_receive_bytes_total{node="train-01",device="ib0"}[1m])' --since 1h --step 30s
+    ///   vitals query 'avg by (node) (gpu_gfx_activity)' --since 24h --json
+    ///   vitals query 'max by (node) (gpu_temperature_celsius)' --instant
     ///   vitals query 'node_load1{node!="nas-01"}' --start 2026-11-29T10:00:00Z --end now --json
     #[command(verbatim_doc_comment)]
     Query {
-        /// Selector: name{label="v", other=~"regex", x!="v", y!~"regex"}.
+        /// Selector or expression.
+        #[arg(value_name = "EXPR")]
         selector: String,
         /// Range ending now (default 15m).
         #[arg(long, conflicts_with = "start")]
@@ -73,7 +117,58 @@ enum Command {
         /// Range end (default: now).
         #[arg(long)]
         end: Option<String>,
+        /// Time between evaluations, e.g. 15s (default: the range / 240, at least 1s).
+        #[arg(long)]
+        step: Option<String>,
+        /// Evaluate once, now.
+        #[arg(long, conflicts_with_all = ["since", "start", "end", "step"])]
+        instant: bool,
+        /// Evaluate once, at this time (RFC 3339, Unix seconds).
+        #[arg(long, conflicts_with_all = ["since", "start", "end", "step"])]
+        at: Option<String>,
+        /// Draw a single series as a chart even when not on a terminal.
+        #[arg(long)]
+        chart: bool,
         /// Print {"series":[{"name","labels","points":[[ts_ms, value],...]}]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Events agents reported (SLURM job state changes: slurm_job_state, ...), newest first.
+    ///
+    /// Examples:
+    ///   vitals events
+    ///   vitals events --node train-01 --kind slurm_job_state --since 2h
+    ///   vitals events --start 2026-11-29T00:00:00Z --end 2026-11-30T00:00:00Z --json
+    #[command(verbatim_doc_comment)]
+    Events {
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long)]
+        kind: Option<String>,
+        /// Range ending now (default 24h).
+        #[arg(long, conflicts_with = "start")]
+        since: Option<String>,
+        #[arg(long)]
+        start: Option<String>,
+        #[arg(long)]
+        end: Option<String>,
+        /// Most events listed (0: 1000).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+        /// Print {"events":[{"timestamp_ms","node","kind","severity","message","labels"}]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow alerts as they change: the open ones first ("snapshot"), then
+    /// each change (pending, firing, resolved, dropped) as the collector
+    /// records it, until interrupted.
+    ///
+    /// Examples:
+    ///   vitals watch
+    ///   vitals watch --json | jq -c 'select(.change == "firing")'
+    #[command(verbatim_doc_comment)]
+    Watch {
+        /// One JSON object per line: the alert (as in `alerts --json`) with "change" and "at_ms"; new values of open alerts ("updated") too.
         #[arg(long)]
         json: bool,
     },
@@ -82,12 +177,16 @@ enum Command {
     ///
     /// Examples:
     ///   vitals alerts
+    ///   vitals alerts --state firing
     ///   vitals alerts --all --json
     #[command(verbatim_doc_comment)]
     Alerts {
         /// Resolved alerts too (newest first).
         #[arg(long)]
         all: bool,
+        /// Only alerts in this state: pending, firing or resolved.
+        #[arg(long)]
+        state: Option<String>,
         /// Print {"alerts":[{"rule","state","severity","labels","annotations","evidence","related",...}]}.
         #[arg(long)]
         json: bool,
@@ -269,6 +368,35 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Query latency: fill a store with GPU utilisation series at 1 s
+    /// through its write path, start the vitals-collector binary on it and
+    /// time Query calls over mutual TLS (raw 24 h of one series; 1 s steps
+    /// of one series; `avg by (node)` and `avg` over all of them).
+    ///
+    /// Examples:
+    ///   vitals bench query
+    ///   vitals bench query --nodes 8 --gpus 8 --hours 24 --runs 20 --json
+    #[command(verbatim_doc_comment)]
+    Query {
+        /// Simulated nodes.
+        #[arg(long, default_value_t = 8)]
+        nodes: usize,
+        /// GPU series per node.
+        #[arg(long, default_value_t = 8)]
+        gpus: usize,
+        /// Hours of 1 s samples per series.
+        #[arg(long, default_value_t = 24)]
+        hours: u64,
+        /// Timed runs per query (after one warm-up).
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Keep the collector's directory here instead of a temporary one.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+        /// One JSON object: stored_samples, fill_seconds, results[{query, points, p50_ms, max_ms}].
+        #[arg(long)]
+        json: bool,
+    },
     /// Anomaly detector: samples per second on one core, bytes per series.
     Detect {
         /// Series scored round-robin, one detector each.
@@ -388,6 +516,28 @@ fn main() -> ExitCode {
             print_out(&text);
             Ok(())
         }),
+        Command::Bench {
+            command:
+                BenchCommand::Query {
+                    nodes,
+                    gpus,
+                    hours,
+                    runs,
+                    keep,
+                    json,
+                },
+        } => runtime().and_then(|rt| {
+            let text = rt.block_on(bench_query::query(bench_query::QueryBenchArgs {
+                nodes,
+                gpus,
+                hours,
+                runs,
+                keep,
+                json,
+            }))?;
+            print_out(&text);
+            Ok(())
+        }),
         Command::Detect { file, dir, out } => detect::run(file, dir, out),
         Command::Bench {
             command:
@@ -403,8 +553,36 @@ fn main() -> ExitCode {
         Command::Dev { dir } => runtime()
             .and_then(|rt| rt.block_on(dev::run(&dir)))
             .map(|_| ()),
-        Command::Alerts { all, json } => with_client(cli.config, |cfg| async move {
-            alerts::alerts(&cfg, all, json).await
+        Command::Alerts { all, state, json } => with_client(cli.config, |cfg| async move {
+            alerts::alerts(&cfg, all, state, json).await
+        }),
+        Command::Watch { json } => client::load(cli.config.as_deref())
+            .and_then(|cfg| runtime()?.block_on(alerts::watch(&cfg, json, std::io::stdout()))),
+        Command::Series {
+            selector,
+            limit,
+            json,
+        } => with_client(cli.config, |cfg| async move {
+            commands::series(&cfg, &selector, limit, json).await
+        }),
+        Command::Events {
+            node,
+            kind,
+            since,
+            start,
+            end,
+            limit,
+            json,
+        } => with_client(cli.config, |cfg| async move {
+            commands::events(
+                &cfg,
+                node,
+                kind,
+                &commands::Range { since, start, end },
+                limit,
+                json,
+            )
+            .await
         }),
         Command::Silence { command } => match command {
             SilenceCommand::Add {
@@ -433,13 +611,23 @@ fn main() -> ExitCode {
             since,
             start,
             end,
+            step,
+            instant,
+            at,
+            chart,
             json,
         } => with_client(cli.config, |cfg| async move {
             commands::query(
                 &cfg,
-                &selector,
-                &commands::Range { since, start, end },
-                json,
+                &commands::QueryArgs {
+                    expr: selector,
+                    range: commands::Range { since, start, end },
+                    step,
+                    at,
+                    instant,
+                    chart,
+                    json,
+                },
             )
             .await
         }),

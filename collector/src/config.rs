@@ -83,9 +83,13 @@ pub struct QueryConfig {
     /// Most series one query may return.
     #[serde(default = "default_max_series")]
     pub max_series: usize,
-    /// Most points one query may return.
+    /// Most points one query may return (all series together).
     #[serde(default = "default_max_points")]
     pub max_points: usize,
+    /// Most stored samples one query may read (an aggregation reads many
+    /// more than it returns).
+    #[serde(default = "default_max_samples")]
+    pub max_samples: usize,
 }
 
 impl Default for StorageConfig {
@@ -103,6 +107,7 @@ impl Default for QueryConfig {
         QueryConfig {
             max_series: default_max_series(),
             max_points: default_max_points(),
+            max_samples: default_max_samples(),
         }
     }
 }
@@ -135,6 +140,10 @@ fn default_max_series() -> usize {
 fn default_max_points() -> usize {
     5_000_000
 }
+fn default_max_samples() -> usize {
+    // 16 bytes a sample in memory: at most about 320 MB for one query.
+    20_000_000
+}
 
 /// Validated settings the collector runs with.
 #[derive(Clone)]
@@ -146,12 +155,24 @@ pub struct Settings {
     pub store: crate::store::StoreOptions,
     pub max_series: usize,
     pub max_points: usize,
+    pub max_samples: usize,
     pub alerting: crate::alert::AlertSettings,
     /// The listener's TLS config, built from `tls` (so a key that does not
     /// match its certificate is a config error, not a failed start).
     pub server_tls: std::sync::Arc<tokio_rustls::rustls::ServerConfig>,
     /// The file as written, to tell what a reload changes.
     pub raw: RawConfig,
+}
+
+impl Settings {
+    /// The query limits these settings give.
+    pub fn query_limits(&self) -> crate::promql::Limits {
+        crate::promql::Limits {
+            max_series: self.max_series,
+            max_points: self.max_points,
+            max_samples: self.max_samples,
+        }
+    }
 }
 
 /// Reads, parses and validates a collector config file.
@@ -199,7 +220,7 @@ pub fn validate_text(path: &Path, text: &str, raw: RawConfig) -> Result<Settings
     } else {
         None
     };
-    if raw.query.max_series == 0 || raw.query.max_points == 0 {
+    if raw.query.max_series == 0 || raw.query.max_points == 0 || raw.query.max_samples == 0 {
         return Err(ConfigError::invalid(
             path,
             "query",
@@ -222,6 +243,7 @@ pub fn validate_text(path: &Path, text: &str, raw: RawConfig) -> Result<Settings
         },
         max_series: raw.query.max_series,
         max_points: raw.query.max_points,
+        max_samples: raw.query.max_samples,
         server_tls,
         raw,
     })

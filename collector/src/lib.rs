@@ -8,6 +8,7 @@ pub mod config;
 pub mod ingest;
 pub mod listen;
 pub mod notify;
+pub mod promql;
 pub mod query;
 pub mod reload;
 pub mod store;
@@ -41,6 +42,8 @@ pub enum RunError {
     Signal(#[source] std::io::Error),
     #[error("server failed: {0}")]
     Serve(#[source] tonic::transport::Error),
+    #[error("cannot build the gRPC reflection service: {0}")]
+    Reflection(#[source] tonic_reflection::server::Error),
 }
 
 /// Runs the collector until `shutdown` resolves, then drains in-flight
@@ -123,10 +126,7 @@ pub async fn run_reloadable(
             stop_rx.clone(),
         ))
     });
-    let (limits_tx, limits_rx) = watch::channel(store::QueryLimits {
-        max_series: settings.max_series,
-        max_points: settings.max_points,
-    });
+    let (limits_tx, limits_rx) = watch::channel(settings.query_limits());
     let query = query::QueryService {
         store: reader,
         connected,
@@ -137,12 +137,35 @@ pub async fn run_reloadable(
     let mut server_stop = stop_rx.clone();
     let tls = listen::TlsConfig::new(settings.server_tls.clone());
     let incoming = listen::incoming(listener, tls.clone(), stop_rx.clone());
+    // Standard health checking and reflection (grpcurl), behind the same
+    // mutual TLS as everything else.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<IngestServer<ingest::IngestService>>()
+        .await;
+    health
+        .set_serving::<QueryServer<query::QueryService>>()
+        .await;
+    health
+        .set_serving::<AlertsServer<alert::api::AlertsService>>()
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(vitals_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().map_err(RunError::Reflection)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(RunError::Reflection)?;
     let server = tonic::transport::Server::builder()
         .add_service(IngestServer::new(ingest).max_decoding_message_size(64 << 20))
         .add_service(QueryServer::new(query).max_encoding_message_size(256 << 20))
         .add_service(AlertsServer::new(alert::api::AlertsService {
             shared: alerting,
+            stop: stop_rx.clone(),
         }))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = server_stop.wait_for(|s| *s).await;
         });

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::config::{self, Settings};
 use crate::listen::TlsConfig;
-use crate::store::QueryLimits;
+use crate::promql::Limits;
 
 /// Where a reload reads from, and what asks for it.
 pub struct Reload {
@@ -27,7 +27,7 @@ pub struct Reload {
 /// The parts of a running collector that a reload can change.
 pub(crate) struct Live<'a> {
     pub tls: &'a TlsConfig,
-    pub limits: &'a watch::Sender<QueryLimits>,
+    pub limits: &'a watch::Sender<Limits>,
 }
 
 /// Keys a reload changed live, and keys that differ but need a restart.
@@ -73,14 +73,15 @@ fn apply(current: &mut Settings, new: Settings, live: Live<'_>) -> Outcome {
         current.raw.tls = new.raw.tls;
         out.applied.extend(tls);
     }
-    if new.max_series != current.max_series || new.max_points != current.max_points {
+    if new.max_series != current.max_series
+        || new.max_points != current.max_points
+        || new.max_samples != current.max_samples
+    {
         current.max_series = new.max_series;
         current.max_points = new.max_points;
+        current.max_samples = new.max_samples;
         current.raw.query = new.raw.query;
-        live.limits.send_replace(QueryLimits {
-            max_series: current.max_series,
-            max_points: current.max_points,
-        });
+        live.limits.send_replace(current.query_limits());
         out.applied.push("query");
     }
     if new.shutdown_grace != current.shutdown_grace {

@@ -1280,6 +1280,124 @@ impl Store {
     pub fn series_count(&self) -> usize {
         self.head.read().map(|h| h.series_count()).unwrap_or(0)
     }
+
+    /// Series (name, labels) the selector matches, sorted, at most `limit`;
+    /// the flag says whether more matched. Read from the head's index only.
+    pub fn list_series(&self, selector: &Selector, limit: usize) -> (Vec<(String, Labels)>, bool) {
+        let head = match self.head.read() {
+            Ok(h) => h,
+            Err(p) => p.into_inner(),
+        };
+        let mut out: Vec<(String, Labels)> = Vec::new();
+        let mut more = false;
+        let mut consider = |s: &HeadSeries| {
+            if selector.matches(&s.name, &s.labels) {
+                out.push((s.name.clone(), s.labels.clone()));
+            }
+        };
+        if selector.metric.is_empty() {
+            head.series.iter().flatten().for_each(&mut consider);
+        } else {
+            for id in head.by_name.get(&selector.metric).into_iter().flatten() {
+                if let Some(s) = head.series.get(*id as usize).and_then(Option::as_ref) {
+                    consider(s);
+                }
+            }
+        }
+        out.sort();
+        if out.len() > limit {
+            out.truncate(limit);
+            more = true;
+        }
+        (out, more)
+    }
+
+    /// Per node (its `node` label), what its series tell about its
+    /// sources: the `source` label of its `vitals_source_success` series,
+    /// and gpu / slurm / zfs / nfsd from metric names (`gpu_*`,
+    /// `vitals_slurm_*`, `node_zfs_*`, `node_nfsd_*`).
+    pub fn node_sources(&self) -> HashMap<String, std::collections::BTreeSet<String>> {
+        let head = match self.head.read() {
+            Ok(h) => h,
+            Err(p) => p.into_inner(),
+        };
+        let mut out: HashMap<String, std::collections::BTreeSet<String>> = HashMap::new();
+        for s in head.series.iter().flatten() {
+            let Some(node) = s.labels.get("node") else {
+                continue;
+            };
+            let source = if s.name == "vitals_source_success" {
+                s.labels.get("source").map(String::as_str)
+            } else if s.name.starts_with("gpu_") {
+                Some("gpu")
+            } else if s.name.starts_with("vitals_slurm_") {
+                Some("slurm")
+            } else if s.name.starts_with("node_zfs_") {
+                Some("zfs")
+            } else if s.name.starts_with("node_nfsd_") {
+                Some("nfsd")
+            } else {
+                None
+            };
+            if let Some(src) = source {
+                out.entry(node.clone()).or_default().insert(src.to_string());
+            }
+        }
+        out
+    }
+
+    /// Events in [start, end], newest first, optionally of one node / kind.
+    pub fn list_events(&self, f: &EventFilter) -> Result<Vec<EventRow>, StoreError> {
+        let conn = open_reader(&self.path)?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT ts, node, kind, severity, message, labels FROM events
+             WHERE ts >= ?1 AND ts <= ?2 AND (?3 = '' OR node = ?3) AND (?4 = '' OR kind = ?4)
+             ORDER BY ts DESC, id DESC LIMIT ?5",
+        )?;
+        let rows = stmt.query_map(
+            params![
+                f.start_ms,
+                f.end_ms,
+                f.node,
+                f.kind,
+                i64::try_from(f.limit).unwrap_or(i64::MAX)
+            ],
+            |r| {
+                let labels: String = r.get(5)?;
+                Ok(EventRow {
+                    timestamp_ms: r.get(0)?,
+                    node: r.get(1)?,
+                    kind: r.get(2)?,
+                    severity: r.get(3)?,
+                    message: r.get(4)?,
+                    labels: serde_json::from_str(&labels).unwrap_or_default(),
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// Which events to list.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    /// Empty: every node / kind.
+    pub node: String,
+    pub kind: String,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub limit: usize,
+}
+
+/// One stored event.
+#[derive(Debug, Clone)]
+pub struct EventRow {
+    pub timestamp_ms: i64,
+    pub node: String,
+    pub kind: String,
+    pub severity: i32,
+    pub message: String,
+    pub labels: Labels,
 }
 
 #[cfg(test)]

@@ -430,6 +430,7 @@ impl Reader {
                 .collect(),
             start_ms: 0,
             end_ms: i64::MAX,
+            ..Default::default()
         };
         let mut c = self.client.clone();
         self.rt
@@ -575,4 +576,62 @@ pub async fn channel_as(
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
+}
+
+/// Sends `batches` as agent `node` (its certificate `node.pem`, which the
+/// env must have issued) on one ingest stream, instance `instance`, and
+/// waits until the last one is acked. Returns the error status if the
+/// collector refused the stream.
+pub fn ingest(
+    env: &Env,
+    port: u16,
+    node: &str,
+    instance: &str,
+    batches: Vec<Batch>,
+) -> Result<u64, tonic::Status> {
+    use tokio_stream::StreamExt;
+    use vitals_proto::v1::ingest_client::IngestClient;
+    use vitals_proto::v1::{AgentMessage, Hello, agent_message, collector_message};
+    let (cert, key) = env.cert(node);
+    let last = batches.last().map(|b| b.seq).unwrap_or(0);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let ch = channel(port, &env.ca(), Some((&cert, &key))).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(batches.len() + 1);
+        tx.send(AgentMessage {
+            msg: Some(agent_message::Msg::Hello(Hello {
+                node: node.into(),
+                agent_version: "test-1".into(),
+                instance_id: instance.into(),
+            })),
+        })
+        .await
+        .unwrap();
+        for b in batches {
+            tx.send(AgentMessage {
+                msg: Some(agent_message::Msg::Batch(b)),
+            })
+            .await
+            .unwrap();
+        }
+        let mut resp = IngestClient::new(ch)
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), resp.next()).await {
+                Ok(Some(Ok(m))) => {
+                    if let Some(collector_message::Msg::Ack(a)) = m.msg
+                        && a.seq >= last
+                    {
+                        drop(tx);
+                        return Ok(a.seq);
+                    }
+                }
+                Ok(Some(Err(status))) => return Err(status),
+                Ok(None) => return Err(tonic::Status::aborted("stream ended before the ack")),
+                Err(_) => return Err(tonic::Status::deadline_exceeded("no ack within 20 s")),
+            }
+        }
+    })
 }

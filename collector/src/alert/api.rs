@@ -1,21 +1,56 @@
 //! `vitals.v1.Alerts`: alerts with their evidence, and silences. Operator
 //! certificates only.
 
+use std::pin::Pin;
+
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use vitals_common::identity::Role;
 use vitals_proto::v1::{
-    AddSilenceRequest, Alert as PbAlert, DeleteSilenceRequest, DeleteSilenceResponse,
+    AddSilenceRequest, Alert as PbAlert, AlertChange, DeleteSilenceRequest, DeleteSilenceResponse,
     EvidenceSeries, Label, ListAlertsRequest, ListAlertsResponse, ListSilencesRequest,
-    ListSilencesResponse, Point, RelatedSignal, Silence as PbSilence, alerts_server::Alerts,
+    ListSilencesResponse, Point, RelatedSignal, Silence as PbSilence, WatchAlertsRequest,
+    alerts_server::Alerts,
 };
 
 use super::db::{DbError, Silence};
-use super::engine::Alert;
-use super::{Shared, silenced};
+use super::engine::{Alert, Phase};
+use super::{Recorded, Shared, silenced};
 use crate::ingest::peer_identity;
 
 pub struct AlertsService {
     pub shared: Shared,
+    /// Turns true at shutdown: `WatchAlerts` streams end then.
+    pub stop: watch::Receiver<bool>,
+}
+
+/// The open alerts now, as "snapshot" changes.
+fn snapshot(st: &super::Alerting) -> Vec<Recorded> {
+    let now = vitals_common::now_ms();
+    let silences = st.db.silences(false, now).unwrap_or_default();
+    let mut open: Vec<&Alert> = st.engine.open.values().collect();
+    open.sort_by(|a, b| {
+        a.active_since_ms
+            .cmp(&b.active_since_ms)
+            .then_with(|| a.fingerprint.cmp(&b.fingerprint))
+    });
+    open.into_iter()
+        .map(|a| Recorded {
+            kind: "snapshot",
+            silenced: silenced(&silences, a),
+            alert: a.clone(),
+            at_ms: now,
+        })
+        .collect()
+}
+
+fn change_pb(r: Recorded) -> AlertChange {
+    AlertChange {
+        kind: r.kind.into(),
+        alert: Some(to_pb(r.alert, r.silenced)),
+        at_ms: r.at_ms,
+    }
 }
 
 fn operator<T>(req: &Request<T>) -> Result<String, Status> {
@@ -115,6 +150,61 @@ impl AlertsService {
 
 #[tonic::async_trait]
 impl Alerts for AlertsService {
+    type WatchAlertsStream = Pin<Box<dyn Stream<Item = Result<AlertChange, Status>> + Send>>;
+
+    async fn watch_alerts(
+        &self,
+        request: Request<WatchAlertsRequest>,
+    ) -> Result<Response<Self::WatchAlertsStream>, Status> {
+        let who = operator(&request)?;
+        // Subscribe under the lock that evaluation holds while it records,
+        // so no change falls between the snapshot and the subscription.
+        let (mut changes, first) = self
+            .with(|st| Ok((st.changes.subscribe(), snapshot(st))))
+            .await?;
+        let (tx, rx) = mpsc::channel::<Result<AlertChange, Status>>(256);
+        let shared = self.shared.clone();
+        let mut stop = self.stop.clone();
+        tokio::spawn(async move {
+            let mut pending = first;
+            loop {
+                for r in pending.drain(..) {
+                    if tx.send(Ok(change_pb(r))).await.is_err() {
+                        return;
+                    }
+                }
+                let next = tokio::select! {
+                    r = changes.recv() => r,
+                    _ = stop.wait_for(|s| *s) => return,
+                    _ = tx.closed() => return,
+                };
+                match next {
+                    Ok(r) => pending.push(r),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(by = %who, missed = n, "an alert watch fell behind; sending a new snapshot");
+                        let s2 = shared.clone();
+                        let snap = tokio::task::spawn_blocking(move || {
+                            let g = match s2.lock() {
+                                Ok(g) => g,
+                                Err(p) => p.into_inner(),
+                            };
+                            snapshot(&g)
+                        })
+                        .await;
+                        match snap {
+                            Ok(s) => pending = s,
+                            Err(_) => return,
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn list_alerts(
         &self,
         request: Request<ListAlertsRequest>,
@@ -126,17 +216,27 @@ impl Alerts for AlertsService {
         } else {
             (req.limit as usize).min(100_000)
         };
+        let phase = match req.state.as_str() {
+            "" => None,
+            p @ ("pending" | "firing" | "resolved") => Some(p.to_string()),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown alert state {other:?}; use pending, firing or resolved"
+                )));
+            }
+        };
         let alerts = self
             .with(move |st| {
                 let now = vitals_common::now_ms();
                 let silences = st.db.silences(false, now)?;
-                Ok(st
-                    .db
-                    .list(req.all, limit)?
+                let list = match &phase {
+                    Some(p) => st.db.list_phase(p, limit)?,
+                    None => st.db.list(req.all, limit)?,
+                };
+                Ok(list
                     .into_iter()
                     .map(|a| {
-                        let s =
-                            a.phase != super::engine::Phase::Resolved && silenced(&silences, &a);
+                        let s = a.phase != Phase::Resolved && silenced(&silences, &a);
                         to_pb(a, s)
                     })
                     .collect())

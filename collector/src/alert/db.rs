@@ -176,6 +176,15 @@ impl AlertDb {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Alerts in one phase ("pending", "firing", "resolved"), newest first.
+    pub fn list_phase(&self, phase: &str, limit: usize) -> Result<Vec<Alert>, DbError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT * FROM alerts WHERE phase = ?1 ORDER BY active_since_ms DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![phase, limit as i64], Self::row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Writes one step's changes in one transaction.
     pub fn apply(&mut self, changes: &[Change]) -> Result<(), DbError> {
         if changes.is_empty() {

@@ -69,7 +69,7 @@ pub enum RangeFn {
 }
 
 impl RangeFn {
-    fn by_name(name: &str) -> Option<RangeFn> {
+    pub fn by_name(name: &str) -> Option<RangeFn> {
         Some(match name {
             "rate" => RangeFn::Rate,
             "increase" => RangeFn::Increase,
@@ -207,15 +207,24 @@ pub fn parse(text: &str) -> Result<Expr, String> {
     })
 }
 
-struct P<'a> {
-    s: &'a [u8],
-    i: usize,
+/// The lexer and term helpers, shared with the query language
+/// (`crate::promql`), so both read selectors, durations and numbers alike.
+pub(crate) struct P<'a> {
+    pub(crate) s: &'a [u8],
+    pub(crate) i: usize,
 }
 
 const FUNCTIONS: &str = "rate, increase, delta, changes, max_over_time, min_over_time, avg_over_time, ratio, diff, anomaly, silent";
 
-impl P<'_> {
-    fn err(&self, what: &str) -> String {
+impl<'a> P<'a> {
+    pub(crate) fn new(text: &'a str) -> P<'a> {
+        P {
+            s: text.as_bytes(),
+            i: 0,
+        }
+    }
+
+    pub(crate) fn err(&self, what: &str) -> String {
         let rest = String::from_utf8_lossy(&self.s[self.i.min(self.s.len())..]);
         if rest.is_empty() {
             format!("{what} at the end")
@@ -224,17 +233,17 @@ impl P<'_> {
         }
     }
 
-    fn ws(&mut self) {
+    pub(crate) fn ws(&mut self) {
         while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
             self.i += 1;
         }
     }
 
-    fn peek(&self) -> Option<u8> {
+    pub(crate) fn peek(&self) -> Option<u8> {
         self.s.get(self.i).copied()
     }
 
-    fn ident(&mut self) -> String {
+    pub(crate) fn ident(&mut self) -> String {
         let start = self.i;
         while let Some(c) = self.peek() {
             if c.is_ascii_alphanumeric() || c == b'_' || c == b':' {
@@ -246,7 +255,7 @@ impl P<'_> {
         String::from_utf8_lossy(&self.s[start..self.i]).to_string()
     }
 
-    fn expect(&mut self, c: u8) -> Result<(), String> {
+    pub(crate) fn expect(&mut self, c: u8) -> Result<(), String> {
         self.ws();
         if self.peek() == Some(c) {
             self.i += 1;
@@ -257,7 +266,7 @@ impl P<'_> {
     }
 
     /// A selector: optional name, optional `{...}` (quotes respected).
-    fn selector(&mut self) -> Result<Selector, String> {
+    pub(crate) fn selector(&mut self) -> Result<Selector, String> {
         self.ws();
         let start = self.i;
         let _ = self.ident();
@@ -283,7 +292,7 @@ impl P<'_> {
         selector::parse(&text).map_err(|e| format!("bad selector {:?}: {e}", text.trim()))
     }
 
-    fn duration(&mut self) -> Result<Duration, String> {
+    pub(crate) fn duration(&mut self) -> Result<Duration, String> {
         self.expect(b'[')?;
         let start = self.i;
         while self.peek().is_some_and(|c| c != b']') {
@@ -301,7 +310,7 @@ impl P<'_> {
         Ok(d)
     }
 
-    fn number(&mut self) -> Result<f64, String> {
+    pub(crate) fn number(&mut self) -> Result<f64, String> {
         self.ws();
         let start = self.i;
         while let Some(c) = self.peek() {

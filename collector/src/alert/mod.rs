@@ -266,6 +266,33 @@ pub struct Alerting {
     pub engine: Engine,
     pub db: AlertDb,
     pub correlation_window: Duration,
+    /// Every recorded change, for `WatchAlerts` streams (none listening:
+    /// sending costs nothing and is dropped).
+    pub changes: tokio::sync::broadcast::Sender<Recorded>,
+}
+
+/// A change as recorded: what happened ("pending", "firing", "updated",
+/// "resolved", "dropped"), the alert after it, and when.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub kind: &'static str,
+    pub alert: Alert,
+    pub at_ms: i64,
+    /// A silence in force covers it.
+    pub silenced: bool,
+}
+
+impl Change {
+    /// The change's name on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Change::Pending(_) => "pending",
+            Change::Fired(_) => "firing",
+            Change::Updated(_) => "updated",
+            Change::Resolved(_) => "resolved",
+            Change::Dropped(_) => "dropped",
+        }
+    }
 }
 
 pub type Shared = Arc<Mutex<Alerting>>;
@@ -287,6 +314,7 @@ pub fn open(settings: &AlertSettings) -> Result<Shared, db::DbError> {
         engine,
         db,
         correlation_window: settings.correlation_window,
+        changes: tokio::sync::broadcast::channel(1024).0,
     })))
 }
 
@@ -367,6 +395,16 @@ pub fn evaluate(
             }
         }
         return Vec::new();
+    }
+    for c in &changes {
+        // Err: nobody is watching.
+        let a = c.alert();
+        let _ = st.changes.send(Recorded {
+            kind: c.kind(),
+            silenced: a.phase != Phase::Resolved && silenced(silences, a),
+            alert: a.clone(),
+            at_ms: now,
+        });
     }
     // What to offer the sink: every firing alert not yet queued and not
     // silenced (new ones, ones whose silence just ended, ones a crash left
