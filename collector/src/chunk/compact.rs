@@ -54,6 +54,7 @@ const TS_DOD: u8 = 1;
 const VAL_FLOAT: u8 = 0;
 const VAL_BUCKETS: u8 = 1;
 const VAL_PACKED: u8 = 2;
+const VAL_RUNS: u8 = 3;
 const MAX_SCALE: usize = 9;
 const POW10: [f64; MAX_SCALE + 1] = [1.0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9];
 /// Payload widths of the bucket tables; the last bucket of each holds any
@@ -146,7 +147,7 @@ fn transform(x: &[i64], t: u8) -> (Vec<i64>, Vec<i64>) {
 /// How to write the integers after a transform's leading terms.
 #[derive(Clone, Copy)]
 struct Choice {
-    /// `VAL_BUCKETS` or `VAL_PACKED`.
+    /// `VAL_BUCKETS`, `VAL_PACKED` or `VAL_RUNS`.
     mode: u8,
     /// The bucket table, or the packed width.
     param: u8,
@@ -160,10 +161,21 @@ struct Choice {
 fn cheapest(rest: &[i64]) -> Choice {
     let mut hist = [0u64; 65];
     let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+    // Runs of zeros, each written as one gamma code.
+    let (mut run, mut run_bits) = (0u64, 0u64);
     for &y in rest {
         hist[signed_bits(y) as usize] += 1;
         lo = lo.min(y);
         hi = hi.max(y);
+        if y == 0 {
+            run += 1;
+        } else {
+            run_bits += gamma_cost(run + 1);
+            run = 0;
+        }
+    }
+    if run > 0 {
+        run_bits += gamma_cost(run + 1);
     }
     let mut best = Choice {
         mode: VAL_BUCKETS,
@@ -184,6 +196,16 @@ fn cheapest(rest: &[i64]) -> Choice {
                 param: i as u8,
                 lo: 0,
                 bits: cost,
+            };
+        }
+        // The same table for the values between runs of zeros.
+        let runs = cost.saturating_sub(hist[0]).saturating_add(run_bits);
+        if runs < best.bits {
+            best = Choice {
+                mode: VAL_RUNS,
+                param: i as u8,
+                lo: 0,
+                bits: runs,
             };
         }
     }
@@ -289,6 +311,22 @@ pub fn encode(samples: &[(i64, f64)]) -> Option<Vec<u8>> {
                 w.write_bits(y.wrapping_sub(lo) as u64, width);
             }
         }
+    } else if mode == VAL_RUNS {
+        out.push(param);
+        let table = TABLES[usize::from(param)];
+        let mut run = 0u64;
+        for y in rest {
+            if y == 0 {
+                run += 1;
+            } else {
+                write_gamma(&mut w, run + 1);
+                write_dod(&mut w, y, table);
+                run = 0;
+            }
+        }
+        if run > 0 {
+            write_gamma(&mut w, run + 1);
+        }
     } else {
         out.push(param);
         let table = TABLES[usize::from(param)];
@@ -298,6 +336,28 @@ pub fn encode(samples: &[(i64, f64)]) -> Option<Vec<u8>> {
     }
     out.extend_from_slice(&w.bytes);
     Some(out)
+}
+
+/// Bits of the gamma code of `x ≥ 1`: N ones, a zero, then the N bits of
+/// `x` below its leading one (N = floor(log2 x)).
+fn gamma_cost(x: u64) -> u64 {
+    let n = u64::from(63 - x.max(1).leading_zeros());
+    2 * n + 1
+}
+
+fn write_gamma(w: &mut BitWriter, x: u64) {
+    let n = 63 - x.max(1).leading_zeros();
+    w.write_bits((1u64 << n) - 1, n);
+    w.write_bit(false);
+    w.write_bits(x, n);
+}
+
+fn read_gamma(r: &mut BitReader<'_>) -> Result<u64, CorruptChunk> {
+    let n = r.read_prefix(63)?;
+    if n == 63 {
+        return Err(CorruptChunk("gamma code too long"));
+    }
+    Ok((1u64 << n) | r.read_bits(n)?)
 }
 
 fn varint_len(v: u64) -> u64 {
@@ -369,7 +429,7 @@ pub(super) fn decode_into(
         }
         return Ok(());
     }
-    if mode != VAL_BUCKETS && mode != VAL_PACKED {
+    if ![VAL_BUCKETS, VAL_PACKED, VAL_RUNS].contains(&mode) {
         return Err(CorruptChunk("unknown value mode"));
     }
     let scale = usize::from(byte(bytes, &mut pos)?);
@@ -400,6 +460,8 @@ pub(super) fn decode_into(
         pos: 0,
     };
     let mut delta = 0i64;
+    // Runs mode: zeros still to give out, and whether a value follows them.
+    let (mut zeros_left, mut value_next) = (0u64, false);
     for k in 0..n {
         let v = if k < heads {
             if k == 0 {
@@ -414,6 +476,18 @@ pub(super) fn decode_into(
                     lo
                 } else {
                     lo.wrapping_add(r.read_bits(width)? as i64)
+                }
+            } else if mode == VAL_RUNS {
+                if zeros_left == 0 && !value_next {
+                    zeros_left = read_gamma(&mut r)? - 1;
+                    value_next = true;
+                }
+                if zeros_left > 0 {
+                    zeros_left -= 1;
+                    0
+                } else {
+                    value_next = false;
+                    read_dod(&mut r, table)?
                 }
             } else {
                 read_dod(&mut r, table)?
@@ -540,7 +614,7 @@ mod tests {
             rtt
         });
         for (name, s, most) in [
-            ("temperature", &temp, 0.25),
+            ("temperature", &temp, 0.12),
             ("byte counter", &counter, 1.6),
             ("latency", &latency, 1.3),
             ("rtt counter", &rtt_counter, 0.85),
@@ -552,6 +626,18 @@ mod tests {
             // Never worse than the streaming form.
             assert!(n <= super::super::encode(s).len(), "{name}");
         }
+    }
+
+    #[test]
+    fn runs_of_zeros_are_one_code_each() {
+        // A gauge that changes once every 100 samples, ending in a run.
+        let s = tick(1000, |i| (40 + i / 100) as f64);
+        let n = roundtrip(&s);
+        let bytes = encode(&s).unwrap();
+        let mode_at = 1 + 2 + 6 + 1 + 2;
+        assert_eq!(bytes[mode_at], VAL_RUNS);
+        // Ten runs of ~100 (gamma: 13 bits) and ten changes of 1 (a few bits).
+        assert!(n <= 24 + 10 * 20 / 8 + 4, "{n} bytes");
     }
 
     #[test]
@@ -612,6 +698,25 @@ mod tests {
             ints in proptest::collection::vec(-(1i64 << 53) + 1..(1i64 << 53), 1..200),
         ) {
             let s: Vec<(i64, f64)> = ints.iter().enumerate().map(|(k, i)| (k as i64, *i as f64 / POW10[scale])).collect();
+            let back = decode(&encode(&s).unwrap()).unwrap();
+            prop_assert!(same(&s, &back));
+        }
+
+        #[test]
+        fn sparse_changes_roundtrip(
+            start in any::<i32>(),
+            steps in proptest::collection::vec((0usize..80, -3i64..4), 0..40),
+        ) {
+            // Runs of unchanged values between small changes: the runs mode.
+            let mut v = i64::from(start);
+            let mut s = Vec::new();
+            for (run, change) in steps {
+                for _ in 0..run {
+                    s.push((s.len() as i64 * 1000, v as f64));
+                }
+                v += change;
+                s.push((s.len() as i64 * 1000, v as f64));
+            }
             let back = decode(&encode(&s).unwrap()).unwrap();
             prop_assert!(same(&s, &back));
         }
