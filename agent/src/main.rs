@@ -202,7 +202,7 @@ fn once(
             let samples: Vec<serde_json::Value> = cycle
                 .samples
                 .iter()
-                .map(|s| serde_json::json!({"name": s.name, "labels": s.labels, "value": vitals_common::model::json_value(s.value)}))
+                .map(|s| serde_json::json!({"name": s.name.as_str(), "labels": &*s.labels, "value": vitals_common::model::json_value(s.value)}))
                 .collect();
             let events: Vec<serde_json::Value> = cycle
                 .events

@@ -118,7 +118,7 @@ impl Source for Host {
                 continue;
             }
             let device = disk.name().to_string_lossy().to_string();
-            let fs = |name: &str, v: f64| {
+            let fs = |name: &'static str, v: f64| {
                 Sample::new(name, v)
                     .label("device", device.clone())
                     .label("fstype", fstype.clone())

@@ -27,7 +27,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vitals_common::model::{Labels, Sample};
+use vitals_common::model::{LabelSet, Labels, Sample};
 
 use super::{Source, SourceError};
 use crate::config::RawConfig;
@@ -153,14 +153,8 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 /// Appends the samples of one GPU.
 pub fn push_samples(g: &GpuStats, out: &mut Vec<Sample>) {
-    let base = g.id.labels();
-    let mut put = |name: &'static str, v: f64| {
-        out.push(Sample {
-            name: name.to_string(),
-            labels: base.clone(),
-            value: v,
-        })
-    };
+    let base = LabelSet::from(g.id.labels());
+    let mut put = |name: &'static str, v: f64| out.push(Sample::with_labels(name, &base, v));
     let opt = |v: Option<u64>| v.map(|b| b as f64 / MIB);
     for (name, v) in [
         ("gpu_gfx_activity", g.gfx_activity),
@@ -215,7 +209,7 @@ pub fn push_samples(g: &GpuStats, out: &mut Vec<Sample>) {
             labels.insert(key.into(), val.into());
         }
         out.push(Sample {
-            name,
+            name: name.into(),
             labels,
             value: v,
         });

@@ -26,11 +26,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use vitals_common::model::Sample;
+use vitals_common::model::{LabelSet, Name, Sample};
 
 use self::kstat::{KValue, metric_name, parse_kstat};
 use super::command::{CommandSpec, Runner};
-use super::util::{Deltas, Files, list_dir, ratio, subdirs};
+use super::util::{Deltas, Files, Interned, list_dir, ratio, subdirs};
 use super::{Source, SourceError};
 use crate::config::RawConfig;
 
@@ -79,6 +79,10 @@ pub struct Zfs {
     files: Files,
     /// The last failure logged per command, so each is logged once.
     logged: HashMap<&'static str, String>,
+    /// Metric names made from kstat names and label sets, kept while seen.
+    names: Interned<Name>,
+    labels: Interned<LabelSet>,
+    key: String,
 }
 
 pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
@@ -130,6 +134,9 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
         deltas: Deltas::default(),
         files: Files::default(),
         logged: HashMap::new(),
+        names: Interned::default(),
+        labels: Interned::default(),
+        key: String::new(),
     })
 }
 
@@ -153,6 +160,8 @@ impl Source for Zfs {
         if have_kstats {
             let read = self.read_kstats(&kstat_dir, now, out, &mut states_from_kstat);
             self.files.end_cycle();
+            self.names.end_cycle();
+            self.labels.end_cycle();
             read?;
         }
         self.deltas.finish_cycle();
@@ -186,10 +195,8 @@ impl Zfs {
             let fields = parse_kstat(&text).map_err(|e| e.in_file(&path))?;
             for (name, value) in &fields {
                 if let Some(v) = value.as_f64() {
-                    out.push(Sample::new(
-                        format!("node_zfs_{prefix}_{}", metric_name(name)),
-                        v,
-                    ));
+                    let name = kstat_name(&mut self.names, &mut self.key, prefix, name);
+                    out.push(Sample::new(name, v));
                 }
             }
             if *file == "arcstats" {
@@ -198,19 +205,24 @@ impl Zfs {
         }
         let pools =
             subdirs(dir).map_err(|e| SourceError::Failed(format!("{}: {e}", dir.display())))?;
+        let mut cache = Cache {
+            names: &mut self.names,
+            labels: &mut self.labels,
+            key: &mut self.key,
+        };
         for (pool, path) in pools {
-            read_pool(&mut self.files, &pool, &path, out, states)?;
+            read_pool(&mut self.files, &mut cache, &pool, &path, out, states)?;
         }
         Ok(())
     }
 
     /// Hit ratios over the last interval (nothing on the first cycle, or
     /// when nothing was looked up).
-    fn arc_ratios(&mut self, fields: &[(String, KValue)], now: Instant, out: &mut Vec<Sample>) {
+    fn arc_ratios(&mut self, fields: &[(&str, KValue<'_>)], now: Instant, out: &mut Vec<Sample>) {
         let get = |n: &str| {
             fields
                 .iter()
-                .find(|(k, _)| k == n)
+                .find(|(k, _)| *k == n)
                 .and_then(|(_, v)| v.as_u64())
         };
         for (hits, misses, metric) in [
@@ -249,7 +261,7 @@ impl Zfs {
         for (i, r) in runners.iter().enumerate() {
             let label = r.spec.label;
             let hung = r.hung();
-            let sample = |name: &str, v: f64| Sample::new(name, v).label("command", label);
+            let sample = |name: &'static str, v: f64| Sample::new(name, v).label("command", label);
             out.push(sample(
                 "vitals_zfs_command_hung",
                 if hung { 1.0 } else { 0.0 },
@@ -304,7 +316,7 @@ impl Zfs {
             let rows = zpool::parse_zpool_list(text, columns)
                 .map_err(|e| SourceError::Failed(format!("`zpool list` output: {e}")))?;
             for row in rows {
-                let s = |name: &str, v: Option<f64>| {
+                let s = |name: &'static str, v: Option<f64>| {
                     v.map(|v| Sample::new(name, v).label("zpool", row.name.as_str()))
                 };
                 out.extend(
@@ -354,7 +366,7 @@ impl Zfs {
                 .map_or(0.0, |d| d.as_secs_f64());
             for (dataset, count, newest) in snaps {
                 let pool = dataset.split('/').next().unwrap_or_default().to_string();
-                let s = |name: &str, v: f64| {
+                let s = |name: &'static str, v: f64| {
                     Sample::new(name, v)
                         .label("zpool", pool.as_str())
                         .label("dataset", dataset.as_str())
@@ -374,22 +386,54 @@ impl Zfs {
     }
 }
 
+/// `node_zfs_{prefix}_{kstat name}`, made once per name.
+fn kstat_name(names: &mut Interned<Name>, key: &mut String, prefix: &str, name: &str) -> Name {
+    key.clear();
+    key.push_str(prefix);
+    key.push('\0');
+    key.push_str(name);
+    names.get(key, || {
+        format!("node_zfs_{prefix}_{}", metric_name(name)).into()
+    })
+}
+
+/// The source's name and label caches, lent to `read_pool`.
+struct Cache<'a> {
+    names: &'a mut Interned<Name>,
+    labels: &'a mut Interned<LabelSet>,
+    key: &'a mut String,
+}
+
+impl Cache<'_> {
+    fn labels(&mut self, pairs: &[(&'static str, &str)]) -> LabelSet {
+        self.key.clear();
+        for (k, v) in pairs {
+            self.key.push_str(k);
+            self.key.push('\0');
+            self.key.push_str(v);
+            self.key.push('\0');
+        }
+        self.labels
+            .get(self.key, || pairs.iter().copied().collect())
+    }
+}
+
 /// One pool's kstat directory: `io`, `state`, `objset-*`.
 fn read_pool(
     files: &mut Files,
+    cache: &mut Cache<'_>,
     pool: &str,
     dir: &Path,
     out: &mut Vec<Sample>,
     states: &mut BTreeSet<String>,
 ) -> Result<(), SourceError> {
+    let pool_labels = cache.labels(&[("zpool", pool)]);
     let io = dir.join("io");
     if let Some(text) = files.read(&io)? {
         for (name, v) in parse_kstat(&text).map_err(|e| e.in_file(&io))? {
             if let Some(v) = v.as_f64() {
-                out.push(
-                    Sample::new(format!("node_zfs_zpool_{}", metric_name(&name)), v)
-                        .label("zpool", pool),
-                );
+                let name = kstat_name(cache.names, cache.key, "zpool", name);
+                out.push(Sample::with_labels(name, &pool_labels, v));
             }
         }
     }
@@ -404,11 +448,12 @@ fn read_pool(
         }
         states.insert(pool.to_string());
         for s in POOL_STATES {
-            out.push(
-                Sample::new("node_zfs_zpool_state", if state == *s { 1.0 } else { 0.0 })
-                    .label("zpool", pool)
-                    .label("state", *s),
-            );
+            let labels = cache.labels(&[("zpool", pool), ("state", s)]);
+            out.push(Sample::with_labels(
+                "node_zfs_zpool_state",
+                &labels,
+                if state == *s { 1.0 } else { 0.0 },
+            ));
         }
     }
     let entries =
@@ -421,8 +466,8 @@ fn read_pool(
             continue;
         };
         let fields = parse_kstat(&text).map_err(|e| e.in_file(&path))?;
-        let dataset = fields.iter().find_map(|(k, v)| match (k.as_str(), v) {
-            ("dataset_name", KValue::Str(s)) => Some(s.clone()),
+        let dataset = fields.iter().find_map(|(k, v)| match (*k, v) {
+            ("dataset_name", KValue::Str(s)) => Some(*s),
             _ => None,
         });
         let Some(dataset) = dataset else {
@@ -431,13 +476,11 @@ fn read_pool(
                 path.display()
             )));
         };
+        let labels = cache.labels(&[("zpool", pool), ("dataset", dataset)]);
         for (k, v) in &fields {
             if let Some(v) = v.as_f64() {
-                out.push(
-                    Sample::new(format!("node_zfs_zpool_dataset_{}", metric_name(k)), v)
-                        .label("zpool", pool)
-                        .label("dataset", dataset.as_str()),
-                );
+                let name = kstat_name(cache.names, cache.key, "zpool_dataset", k);
+                out.push(Sample::with_labels(name, &labels, v));
             }
         }
     }
@@ -449,7 +492,7 @@ fn status_samples(p: &zpool::PoolStatus, out: &mut Vec<Sample>) {
     let pool = p.name.as_str();
     for v in p.vdevs.iter().filter(|v| v.depth > 0) {
         let state = v.state.to_ascii_lowercase();
-        let s = |name: &str, value: f64| {
+        let s = |name: &'static str, value: f64| {
             Sample::new(name, value)
                 .label("zpool", pool)
                 .label("vdev", v.name.as_str())
@@ -478,7 +521,7 @@ fn status_samples(p: &zpool::PoolStatus, out: &mut Vec<Sample>) {
         }
     }
     if let Some(scan) = &p.scan {
-        let s = |name: &str, value: f64| {
+        let s = |name: &'static str, value: f64| {
             Sample::new(name, value)
                 .label("zpool", pool)
                 .label("function", scan.function)
