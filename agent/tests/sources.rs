@@ -1851,6 +1851,7 @@ fn zfs_fuse_raidz2_pool_goes_degraded_when_a_vdev_is_offline() {
     cfg.sources.zfs.zfs = pool.zpool.with_file_name("zfs");
     let mut sources = Sources::new(&cfg, &["zfs".to_string()]).unwrap();
     let name = pool.name.clone();
+    let name2 = pool.name.clone();
     let state = move |s: &[Sample], st: &str| {
         s.iter()
             .find(|x| {
@@ -1908,6 +1909,49 @@ fn zfs_fuse_raidz2_pool_goes_degraded_when_a_vdev_is_offline() {
             &[("command", "zpool status")]
         ),
         1.0
+    );
+
+    // A snapshot: zfs-fuse's `zfs` has no `-p`, so its age comes from the
+    // dated form (to the minute).
+    let zfs = pool.zpool.with_file_name("zfs");
+    let snapshot = format!("{}@vitals", pool.name);
+    let out = sh(&zfs, &["snapshot", &snapshot]);
+    assert!(out.status.success(), "zfs snapshot: {out:?}");
+    let ds = [
+        ("zpool", pool.name.as_str()),
+        ("dataset", pool.name.as_str()),
+    ];
+    let s = collect_until(&mut sources, "the snapshot", |s| {
+        s.iter().any(|x| {
+            x.name == "node_zfs_dataset_snapshots" && x.labels.get("zpool") == Some(&name2)
+        })
+    });
+    assert_eq!(
+        value(
+            &s,
+            "vitals_zfs_command_success",
+            &[("command", "zfs list snapshots")]
+        ),
+        1.0
+    );
+    assert_eq!(value(&s, "node_zfs_dataset_snapshots", &ds), 1.0);
+    let age = value(&s, "node_zfs_dataset_newest_snapshot_age_seconds", &ds);
+    assert!(
+        (0.0..180.0).contains(&age),
+        "a snapshot taken just now is at most a few minutes old: {age}"
+    );
+    let taken = value(
+        &s,
+        "node_zfs_dataset_newest_snapshot_timestamp_seconds",
+        &ds,
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        taken <= now && now - taken < 180.0 && taken % 60.0 == 0.0,
+        "to the minute, just before now ({now}): {taken}"
     );
 
     let out = sh(&pool.zpool, &["offline", &pool.name, &pool.vdev(1)]);

@@ -14,7 +14,8 @@
 //! allocated, free, fragmentation, capacity, dedup, health), `zpool status`
 //! (state and error counters of every vdev including log, cache and spare
 //! devices, scrub/resilver progress and last result, data errors) and
-//! `zfs list -t snapshot` (newest snapshot per dataset and its age). Each
+//! `zfs list -t snapshot` (newest snapshot per dataset and its age; from
+//! zfs-fuse, which has no `-p`, to the minute). Each
 //! command reports on itself: `vitals_zfs_command_success`,
 //! `vitals_zfs_command_duration_seconds`, `vitals_zfs_command_timeouts_total`
 //! and `vitals_zfs_command_hung`.
@@ -87,7 +88,7 @@ pub struct Zfs {
 
 pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
     let z = &cfg.sources.zfs;
-    let runner = |label, program: &PathBuf, variants: Vec<Vec<&str>>| {
+    let runner = |label, program: &PathBuf, variants: Vec<Vec<&str>>, env: &[(&str, &str)]| {
         Runner::new(
             CommandSpec {
                 label,
@@ -97,7 +98,10 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
                     .map(|v| v.into_iter().map(str::to_string).collect())
                     .collect(),
                 fallback_on: &[],
-                env: Vec::new(),
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
             },
             z.command_timeout,
         )
@@ -113,16 +117,25 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
                     vec!["list", "-Hp", "-o", &list],
                     vec!["list", "-H", "-o", &legacy],
                 ],
+                &[],
             ),
             runner(
                 "zpool status",
                 &z.zpool,
                 vec![vec!["status", "-p"], vec!["status"]],
+                &[],
             ),
+            // zfs-fuse's `zfs` has no `-p`: its creation is a date to the
+            // minute in the local time zone, made UTC by `TZ`
+            // (`zpool::parse_snapshots_dated`).
             runner(
                 "zfs list snapshots",
                 &z.zfs,
-                vec![vec!["list", "-Hp", "-t", "snapshot", "-o", "name,creation"]],
+                vec![
+                    vec!["list", "-Hp", "-t", "snapshot", "-o", "name,creation"],
+                    vec!["list", "-H", "-t", "snapshot", "-o", "name,creation"],
+                ],
+                &[("TZ", "UTC")],
             ),
         ]
     });
@@ -358,8 +371,13 @@ impl Zfs {
                 );
             }
         }
-        if let Some((_, text)) = &ok[SNAPSHOTS] {
-            let snaps = zpool::parse_snapshots(text)
+        if let Some((variant, text)) = &ok[SNAPSHOTS] {
+            let snaps = if *variant == 0 {
+                zpool::parse_snapshots(text)
+            } else {
+                zpool::parse_snapshots_dated(text)
+            };
+            let snaps = snaps
                 .map_err(|e| SourceError::Failed(format!("`zfs list -t snapshot` output: {e}")))?;
             let now_unix = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
