@@ -196,10 +196,17 @@ impl Source for Nfsd {
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), SourceError> {
-        let path = self.procfs.join("net/rpc/nfsd");
-        let text = self.files.read(&path);
+        let result = self.read(out);
         self.files.end_cycle();
-        let Some(text) = text? else {
+        self.labels.end_cycle();
+        result
+    }
+}
+
+impl Nfsd {
+    fn read(&mut self, out: &mut Vec<Sample>) -> Result<(), SourceError> {
+        let path = self.procfs.join("net/rpc/nfsd");
+        let Some(text) = self.files.read(&path)? else {
             return Err(SourceError::Unavailable(format!(
                 "{} does not exist (no NFS server here)",
                 path.display()
@@ -207,7 +214,6 @@ impl Source for Nfsd {
         };
         let s = parse_nfsd(&text).map_err(|e| e.in_file(&path))?;
         emit(&s, &mut self.labels, out);
-        self.labels.end_cycle();
         Ok(())
     }
 }

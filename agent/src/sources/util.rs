@@ -27,7 +27,7 @@ const MAX_OPEN: usize = 256;
 pub struct Files {
     /// Keyed by the path's bytes (hashing an `OsStr` is much cheaper than
     /// hashing a `Path` component by component).
-    open: HashMap<std::ffi::OsString, (fs::File, bool)>,
+    open: FastMap<std::ffi::OsString, (fs::File, bool)>,
     /// Read buffer, grown (and zeroed) only when a file needs more room;
     /// `len` bytes of it hold the last file read.
     buf: Vec<u8>,
@@ -37,12 +37,11 @@ pub struct Files {
 }
 
 impl Files {
-    /// The whole file as text; `Ok(None)` when it does not exist.
-    pub fn read(&mut self, path: &Path) -> Result<Option<String>, SourceError> {
+    /// The whole file as text (borrowed from the read buffer unless it was
+    /// not UTF-8); `Ok(None)` when it does not exist.
+    pub fn read(&mut self, path: &Path) -> Result<Option<Cow<'_, str>>, SourceError> {
         match self.read_bytes(path, false) {
-            Ok(Some(())) => Ok(Some(
-                String::from_utf8_lossy(&self.buf[..self.len]).into_owned(),
-            )),
+            Ok(Some(())) => Ok(Some(text(&self.buf[..self.len]))),
             Ok(None) => Ok(None),
             Err(e) => Err(SourceError::Failed(format!(
                 "cannot read {}: {e}",
@@ -111,11 +110,47 @@ impl Files {
 
 /// The text of an attribute without surrounding whitespace.
 fn trimmed(bytes: &[u8]) -> Cow<'_, str> {
-    match String::from_utf8_lossy(bytes) {
+    match text(bytes) {
         Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
         Cow::Owned(s) => Cow::Owned(s.trim().to_string()),
     }
 }
+
+/// Bytes as text: borrowed when they are UTF-8 (checked on the fast path
+/// first), else with U+FFFD for what is not.
+fn text(bytes: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
+}
+
+/// FNV-1a: the maps of this module are keyed by paths, names and labels of
+/// this host, not by anything an attacker picks, so they need no SipHash
+/// and its cost on every lookup.
+#[derive(Debug, Clone, Copy)]
+pub struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
+
+/// A `HashMap` with [`Fnv`].
+pub type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
 
 /// Reads a file from offset 0 to its end into the start of `buf`; returns
 /// how many bytes it has. `attr`: a sysfs attribute, whole in one read when
@@ -297,7 +332,7 @@ impl NameFilter {
 #[derive(Debug, Default)]
 pub struct Deltas {
     /// Per key: (the value of the last cycle, the value of this one).
-    counters: HashMap<Box<str>, (Reading, Reading)>,
+    counters: FastMap<Box<str>, (Reading, Reading)>,
 }
 
 /// A counter's value and when it was read.
@@ -335,13 +370,13 @@ impl Deltas {
 /// allocates nothing; only a new key does.
 #[derive(Debug)]
 pub struct Interned<V> {
-    map: HashMap<Box<str>, (V, bool)>,
+    map: FastMap<Box<str>, (V, bool)>,
 }
 
 impl<V> Default for Interned<V> {
     fn default() -> Self {
         Interned {
-            map: HashMap::new(),
+            map: FastMap::default(),
         }
     }
 }

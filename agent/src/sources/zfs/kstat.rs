@@ -195,10 +195,7 @@ mod tests {
         let k = parse_kstat(text).unwrap();
         assert_eq!(
             k,
-            vec![
-                ("nread", KValue::Uint(10)),
-                ("nwritten", KValue::Uint(20))
-            ]
+            vec![("nread", KValue::Uint(10)), ("nwritten", KValue::Uint(20))]
         );
     }
 

@@ -213,7 +213,7 @@ impl Zfs {
                 }
             }
             if *file == "arcstats" {
-                self.arc_ratios(&fields, now, out);
+                arc_ratios(&mut self.deltas, &fields, now, out);
             }
         }
         let pools =
@@ -227,32 +227,6 @@ impl Zfs {
             read_pool(&mut self.files, &mut cache, &pool, &path, out, states)?;
         }
         Ok(())
-    }
-
-    /// Hit ratios over the last interval (nothing on the first cycle, or
-    /// when nothing was looked up).
-    fn arc_ratios(&mut self, fields: &[(&str, KValue<'_>)], now: Instant, out: &mut Vec<Sample>) {
-        let get = |n: &str| {
-            fields
-                .iter()
-                .find(|(k, _)| *k == n)
-                .and_then(|(_, v)| v.as_u64())
-        };
-        for (hits, misses, metric) in [
-            ("hits", "misses", "node_zfs_arc_hit_ratio"),
-            ("l2_hits", "l2_misses", "node_zfs_arc_l2_hit_ratio"),
-        ] {
-            let (Some(h), Some(m)) = (get(hits), get(misses)) else {
-                continue;
-            };
-            let dh = self.deltas.update(hits, h, now);
-            let dm = self.deltas.update(misses, m, now);
-            if let (Some((dh, _)), Some((dm, _))) = (dh, dm)
-                && let Some(r) = ratio(dh, dh.saturating_add(dm))
-            {
-                out.push(Sample::new(metric, r));
-            }
-        }
     }
 
     fn commands_samples(
@@ -401,6 +375,37 @@ impl Zfs {
             }
         }
         Ok(())
+    }
+}
+
+/// Hit ratios over the last interval (nothing on the first cycle, or
+/// when nothing was looked up).
+fn arc_ratios(
+    deltas: &mut Deltas,
+    fields: &[(&str, KValue<'_>)],
+    now: Instant,
+    out: &mut Vec<Sample>,
+) {
+    let get = |n: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| *k == n)
+            .and_then(|(_, v)| v.as_u64())
+    };
+    for (hits, misses, metric) in [
+        ("hits", "misses", "node_zfs_arc_hit_ratio"),
+        ("l2_hits", "l2_misses", "node_zfs_arc_l2_hit_ratio"),
+    ] {
+        let (Some(h), Some(m)) = (get(hits), get(misses)) else {
+            continue;
+        };
+        let dh = deltas.update(hits, h, now);
+        let dm = deltas.update(misses, m, now);
+        if let (Some((dh, _)), Some((dm, _))) = (dh, dm)
+            && let Some(r) = ratio(dh, dh.saturating_add(dm))
+        {
+            out.push(Sample::new(metric, r));
+        }
     }
 }
 
