@@ -61,6 +61,11 @@ pub struct PathsConfig {
     /// Root of the sys filesystem (`/sys`; a fixture tree in tests).
     #[serde(default = "default_sysfs")]
     pub sysfs: PathBuf,
+    /// Root of the device files (`/dev`): the GPU source's `auto` backend
+    /// loads a vendor library only where its device is there (`kfd` for
+    /// ROCm SMI, `nvidiactl` or `nvidia0` for NVML).
+    #[serde(default = "default_devfs")]
+    pub devfs: PathBuf,
 }
 
 /// One table per source; each has at least `enabled`.
@@ -256,6 +261,7 @@ impl Default for PathsConfig {
         PathsConfig {
             procfs: default_procfs(),
             sysfs: default_sysfs(),
+            devfs: default_devfs(),
         }
     }
 }
@@ -315,6 +321,9 @@ fn default_procfs() -> PathBuf {
 }
 fn default_sysfs() -> PathBuf {
     "/sys".into()
+}
+fn default_devfs() -> PathBuf {
+    "/dev".into()
 }
 
 /// Validated settings the agent runs with.

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use vitals_common::model::{BatchBuilder, Labels, Sample};
+use vitals_common::model::{BatchBuilder, LabelSet, Labels, Sample};
 use vitals_proto::v1::{Batch, Event, Label};
 
 use crate::config::RawConfig;
@@ -33,6 +33,12 @@ pub struct Cycle {
 /// The enabled sources and what the agent remembers about them.
 pub struct Sources {
     sources: Vec<Box<dyn Source>>,
+    /// `{source="NAME"}` of each source's self-metrics, made once.
+    self_labels: Vec<LabelSet>,
+    /// One source's samples while it runs (kept for its capacity).
+    scratch: Vec<Sample>,
+    /// Samples in the last cycle: the next one reserves as many at once.
+    last_len: usize,
     unavailable_logged: HashMap<&'static str, bool>,
     errors_total: HashMap<&'static str, u64>,
 }
@@ -50,7 +56,7 @@ impl Sources {
                 return Err(UnknownSource(name.clone(), known.join(", ")));
             }
         }
-        let list = sources::SOURCES
+        let list: Vec<Box<dyn Source>> = sources::SOURCES
             .iter()
             .filter(|spec| {
                 if only.is_empty() {
@@ -61,8 +67,15 @@ impl Sources {
             })
             .map(|spec| (spec.build)(cfg))
             .collect();
+        let self_labels = list
+            .iter()
+            .map(|s| LabelSet::default().with("source", s.name()))
+            .collect();
         Ok(Sources {
             sources: list,
+            self_labels,
+            scratch: Vec::new(),
+            last_len: 0,
             unavailable_logged: HashMap::new(),
             errors_total: HashMap::new(),
         })
@@ -74,14 +87,15 @@ impl Sources {
 
     /// Runs every source once. Source self-metrics are appended.
     pub fn collect(&mut self) -> Cycle {
-        let mut samples = Vec::new();
+        let mut samples = Vec::with_capacity(self.last_len);
         let mut events = Vec::new();
         let mut reports = Vec::with_capacity(self.sources.len());
-        for src in &mut self.sources {
+        for (src, self_labels) in self.sources.iter_mut().zip(&self.self_labels) {
             let name = src.name();
             let start = Instant::now();
-            let mut out = Vec::new();
-            let result = src.collect(&mut out);
+            let out = &mut self.scratch;
+            out.clear();
+            let result = src.collect(out);
             events.append(&mut src.events());
             let duration = start.elapsed().as_secs_f64();
             let (status, error) = match result {
@@ -107,27 +121,26 @@ impl Sources {
                 samples: out.len(),
                 error,
             });
-            samples.append(&mut out);
+            samples.append(out);
             if status != "unavailable" {
-                samples.push(
-                    Sample::new("vitals_source_duration_seconds", duration).label("source", name),
-                );
-                samples.push(
-                    Sample::new(
-                        "vitals_source_success",
-                        if status == "ok" { 1.0 } else { 0.0 },
-                    )
-                    .label("source", name),
-                );
-                samples.push(
-                    Sample::new(
-                        "vitals_source_errors_total",
-                        self.errors_total.get(name).copied().unwrap_or(0) as f64,
-                    )
-                    .label("source", name),
-                );
+                samples.push(Sample::with_labels(
+                    "vitals_source_duration_seconds",
+                    self_labels,
+                    duration,
+                ));
+                samples.push(Sample::with_labels(
+                    "vitals_source_success",
+                    self_labels,
+                    if status == "ok" { 1.0 } else { 0.0 },
+                ));
+                samples.push(Sample::with_labels(
+                    "vitals_source_errors_total",
+                    self_labels,
+                    self.errors_total.get(name).copied().unwrap_or(0) as f64,
+                ));
             }
         }
+        self.last_len = samples.len();
         Cycle {
             samples,
             events,
@@ -148,7 +161,7 @@ pub fn to_batch(
     let mut b = BatchBuilder::new();
     let mut seen = std::collections::HashSet::new();
     for s in samples {
-        let mut labels: Labels = s.labels.clone();
+        let mut labels: Labels = (*s.labels).clone();
         labels.insert("node".into(), node.into());
         if seen.insert((s.name.clone(), labels.clone())) {
             b.push(&s.name, &labels, timestamp_ms, s.value);

@@ -47,6 +47,9 @@ enum Command {
         /// Root of the sys filesystem to read (default: from the config, else /sys).
         #[arg(long)]
         sysfs: Option<PathBuf>,
+        /// Root of the device files to look in (default: from the config, else /dev).
+        #[arg(long)]
+        devfs: Option<PathBuf>,
         /// Run only this source (repeatable); default: every enabled source.
         #[arg(long = "source", value_name = "NAME")]
         sources: Vec<String>,
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         Command::Once {
             procfs,
             sysfs,
+            devfs,
             sources,
             format,
             gpu_backend,
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
             OnceOverrides {
                 procfs,
                 sysfs,
+                devfs,
                 gpu_backend,
                 gpu_library,
             },
@@ -143,6 +148,7 @@ fn main() -> ExitCode {
 struct OnceOverrides {
     procfs: Option<PathBuf>,
     sysfs: Option<PathBuf>,
+    devfs: Option<PathBuf>,
     gpu_backend: Option<vitals_agent::sources::gpu::BackendKind>,
     gpu_library: Option<PathBuf>,
 }
@@ -171,6 +177,9 @@ fn once(
     }
     if let Some(s) = over.sysfs {
         raw.paths.sysfs = s;
+    }
+    if let Some(d) = over.devfs {
+        raw.paths.devfs = d;
     }
     if let Some(b) = over.gpu_backend {
         raw.sources.gpu.backend = b;
@@ -202,7 +211,7 @@ fn once(
             let samples: Vec<serde_json::Value> = cycle
                 .samples
                 .iter()
-                .map(|s| serde_json::json!({"name": s.name, "labels": s.labels, "value": vitals_common::model::json_value(s.value)}))
+                .map(|s| serde_json::json!({"name": s.name.as_str(), "labels": &*s.labels, "value": vitals_common::model::json_value(s.value)}))
                 .collect();
             let events: Vec<serde_json::Value> = cycle
                 .events

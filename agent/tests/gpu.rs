@@ -816,6 +816,90 @@ fn amdgpu_sysfs_fallback_reads_card0_and_skips_the_i915_card() {
     );
 }
 
+/// `auto` loads a vendor library only where its device file is. The
+/// library search finds the fakes (copied under the vendors' sonames into a
+/// directory on `LD_LIBRARY_PATH`); under a device root without `kfd` /
+/// `nvidiactl` / `nvidia0` neither is initialised (their call logs stay
+/// empty) and nothing is said above debug; under one with the device the
+/// same search loads and reads it.
+#[test]
+fn auto_loads_a_vendor_library_only_where_its_device_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let libs = dir.path().join("lib");
+    std::fs::create_dir(&libs).unwrap();
+    std::fs::copy(fake("fake_rocm_smi"), libs.join("librocm_smi64.so.7")).unwrap();
+    std::fs::copy(fake("fake_nvml"), libs.join("libnvidia-ml.so.1")).unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let devfs = |files: &[&str]| {
+        let d = dir.path().join(format!("dev-{}", files.join("-")));
+        std::fs::create_dir(&d).unwrap();
+        for f in files {
+            std::fs::write(d.join(f), "").unwrap();
+        }
+        d
+    };
+    let capture = Path::new(FIXTURES).join("rocm-smi/mi100_rocm571.json");
+    let nvml_json = Path::new(DATA).join("nvml/h100x2.json");
+    let rocm_calls = dir.path().join("rocm-calls");
+    let nvml_calls = dir.path().join("nvml-calls");
+    let run = |dev: &Path| {
+        let _ = std::fs::remove_file(&rocm_calls);
+        let _ = std::fs::remove_file(&nvml_calls);
+        once(
+            &[
+                "--source",
+                "gpu",
+                "--gpu-backend",
+                "auto",
+                "--devfs",
+                dev.to_str().unwrap(),
+                // No amdgpu cards for the sysfs fallback either.
+                "--sysfs",
+                empty.to_str().unwrap(),
+            ],
+            &[
+                ("LD_LIBRARY_PATH", libs.to_str().unwrap()),
+                ("VITALS_FAKE_ROCM_SMI_JSON", capture.to_str().unwrap()),
+                ("VITALS_FAKE_ROCM_SMI_CALLS", rocm_calls.to_str().unwrap()),
+                ("VITALS_FAKE_NVML_JSON", nvml_json.to_str().unwrap()),
+                ("VITALS_FAKE_NVML_CALLS", nvml_calls.to_str().unwrap()),
+            ],
+        )
+    };
+    let calls = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+
+    let none = run(&devfs(&[]));
+    let gpu = none.report("gpu");
+    assert_eq!(gpu["status"], "unavailable", "{gpu:?}");
+    let why = gpu["error"].as_str().unwrap();
+    assert!(
+        why.contains("no rocm device") && why.contains("kfd") && why.contains("nvidiactl"),
+        "{why}"
+    );
+    assert_eq!(calls(&rocm_calls), "", "ROCm SMI was not initialised");
+    assert_eq!(calls(&nvml_calls), "", "NVML was not initialised");
+    assert!(
+        !none.stderr.contains("gpu:"),
+        "no GPU device is said at debug only: {}",
+        none.stderr
+    );
+
+    let amd = run(&devfs(&["kfd"]));
+    assert_eq!(amd.report("gpu")["status"], "ok", "{:?}", amd.sources);
+    assert_eq!(calls(&rocm_calls), "rsmi_init\nrsmi_shut_down\n");
+    assert_eq!(calls(&nvml_calls), "");
+    assert!(amd.value("gpu_count").unwrap() >= 1.0);
+
+    for dev in ["nvidiactl", "nvidia0"] {
+        let nv = run(&devfs(&[dev]));
+        assert_eq!(nv.report("gpu")["status"], "ok", "{dev}: {:?}", nv.sources);
+        assert_eq!(calls(&rocm_calls), "", "{dev}: no kfd, no ROCm SMI");
+        assert_eq!(calls(&nvml_calls), "nvmlInit_v2\nnvmlShutdown\n", "{dev}");
+        assert_eq!(nv.value("gpu_count"), Some(2.0), "{dev}");
+    }
+}
+
 /// Debian's `librocm-smi64-1` on a machine without an AMD GPU: the library
 /// loads, `rsmi_init` fails, the source says so once and stays quiet.
 #[test]

@@ -1388,6 +1388,105 @@ fn matches(k: &Known, name: &str, labels: &Labels) -> bool {
         })
 }
 
+/// Sources keep names, label sets and open files from cycle to cycle: a
+/// later cycle over the same unchanged tree must report exactly what the
+/// first did (the per-interval ratios, which need two cycles, aside), and
+/// what leaves the tree must leave the samples.
+#[test]
+fn later_cycles_report_what_the_first_did_and_forget_what_went_away() {
+    let names = ["net", "nfs", "nfsd", "zfs"];
+    let only: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let key = |s: &Sample| (s.name.to_string(), Labels::from(s.labels.clone()));
+    let set = |c: &Cycle| -> BTreeMap<(String, Labels), u64> {
+        c.samples
+            .iter()
+            .filter(|s| s.name != "vitals_source_duration_seconds")
+            .map(|s| (key(s), s.value.to_bits()))
+            .collect()
+    };
+    let mut sources = Sources::new(&tree_config("node_exporter"), &only).unwrap();
+    let first = sources.collect();
+    let second = sources.collect();
+    let third = sources.collect();
+    let (first, second, third) = (set(&first), set(&second), set(&third));
+    assert!(first.len() > 900, "{}", first.len());
+    let mut added = BTreeSet::new();
+    for (k, v) in &second {
+        match first.get(k) {
+            Some(w) => assert_eq!(v, w, "{k:?} changed between cycles"),
+            None => {
+                added.insert(k.0.as_str());
+            }
+        }
+    }
+    assert!(
+        first.keys().all(|k| second.contains_key(k)),
+        "a series went missing in the second cycle"
+    );
+    assert_eq!(
+        added,
+        BTreeSet::from([
+            "node_network_receive_utilization_ratio",
+            "node_network_transmit_utilization_ratio"
+        ]),
+        "only the per-interval ratios are new in the second cycle"
+    );
+    assert_eq!(second, third, "the third cycle repeats the second");
+
+    // A tree that loses a device, a mount's operations and a pool.
+    let dir = tempfile::tempdir().unwrap();
+    let proc = dir.path().join("proc");
+    fs::create_dir_all(proc.join("net")).unwrap();
+    fs::create_dir_all(proc.join("spl/kstat/zfs/tank")).unwrap();
+    let dev = proc.join("net/dev");
+    let netdev = read(&fixture("node_exporter/proc/net/dev"));
+    fs::write(&dev, &netdev).unwrap();
+    fs::write(proc.join("spl/kstat/zfs/tank/state"), "ONLINE\n").unwrap();
+    let cfg = config(&proc, &dir.path().join("sys"));
+    let mut sources = Sources::new(&cfg, &["net".to_string(), "zfs".to_string()]).unwrap();
+    let before = sources.collect();
+    let has = |c: &Cycle, name: &str, label: (&str, &str)| {
+        c.samples
+            .iter()
+            .any(|s| s.name == name && s.labels.get(label.0).map(String::as_str) == Some(label.1))
+    };
+    assert!(has(
+        &before,
+        "node_network_receive_bytes_total",
+        ("device", "eth0")
+    ));
+    assert!(has(&before, "node_zfs_zpool_state", ("zpool", "tank")));
+    // Rewritten in place (the source keeps the file open) without eth0.
+    let without: String = netdev
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("eth0:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(without, netdev);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&dev)
+        .unwrap();
+    std::io::Write::write_all(&mut f, without.as_bytes()).unwrap();
+    drop(f);
+    fs::remove_dir_all(proc.join("spl/kstat/zfs/tank")).unwrap();
+    for _ in 0..2 {
+        let after = sources.collect();
+        assert!(!has(
+            &after,
+            "node_network_receive_bytes_total",
+            ("device", "eth0")
+        ));
+        assert!(has(
+            &after,
+            "node_network_receive_bytes_total",
+            ("device", "tun0")
+        ));
+        assert!(!has(&after, "node_zfs_zpool_state", ("zpool", "tank")));
+    }
+}
+
 #[test]
 fn golden_node_exporter_e2e_output() {
     let mut cfg = tree_config("node_exporter");
@@ -1396,7 +1495,7 @@ fn golden_node_exporter_e2e_output() {
     let ours: BTreeMap<(String, Labels), f64> = collect_ok(&cfg, &["net", "nfs", "nfsd", "zfs"])
         .into_iter()
         .filter(|s| !s.name.starts_with("vitals_"))
-        .map(|s| ((s.name, s.labels), s.value))
+        .map(|s| ((s.name.into(), s.labels.into()), s.value))
         .collect();
     let theirs = parse_prom(&read(&fixture("node_exporter/e2e-output.txt")));
     let our_names: BTreeSet<&String> = ours.keys().map(|(n, _)| n).collect();
@@ -1752,6 +1851,7 @@ fn zfs_fuse_raidz2_pool_goes_degraded_when_a_vdev_is_offline() {
     cfg.sources.zfs.zfs = pool.zpool.with_file_name("zfs");
     let mut sources = Sources::new(&cfg, &["zfs".to_string()]).unwrap();
     let name = pool.name.clone();
+    let name2 = pool.name.clone();
     let state = move |s: &[Sample], st: &str| {
         s.iter()
             .find(|x| {
@@ -1809,6 +1909,49 @@ fn zfs_fuse_raidz2_pool_goes_degraded_when_a_vdev_is_offline() {
             &[("command", "zpool status")]
         ),
         1.0
+    );
+
+    // A snapshot: zfs-fuse's `zfs` has no `-p`, so its age comes from the
+    // dated form (to the minute).
+    let zfs = pool.zpool.with_file_name("zfs");
+    let snapshot = format!("{}@vitals", pool.name);
+    let out = sh(&zfs, &["snapshot", &snapshot]);
+    assert!(out.status.success(), "zfs snapshot: {out:?}");
+    let ds = [
+        ("zpool", pool.name.as_str()),
+        ("dataset", pool.name.as_str()),
+    ];
+    let s = collect_until(&mut sources, "the snapshot", |s| {
+        s.iter().any(|x| {
+            x.name == "node_zfs_dataset_snapshots" && x.labels.get("zpool") == Some(&name2)
+        })
+    });
+    assert_eq!(
+        value(
+            &s,
+            "vitals_zfs_command_success",
+            &[("command", "zfs list snapshots")]
+        ),
+        1.0
+    );
+    assert_eq!(value(&s, "node_zfs_dataset_snapshots", &ds), 1.0);
+    let age = value(&s, "node_zfs_dataset_newest_snapshot_age_seconds", &ds);
+    assert!(
+        (0.0..180.0).contains(&age),
+        "a snapshot taken just now is at most a few minutes old: {age}"
+    );
+    let taken = value(
+        &s,
+        "node_zfs_dataset_newest_snapshot_timestamp_seconds",
+        &ds,
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        taken <= now && now - taken < 180.0 && taken % 60.0 == 0.0,
+        "to the minute, just before now ({now}): {taken}"
     );
 
     let out = sh(&pool.zpool, &["offline", &pool.name, &pool.vdev(1)]);

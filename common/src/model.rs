@@ -2,26 +2,235 @@
 //! (series, timestamp in ms, f64). Batches on the wire are columnar.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
+use std::sync::Arc;
 
 use vitals_proto::v1::{Batch, Event, Label, SeriesDef};
 
 /// Labels of a series, sorted by name.
 pub type Labels = BTreeMap<String, String>;
 
-/// One value of one series as a source reports it (no node, no timestamp yet).
+/// A metric name that clones without allocating: a literal, or one string
+/// shared by every sample of that name. Sources build the names they make
+/// at run time once and hand out clones, so a cycle of a thousand samples
+/// does not allocate a thousand names.
+#[derive(Clone)]
+pub struct Name(NameRepr);
+
+#[derive(Clone)]
+enum NameRepr {
+    Static(&'static str),
+    Shared(Arc<str>),
+}
+
+impl Name {
+    pub const fn literal(s: &'static str) -> Name {
+        Name(NameRepr::Static(s))
+    }
+
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            NameRepr::Static(s) => s,
+            NameRepr::Shared(s) => s,
+        }
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Name {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Debug for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq for Name {
+    fn eq(&self, other: &Name) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Name {}
+
+impl std::hash::Hash for Name {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.as_str().hash(h)
+    }
+}
+
+impl PartialOrd for Name {
+    fn partial_cmp(&self, other: &Name) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Name {
+    fn cmp(&self, other: &Name) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl PartialEq<str> for Name {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Name {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<String> for Name {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl From<&'static str> for Name {
+    fn from(s: &'static str) -> Name {
+        Name::literal(s)
+    }
+}
+
+impl From<String> for Name {
+    fn from(s: String) -> Name {
+        Name(NameRepr::Shared(s.into()))
+    }
+}
+
+impl From<Name> for String {
+    fn from(n: Name) -> String {
+        n.as_str().to_string()
+    }
+}
+
+/// The labels of a sample, shared: cloning one is a reference count, so
+/// the samples of one device, mount or pool share one set. Reads like a
+/// [`Labels`] map.
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LabelSet(Option<Arc<Labels>>);
+
+static NO_LABELS: Labels = BTreeMap::new();
+
+impl LabelSet {
+    pub fn new(labels: Labels) -> LabelSet {
+        if labels.is_empty() {
+            LabelSet(None)
+        } else {
+            LabelSet(Some(Arc::new(labels)))
+        }
+    }
+
+    /// Sets one label (copying the set first if it is shared).
+    pub fn insert(&mut self, name: String, value: String) {
+        match &mut self.0 {
+            Some(l) => {
+                Arc::make_mut(l).insert(name, value);
+            }
+            None => *self = LabelSet::new(Labels::from([(name, value)])),
+        }
+    }
+
+    /// This set plus one label.
+    pub fn with(&self, name: impl Into<String>, value: impl Into<String>) -> LabelSet {
+        let mut l = self.clone();
+        l.insert(name.into(), value.into());
+        l
+    }
+}
+
+impl std::ops::Deref for LabelSet {
+    type Target = Labels;
+    fn deref(&self) -> &Labels {
+        self.0.as_deref().unwrap_or(&NO_LABELS)
+    }
+}
+
+impl fmt::Debug for LabelSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl PartialEq<Labels> for LabelSet {
+    fn eq(&self, other: &Labels) -> bool {
+        **self == *other
+    }
+}
+
+impl From<Labels> for LabelSet {
+    fn from(l: Labels) -> LabelSet {
+        LabelSet::new(l)
+    }
+}
+
+impl From<LabelSet> for Labels {
+    fn from(l: LabelSet) -> Labels {
+        match l.0 {
+            Some(a) => Arc::unwrap_or_clone(a),
+            None => Labels::new(),
+        }
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for LabelSet {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> LabelSet {
+        LabelSet::new(
+            iter.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )
+    }
+}
+
+/// One value of one series as a source reports it (no node, no timestamp
+/// yet). Name and labels are shared (see [`Name`], [`LabelSet`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
-    pub name: String,
-    pub labels: Labels,
+    pub name: Name,
+    pub labels: LabelSet,
     pub value: f64,
 }
 
 impl Sample {
-    pub fn new(name: impl Into<String>, value: f64) -> Self {
+    pub fn new(name: impl Into<Name>, value: f64) -> Self {
         Sample {
             name: name.into(),
-            labels: Labels::new(),
+            labels: LabelSet::default(),
+            value,
+        }
+    }
+
+    /// A sample with a label set shared with other samples.
+    pub fn with_labels(name: impl Into<Name>, labels: &LabelSet, value: f64) -> Self {
+        Sample {
+            name: name.into(),
+            labels: labels.clone(),
             value,
         }
     }

@@ -135,7 +135,17 @@ fn debian_rocm_smi_on_a_host_without_a_gpu_is_one_message_not_a_storm() {
         );
         return;
     }
-    let log = run_without_gpu("[sources.gpu]\nbackend = \"auto\"\n", &[], 10);
+    // `auto` loads ROCm SMI only where the AMD KFD device is: give it one.
+    let dev = tempfile::tempdir().unwrap();
+    std::fs::write(dev.path().join("kfd"), "").unwrap();
+    let log = run_without_gpu(
+        &format!(
+            "[paths]\ndevfs = {:?}\n[sources.gpu]\nbackend = \"auto\"\n",
+            dev.path()
+        ),
+        &[],
+        10,
+    );
     let ours: Vec<&str> = log.lines().filter(|l| l.contains("gpu:")).collect();
     assert_eq!(ours.len(), 1, "one message in ten cycles:\n{log}");
     assert!(ours[0].contains("no GPU found"), "{}", ours[0]);

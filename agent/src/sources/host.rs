@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use sysinfo::{Disks, System};
+use sysinfo::{DiskRefreshKind, Disks, System};
 use vitals_common::model::Sample;
 
 use super::{Source, SourceError};
@@ -109,7 +109,10 @@ impl Source for Host {
         ));
         out.push(Sample::new("node_uptime_seconds", System::uptime() as f64));
 
-        self.disks.refresh(true);
+        // Sizes and the read-only flag only: no /proc/diskstats (I/O
+        // counters) and no disk kind, which nothing here reports.
+        self.disks
+            .refresh_specifics(true, DiskRefreshKind::nothing().with_storage());
         let mut seen = HashSet::new();
         for disk in self.disks.list() {
             let fstype = disk.file_system().to_string_lossy().to_string();
@@ -118,7 +121,7 @@ impl Source for Host {
                 continue;
             }
             let device = disk.name().to_string_lossy().to_string();
-            let fs = |name: &str, v: f64| {
+            let fs = |name: &'static str, v: f64| {
                 Sample::new(name, v)
                     .label("device", device.clone())
                     .label("fstype", fstype.clone())

@@ -6,10 +6,10 @@
 
 use std::path::PathBuf;
 
-use vitals_common::model::Sample;
+use vitals_common::model::{LabelSet, Sample};
 
 use super::nfs::rpc::{V2_PROCS, V3_PROCS, parse_counted, parse_fixed};
-use super::util::{Files, f, parse_u64_fields};
+use super::util::{Files, Interned, f, parse_u64_fields};
 use super::{ParseError, Source, SourceError};
 use crate::config::RawConfig;
 
@@ -179,12 +179,14 @@ pub fn parse_nfsd(text: &str) -> Result<ServerRpc, ParseError> {
 pub struct Nfsd {
     procfs: PathBuf,
     files: Files,
+    labels: Interned<LabelSet>,
 }
 
 pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
     Box::new(Nfsd {
         procfs: cfg.paths.procfs.clone(),
         files: Files::default(),
+        labels: Interned::default(),
     })
 }
 
@@ -194,22 +196,52 @@ impl Source for Nfsd {
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), SourceError> {
-        let path = self.procfs.join("net/rpc/nfsd");
-        let text = self.files.read(&path);
+        let result = self.read(out);
         self.files.end_cycle();
-        let Some(text) = text? else {
+        self.labels.end_cycle();
+        result
+    }
+}
+
+impl Nfsd {
+    fn read(&mut self, out: &mut Vec<Sample>) -> Result<(), SourceError> {
+        let path = self.procfs.join("net/rpc/nfsd");
+        let Some(text) = self.files.read(&path)? else {
             return Err(SourceError::Unavailable(format!(
                 "{} does not exist (no NFS server here)",
                 path.display()
             )));
         };
         let s = parse_nfsd(&text).map_err(|e| e.in_file(&path))?;
-        emit(&s, out);
+        emit(&s, &mut self.labels, out);
         Ok(())
     }
 }
 
-fn emit(s: &ServerRpc, out: &mut Vec<Sample>) {
+/// `{proto, method}` sets, made once per pair and kept while seen.
+fn method_labels(
+    cache: &mut Interned<LabelSet>,
+    key: &mut String,
+    proto: &str,
+    method: &str,
+) -> LabelSet {
+    key.clear();
+    key.push_str(proto);
+    key.push('\0');
+    key.push_str(method);
+    cache.get(key, || {
+        if proto.is_empty() {
+            LabelSet::default().with("method", method)
+        } else {
+            LabelSet::default()
+                .with("proto", proto)
+                .with("method", method)
+        }
+    })
+}
+
+fn emit(s: &ServerRpc, cache: &mut Interned<LabelSet>, out: &mut Vec<Sample>) {
+    let mut key = String::new();
     if let Some([hits, misses, nocache]) = s.reply_cache {
         out.push(Sample::new("node_nfsd_reply_cache_hits_total", f(hits)));
         out.push(Sample::new("node_nfsd_reply_cache_misses_total", f(misses)));
@@ -266,22 +298,25 @@ fn emit(s: &ServerRpc, out: &mut Vec<Sample>) {
         } else {
             "node_nfsd_requests_total"
         };
+        // NFSv4's procedures have no `proto` label.
+        let proto = if *version == 4 {
+            String::new()
+        } else {
+            version.to_string()
+        };
         for (name, v) in names.iter().zip(counts) {
-            let sample = Sample::new(metric, f(*v)).label("method", *name);
-            out.push(if *version == 4 {
-                sample
-            } else {
-                sample.label("proto", version.to_string())
-            });
+            let labels = method_labels(cache, &mut key, &proto, name);
+            out.push(Sample::with_labels(metric, &labels, f(*v)));
         }
     }
     for (name, v) in V4_SERVER_OPS.iter().zip(&s.v4_ops) {
         if !name.is_empty() {
-            out.push(
-                Sample::new("node_nfsd_requests_total", f(*v))
-                    .label("proto", "4")
-                    .label("method", *name),
-            );
+            let labels = method_labels(cache, &mut key, "4", name);
+            out.push(Sample::with_labels(
+                "node_nfsd_requests_total",
+                &labels,
+                f(*v),
+            ));
         }
     }
     if let Some(v) = s.wdeleg_getattr {
@@ -316,7 +351,7 @@ mod tests {
         assert_eq!(s.read_ahead, None);
         assert_eq!(s.v4_ops, vec![0, 0, 0, 9]);
         let mut out = Vec::new();
-        emit(&s, &mut out);
+        emit(&s, &mut Interned::default(), &mut out);
         let access = out
             .iter()
             .find(|x| x.labels.get("method").map(String::as_str) == Some("Access"))

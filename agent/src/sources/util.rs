@@ -2,6 +2,7 @@
 //! configured root, following links in copied fixture trees, number parsing
 //! that never overflows, device-name patterns and per-interval deltas.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs;
 use std::io;
@@ -26,20 +27,21 @@ const MAX_OPEN: usize = 256;
 pub struct Files {
     /// Keyed by the path's bytes (hashing an `OsStr` is much cheaper than
     /// hashing a `Path` component by component).
-    open: HashMap<std::ffi::OsString, (fs::File, bool)>,
+    open: FastMap<std::ffi::OsString, (fs::File, bool)>,
     /// Read buffer, grown (and zeroed) only when a file needs more room;
     /// `len` bytes of it hold the last file read.
     buf: Vec<u8>,
     len: usize,
+    /// Where [`Files::attr_in`] builds its paths.
+    path: PathBuf,
 }
 
 impl Files {
-    /// The whole file as text; `Ok(None)` when it does not exist.
-    pub fn read(&mut self, path: &Path) -> Result<Option<String>, SourceError> {
+    /// The whole file as text (borrowed from the read buffer unless it was
+    /// not UTF-8); `Ok(None)` when it does not exist.
+    pub fn read(&mut self, path: &Path) -> Result<Option<Cow<'_, str>>, SourceError> {
         match self.read_bytes(path, false) {
-            Ok(Some(())) => Ok(Some(
-                String::from_utf8_lossy(&self.buf[..self.len]).into_owned(),
-            )),
+            Ok(Some(())) => Ok(Some(text(&self.buf[..self.len]))),
             Ok(None) => Ok(None),
             Err(e) => Err(SourceError::Failed(format!(
                 "cannot read {}: {e}",
@@ -51,13 +53,27 @@ impl Files {
     /// A sysfs attribute, trimmed; `None` when absent or unreadable (many
     /// attributes refuse reads in some device states: `speed` of a link that
     /// is down answers EINVAL, which is not an error of the source).
-    pub fn attr(&mut self, path: &Path) -> Option<String> {
+    /// Borrowed from the read buffer unless it was not UTF-8.
+    pub fn attr(&mut self, path: &Path) -> Option<Cow<'_, str>> {
         match self.read_bytes(path, true) {
-            Ok(Some(())) => Some(
-                String::from_utf8_lossy(&self.buf[..self.len])
-                    .trim()
-                    .to_string(),
-            ),
+            Ok(Some(())) => Some(trimmed(&self.buf[..self.len])),
+            _ => None,
+        }
+    }
+
+    /// [`Files::attr`] of `dir/name`, the path built in a buffer kept for
+    /// it; borrowed from the read buffer unless it was not UTF-8.
+    pub fn attr_in(&mut self, dir: &Path, name: &str) -> Option<Cow<'_, str>> {
+        let mut path = std::mem::take(&mut self.path).into_os_string();
+        path.clear();
+        path.push(dir.as_os_str());
+        path.push("/");
+        path.push(name);
+        let path = PathBuf::from(path);
+        let read = self.read_bytes(&path, true);
+        self.path = path;
+        match read {
+            Ok(Some(())) => Some(trimmed(&self.buf[..self.len])),
             _ => None,
         }
     }
@@ -91,6 +107,50 @@ impl Files {
         Ok(Some(()))
     }
 }
+
+/// The text of an attribute without surrounding whitespace.
+fn trimmed(bytes: &[u8]) -> Cow<'_, str> {
+    match text(bytes) {
+        Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
+        Cow::Owned(s) => Cow::Owned(s.trim().to_string()),
+    }
+}
+
+/// Bytes as text: borrowed when they are UTF-8 (checked on the fast path
+/// first), else with U+FFFD for what is not.
+fn text(bytes: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
+}
+
+/// FNV-1a: the maps of this module are keyed by paths, names and labels of
+/// this host, not by anything an attacker picks, so they need no SipHash
+/// and its cost on every lookup.
+#[derive(Debug, Clone, Copy)]
+pub struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
+
+/// A `HashMap` with [`Fnv`].
+pub type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
 
 /// Reads a file from offset 0 to its end into the start of `buf`; returns
 /// how many bytes it has. `attr`: a sysfs attribute, whole in one read when
@@ -267,27 +327,83 @@ impl NameFilter {
 }
 
 /// Remembers the previous value of counters so a source can report a ratio
-/// over the last interval. Keys are whatever identifies the counter.
+/// over the last interval. Keys are whatever identifies the counter; a key
+/// allocates once, when first seen.
 #[derive(Debug, Default)]
 pub struct Deltas {
-    previous: HashMap<String, (u64, Instant)>,
-    current: HashMap<String, (u64, Instant)>,
+    /// Per key: (the value of the last cycle, the value of this one).
+    counters: FastMap<Box<str>, (Reading, Reading)>,
 }
+
+/// A counter's value and when it was read.
+type Reading = Option<(u64, Instant)>;
 
 impl Deltas {
     /// Records `value` for `key` at `now`; returns the increase since the
     /// previous cycle and the seconds between them, or `None` on the first
     /// sighting or when the counter went backwards (a reset).
     pub fn update(&mut self, key: &str, value: u64, now: Instant) -> Option<(u64, f64)> {
-        self.current.insert(key.to_string(), (value, now));
-        let (prev, then) = *self.previous.get(key)?;
+        let entry = match self.counters.get_mut(key) {
+            Some(e) => e,
+            None => self.counters.entry(key.into()).or_default(),
+        };
+        entry.1 = Some((value, now));
+        let (prev, then) = entry.0?;
         let delta = value.checked_sub(prev)?;
         Some((delta, now.saturating_duration_since(then).as_secs_f64()))
     }
 
     /// Ends a cycle: counters not seen this cycle are forgotten.
     pub fn finish_cycle(&mut self) {
-        self.previous = std::mem::take(&mut self.current);
+        self.counters.retain(|_, (prev, current)| {
+            *prev = current.take();
+            prev.is_some()
+        });
+    }
+}
+
+/// Values a source builds once per key and hands out as clones while the
+/// key keeps being seen: metric names made at run time and label sets
+/// (`vitals_common::model::{Name, LabelSet}`, whose clones are reference
+/// counts). A key not used during a cycle is dropped at [`Interned::end_cycle`]
+/// (a device that went away lets go of its labels). Looking up a `&str`
+/// allocates nothing; only a new key does.
+#[derive(Debug)]
+pub struct Interned<V> {
+    map: FastMap<Box<str>, (V, bool)>,
+}
+
+impl<V> Default for Interned<V> {
+    fn default() -> Self {
+        Interned {
+            map: FastMap::default(),
+        }
+    }
+}
+
+impl<V: Clone> Interned<V> {
+    /// The value for `key`, made by `make` the first time.
+    pub fn get(&mut self, key: &str, make: impl FnOnce() -> V) -> V {
+        if let Some((v, used)) = self.map.get_mut(key) {
+            *used = true;
+            return v.clone();
+        }
+        let v = make();
+        self.map.insert(key.into(), (v.clone(), true));
+        v
+    }
+
+    /// Forgets the keys not used since the last call.
+    pub fn end_cycle(&mut self) {
+        self.map.retain(|_, (_, used)| std::mem::take(used));
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
     }
 }
 

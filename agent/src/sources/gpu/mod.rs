@@ -9,6 +9,13 @@
 //! in W, clocks in MHz, energy in µJ). Labels on every per-GPU series: `gpu`
 //! (the backend's index), `card`, `serial`, `model`, `pci_bus`.
 //!
+//! `auto` loads a vendor library only where its device file is under
+//! `[paths] devfs` (`kfd` for ROCm SMI, `nvidiactl` or `nvidia0` for NVML):
+//! on a host without a GPU nothing is loaded (a loaded librocm_smi64 keeps
+//! its C++ runtime mapped for nothing), "no GPU device" is said once at
+//! debug, and the check is repeated with the open's backoff (a driver may
+//! come up later). An explicit backend or `library` loads as configured.
+//!
 //! The backend is opened and read on its own thread. A cycle waits for it
 //! at most `[sources.gpu] timeout`; a read still running then (a driver call
 //! that hangs) is reported (`vitals_gpu_read_hung`,
@@ -27,7 +34,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vitals_common::model::{Labels, Sample};
+use vitals_common::model::{LabelSet, Labels, Sample};
 
 use super::{Source, SourceError};
 use crate::config::RawConfig;
@@ -153,14 +160,8 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 /// Appends the samples of one GPU.
 pub fn push_samples(g: &GpuStats, out: &mut Vec<Sample>) {
-    let base = g.id.labels();
-    let mut put = |name: &'static str, v: f64| {
-        out.push(Sample {
-            name: name.to_string(),
-            labels: base.clone(),
-            value: v,
-        })
-    };
+    let base = LabelSet::from(g.id.labels());
+    let mut put = |name: &'static str, v: f64| out.push(Sample::with_labels(name, &base, v));
     let opt = |v: Option<u64>| v.map(|b| b as f64 / MIB);
     for (name, v) in [
         ("gpu_gfx_activity", g.gfx_activity),
@@ -215,7 +216,7 @@ pub fn push_samples(g: &GpuStats, out: &mut Vec<Sample>) {
             labels.insert(key.into(), val.into());
         }
         out.push(Sample {
-            name,
+            name: name.into(),
             labels,
             value: v,
         });
@@ -373,6 +374,8 @@ pub trait Backend: Send {
 /// Why a backend could not be opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpenError {
+    /// No GPU device file at all (`auto` only): no library was loaded.
+    NoDevice(String),
     /// Nothing to read on this host: no library, or no GPU behind it.
     Absent(String),
     /// Something is there but broken (bad library, failing calls).
@@ -382,7 +385,7 @@ pub enum OpenError {
 impl OpenError {
     fn text(&self) -> &str {
         match self {
-            OpenError::Absent(s) | OpenError::Failed(s) => s,
+            OpenError::NoDevice(s) | OpenError::Absent(s) | OpenError::Failed(s) => s,
         }
     }
 }
@@ -393,7 +396,39 @@ pub struct OpenSpec {
     pub kind: BackendKind,
     pub library: Option<PathBuf>,
     pub sysfs: PathBuf,
+    /// Where `auto` looks for the vendors' device files.
+    pub devfs: PathBuf,
     pub processes: bool,
+}
+
+/// The device files that show a vendor's driver is loaded: ROCm SMI needs
+/// the AMD KFD (`kfd`), NVML the NVIDIA control device.
+fn vendor_devices(kind: BackendKind) -> &'static [&'static str] {
+    match kind {
+        BackendKind::Rocm => &["kfd"],
+        BackendKind::Nvml => &["nvidiactl", "nvidia0"],
+        _ => &[],
+    }
+}
+
+/// `Err(NoDevice)` when none of `kind`'s device files is under `devfs`.
+/// Loading a vendor library on a host without its GPU costs memory (Debian's
+/// librocm_smi64 and its C++ runtime stay mapped) and says nothing, so
+/// `auto` only loads one whose device is there.
+fn device_present(kind: BackendKind, devfs: &std::path::Path) -> Result<(), OpenError> {
+    let names = vendor_devices(kind);
+    if names.iter().any(|n| devfs.join(n).exists()) {
+        return Ok(());
+    }
+    let list: Vec<String> = names
+        .iter()
+        .map(|n| devfs.join(n).display().to_string())
+        .collect();
+    Err(OpenError::NoDevice(format!(
+        "no {} device ({} absent); library not loaded",
+        kind.as_str(),
+        list.join(", ")
+    )))
 }
 
 /// Opens the configured backend; `auto` tries each in turn.
@@ -406,17 +441,26 @@ pub fn open(spec: &OpenSpec) -> Result<Box<dyn Backend>, OpenError> {
         BackendKind::Auto => {
             let mut why = Vec::new();
             let mut failed = false;
+            // Whether a vendor library was tried at all.
+            let mut loaded = false;
             for kind in [BackendKind::Rocm, BackendKind::Nvml, BackendKind::Sysfs] {
-                // A configured library belongs to whichever vendor it is;
-                // sysfs has none.
+                // A configured library belongs to whichever vendor it is
+                // (and is loaded as configured); sysfs has none.
                 let one = OpenSpec {
                     kind,
                     ..spec.clone()
                 };
-                match open(&one) {
+                let r = if spec.library.is_none() {
+                    device_present(kind, &spec.devfs).and_then(|()| open(&one))
+                } else {
+                    open(&one)
+                };
+                match r {
                     Ok(b) => return Ok(b),
                     Err(e) => {
                         failed |= matches!(e, OpenError::Failed(_));
+                        loaded |=
+                            kind != BackendKind::Sysfs && !matches!(e, OpenError::NoDevice(_));
                         why.push(format!("{}: {}", kind.as_str(), e.text()));
                     }
                 }
@@ -424,15 +468,19 @@ pub fn open(spec: &OpenSpec) -> Result<Box<dyn Backend>, OpenError> {
             let text = why.join("; ");
             Err(if failed {
                 OpenError::Failed(text)
-            } else {
+            } else if loaded {
                 OpenError::Absent(text)
+            } else {
+                OpenError::NoDevice(text)
             })
         }
     }
 }
 
 enum Reply {
-    Opened(Result<String, OpenError>),
+    /// The backend opened (described), or did not, and when the next
+    /// attempt may run.
+    Opened(Result<String, (OpenError, Instant)>),
     Read(Result<Vec<GpuStats>, String>),
 }
 
@@ -456,7 +504,7 @@ fn worker(spec: OpenSpec, requests: Receiver<Request>, replies: SyncSender<Reply
             if let Some((at, _, e)) = &retry
                 && Instant::now() < *at
             {
-                let _ = replies.send(Reply::Opened(Err(e.clone())));
+                let _ = replies.send(Reply::Opened(Err((e.clone(), *at))));
                 continue;
             }
             match open(&spec) {
@@ -469,8 +517,9 @@ fn worker(spec: OpenSpec, requests: Receiver<Request>, replies: SyncSender<Reply
                     let wait = retry
                         .as_ref()
                         .map_or(REOPEN_FIRST, |(_, w, _)| (*w * 2).min(REOPEN_MAX));
-                    retry = Some((Instant::now() + wait, wait, e.clone()));
-                    let _ = replies.send(Reply::Opened(Err(e)));
+                    let at = Instant::now() + wait;
+                    retry = Some((at, wait, e.clone()));
+                    let _ = replies.send(Reply::Opened(Err((e, at))));
                     continue;
                 }
             }
@@ -509,6 +558,9 @@ pub struct Gpu {
     timeouts_total: u64,
     /// What the last open said, so each change is logged once.
     open_logged: Option<Result<String, String>>,
+    /// After a failed open: until when the thread will not try again, and
+    /// why. Cycles before then answer at once, without asking the thread.
+    closed_until: Option<(Instant, String)>,
     /// The last read error logged.
     read_logged: Option<String>,
 }
@@ -520,6 +572,7 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
             kind: g.backend,
             library: g.library.clone(),
             sysfs: cfg.paths.sysfs.clone(),
+            devfs: cfg.paths.devfs.clone(),
             processes: g.processes,
         },
         timeout: g.timeout,
@@ -530,6 +583,7 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
         hung: false,
         timeouts_total: 0,
         open_logged: None,
+        closed_until: None,
         read_logged: None,
     })
 }
@@ -570,6 +624,12 @@ impl Gpu {
         }
         match r {
             Ok(desc) => tracing::info!(backend = self.spec.kind.as_str(), "gpu: using {desc}"),
+            Err(OpenError::NoDevice(why)) => tracing::debug!(
+                reason = %why,
+                "gpu: no GPU device; no vendor library loaded; looking again after {}s, backing off to {}s",
+                REOPEN_FIRST.as_secs(),
+                REOPEN_MAX.as_secs()
+            ),
             Err(OpenError::Absent(why)) if self.spec.kind == BackendKind::Auto => {
                 tracing::info!(reason = %why, "gpu: no GPU found; the gpu source stays quiet")
             }
@@ -601,6 +661,12 @@ impl Source for Gpu {
         if self.spec.kind == BackendKind::Off {
             return Err(SourceError::Unavailable("backend = \"off\"".into()));
         }
+        if let Some((until, why)) = &self.closed_until {
+            if Instant::now() < *until {
+                return Err(SourceError::Unavailable(why.clone()));
+            }
+            self.closed_until = None;
+        }
         self.start()?;
         let deadline = Instant::now() + self.timeout;
         if let State::Idle = self.state {
@@ -621,10 +687,15 @@ impl Source for Gpu {
             let wait = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
                 Ok(Reply::Opened(r)) => {
+                    let r = r.map_err(|(e, until)| {
+                        self.closed_until = Some((until, e.text().to_string()));
+                        e
+                    });
                     self.log_open(&r);
                     if let Err(e) = r {
                         // Logged once above; every cycle after is quiet
-                        // until the next attempt says something new.
+                        // (and does not ask the thread) until the next
+                        // attempt says something new.
                         self.state = State::Idle;
                         self.hung = false;
                         return Err(SourceError::Unavailable(e.text().to_string()));

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use vitals_common::model::Sample;
+use vitals_common::model::{LabelSet, Name, Sample};
 
 use crate::sources::ParseError;
 use crate::sources::util::Files;
@@ -35,6 +35,19 @@ pub const ATTRS: &[&str] = &[
     "type",
 ];
 
+/// The keys of `EXTRA_STATISTICS` in [`IfaceAttrs::get`] and the attribute
+/// lookups of [`push_iface_samples`].
+const STATISTICS_KEYS: [&str; 8] = [
+    "statistics/rx_crc_errors",
+    "statistics/rx_length_errors",
+    "statistics/rx_missed_errors",
+    "statistics/rx_over_errors",
+    "statistics/rx_nohandler",
+    "statistics/tx_aborted_errors",
+    "statistics/tx_heartbeat_errors",
+    "statistics/tx_window_errors",
+];
+
 /// `statistics/` files that `/proc/net/dev` does not already carry, and the
 /// names they are exported under.
 pub const EXTRA_STATISTICS: &[(&str, &str)] = &[
@@ -63,29 +76,64 @@ pub const EXTRA_STATISTICS: &[(&str, &str)] = &[
     ),
 ];
 
+/// The attributes of one device as read: `ATTRS`, then `statistics/` files
+/// of `EXTRA_STATISTICS`, each `None` when unreadable. Reused from device
+/// to device and cycle to cycle, so reading allocates nothing once warm.
+#[derive(Debug, Default)]
+pub struct IfaceAttrs {
+    values: Vec<Option<String>>,
+}
+
+impl IfaceAttrs {
+    fn set(&mut self, i: usize, v: Option<&str>) {
+        if self.values.len() <= i {
+            self.values.resize(i + 1, None);
+        }
+        match (v, &mut self.values[i]) {
+            (Some(v), Some(slot)) => {
+                slot.clear();
+                slot.push_str(v);
+            }
+            (Some(v), slot) => *slot = Some(v.to_string()),
+            (None, slot) => *slot = None,
+        }
+    }
+
+    /// An attribute by name (`statistics/rx_crc_errors` for a statistic).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        let i = match name.strip_prefix("statistics/") {
+            Some(file) => ATTRS.len() + EXTRA_STATISTICS.iter().position(|(f, _)| *f == file)?,
+            None => ATTRS.iter().position(|a| *a == name)?,
+        };
+        self.values.get(i)?.as_deref()
+    }
+}
+
 /// Reads the attributes of one device directory; unreadable ones are left
 /// out (a link that is down refuses `speed`, some drivers refuse `duplex`).
-pub fn read_iface(files: &mut Files, dir: &Path) -> BTreeMap<String, String> {
-    let mut attrs = BTreeMap::new();
-    for name in ATTRS {
-        if let Some(v) = files.attr(&dir.join(name)) {
-            attrs.insert((*name).to_string(), v);
-        }
+pub fn read_iface(files: &mut Files, dir: &Path, attrs: &mut IfaceAttrs) {
+    for (i, name) in ATTRS.iter().enumerate() {
+        let v = files.attr_in(dir, name);
+        attrs.set(i, v.as_deref());
     }
     let stats = dir.join("statistics");
-    if stats.is_dir() {
-        for (file, _) in EXTRA_STATISTICS {
-            if let Some(v) = files.attr(&stats.join(file)) {
-                attrs.insert(format!("statistics/{file}"), v);
-            }
-        }
+    let have_stats = stats.is_dir();
+    for (i, (file, _)) in EXTRA_STATISTICS.iter().enumerate() {
+        let v = if have_stats {
+            files.attr_in(&stats, file)
+        } else {
+            None
+        };
+        attrs.set(ATTRS.len() + i, v.as_deref());
     }
-    attrs
 }
 
 /// An integer attribute, decimal or `0x` hex (`dev_id`, `flags`).
-fn int(attrs: &BTreeMap<String, String>, name: &str) -> Result<Option<i64>, ParseError> {
-    let Some(v) = attrs.get(name) else {
+fn int<'a>(
+    attrs: &impl Fn(&str) -> Option<&'a str>,
+    name: &str,
+) -> Result<Option<i64>, ParseError> {
+    let Some(v) = attrs(name) else {
         return Ok(None);
     };
     if v.is_empty() {
@@ -106,7 +154,28 @@ pub fn iface_samples(
     attrs: &BTreeMap<String, String>,
 ) -> Result<Vec<Sample>, ParseError> {
     let mut out = Vec::new();
-    let mut push = |name: &str, v: f64| out.push(Sample::new(name, v).label("device", device));
+    let labels = LabelSet::default().with("device", device);
+    push_iface_samples(
+        &labels,
+        &|name| attrs.get(name).map(String::as_str),
+        &mut |info| info.into_iter().collect(),
+        &mut out,
+    )?;
+    Ok(out)
+}
+
+/// `node_network_info`'s labels: (name, value) in order.
+pub type InfoLabels<'a> = [(&'static str, &'a str); 7];
+
+/// [`iface_samples`] for the collect path: `labels` is the device's set,
+/// `info` makes (or finds) the label set of `node_network_info`.
+pub fn push_iface_samples<'a>(
+    labels: &LabelSet,
+    attrs: &impl Fn(&str) -> Option<&'a str>,
+    info: &mut impl FnMut(InfoLabels<'_>) -> LabelSet,
+    out: &mut Vec<Sample>,
+) -> Result<(), ParseError> {
+    let mut push = |name: &'static str, v: f64| out.push(Sample::with_labels(name, labels, v));
     const GAUGES: &[(&str, &str)] = &[
         ("addr_assign_type", "node_network_address_assign_type"),
         ("carrier", "node_network_carrier"),
@@ -139,34 +208,38 @@ pub fn iface_samples(
     {
         push("node_network_speed_bytes", mbps as f64 * 125_000.0);
     }
-    for (file, name) in EXTRA_STATISTICS {
-        let key = format!("statistics/{file}");
-        if let Some(v) = attrs.get(&key) {
+    for (key, name) in STATISTICS_KEYS.iter().zip(EXTRA_STATISTICS) {
+        if let Some(v) = attrs(key) {
             let v = v
                 .parse::<u64>()
                 .map_err(|_| ParseError::new(1, format!("{key}: {v:?} is not a counter")))?;
-            push(name, v as f64);
+            push(name.1, v as f64);
         }
     }
-    let operstate = attrs.get("operstate").cloned().unwrap_or_default();
+    let operstate = attrs("operstate").unwrap_or_default();
     push("node_network_up", if operstate == "up" { 1.0 } else { 0.0 });
     let adminstate = match int(attrs, "flags")? {
         Some(flags) if flags & 1 == 1 => "up",
         Some(_) => "down",
         None => "unknown",
     };
-    let text = |k: &str| attrs.get(k).cloned().unwrap_or_default();
-    out.push(
-        Sample::new("node_network_info", 1.0)
-            .label("device", device)
-            .label("address", text("address"))
-            .label("broadcast", text("broadcast"))
-            .label("duplex", text("duplex"))
-            .label("ifalias", text("ifalias"))
-            .label("operstate", operstate)
-            .label("adminstate", adminstate),
-    );
-    Ok(out)
+    let text = |k: &str| attrs(k).unwrap_or_default();
+    let device = labels.get("device").map(String::as_str).unwrap_or_default();
+    let info = info([
+        ("device", device),
+        ("address", text("address")),
+        ("broadcast", text("broadcast")),
+        ("duplex", text("duplex")),
+        ("ifalias", text("ifalias")),
+        ("operstate", operstate),
+        ("adminstate", adminstate),
+    ]);
+    out.push(Sample::with_labels(
+        Name::literal("node_network_info"),
+        &info,
+        1.0,
+    ));
+    Ok(())
 }
 
 /// The expected speed for `device` from `{pattern: mbps}`: an exact name
@@ -195,6 +268,14 @@ mod tests {
 
     fn value(samples: &[Sample], name: &str) -> Option<f64> {
         samples.iter().find(|s| s.name == name).map(|s| s.value)
+    }
+
+    #[test]
+    fn statistics_keys_follow_the_table() {
+        for (key, (file, _)) in STATISTICS_KEYS.iter().zip(EXTRA_STATISTICS) {
+            assert_eq!(key.strip_prefix("statistics/"), Some(*file));
+        }
+        assert_eq!(STATISTICS_KEYS.len(), EXTRA_STATISTICS.len());
     }
 
     #[test]

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use vitals_common::model::Sample;
+use vitals_common::model::{LabelSet, Sample};
 
-use crate::sources::util::{Files, list_dir, resolve_dir};
+use crate::sources::util::{Files, Interned, list_dir, resolve_dir};
 use crate::sources::{ParseError, SourceError};
 
 /// `counters/` files: (file, metric, multiplier). The data counters count
@@ -197,10 +197,37 @@ fn counter(text: &str) -> Result<Option<u64>, ParseError> {
         .map_err(|_| ParseError::new(1, format!("{t:?} is not a counter")))
 }
 
+/// The label sets of the HCAs, ports and counters seen (kept while seen).
+#[derive(Debug, Default)]
+pub struct Cache {
+    labels: Interned<LabelSet>,
+    key: String,
+}
+
+impl Cache {
+    pub fn end_cycle(&mut self) {
+        self.labels.end_cycle();
+    }
+
+    /// The set for the labels `pairs`, made the first time they are seen.
+    fn get(&mut self, pairs: &[(&'static str, &str)]) -> LabelSet {
+        self.key.clear();
+        for (k, v) in pairs {
+            self.key.push_str(k);
+            self.key.push('\0');
+            self.key.push_str(v);
+            self.key.push('\0');
+        }
+        self.labels
+            .get(&self.key, || pairs.iter().copied().collect())
+    }
+}
+
 /// Reads every HCA and port under `class_dir` (`<sysfs>/class/infiniband`).
 /// `Ok(false)` when the directory does not exist.
 pub fn collect(
     files: &mut Files,
+    cache: &mut Cache,
     class_dir: &Path,
     out: &mut Vec<Sample>,
 ) -> Result<bool, SourceError> {
@@ -215,25 +242,25 @@ pub fn collect(
         let Some(dir) = resolve_dir(&path) else {
             continue;
         };
-        out.push(
-            Sample::new("node_infiniband_info", 1.0)
-                .label("device", hca.as_str())
-                .label(
-                    "board_id",
-                    files.attr(&dir.join("board_id")).unwrap_or_default(),
-                )
-                .label(
-                    "firmware_version",
-                    files.attr(&dir.join("fw_ver")).unwrap_or_default(),
-                )
-                .label(
-                    "hca_type",
-                    files.attr(&dir.join("hca_type")).unwrap_or_default(),
-                ),
-        );
+        let board_id = files
+            .attr_in(&dir, "board_id")
+            .unwrap_or_default()
+            .into_owned();
+        let firmware = files
+            .attr_in(&dir, "fw_ver")
+            .unwrap_or_default()
+            .into_owned();
+        let hca_type = files.attr_in(&dir, "hca_type").unwrap_or_default();
+        let info = cache.get(&[
+            ("device", hca.as_str()),
+            ("board_id", &board_id),
+            ("firmware_version", &firmware),
+            ("hca_type", &hca_type),
+        ]);
+        out.push(Sample::with_labels("node_infiniband_info", &info, 1.0));
         let ports = list_dir(&dir.join("ports")).unwrap_or_default();
         for (port, port_dir) in ports {
-            collect_port(files, &hca, &port, &port_dir, out)?;
+            collect_port(files, cache, &hca, &port, &port_dir, out)?;
         }
     }
     Ok(true)
@@ -241,16 +268,14 @@ pub fn collect(
 
 fn collect_port(
     files: &mut Files,
+    cache: &mut Cache,
     hca: &str,
     port: &str,
     dir: &Path,
     out: &mut Vec<Sample>,
 ) -> Result<(), SourceError> {
-    let sample = |name: &str, v: f64| {
-        Sample::new(name, v)
-            .label("device", hca)
-            .label("port", port)
-    };
+    let labels = cache.get(&[("device", hca), ("port", port)]);
+    let sample = |name: &'static str, v: f64| Sample::with_labels(name, &labels, v);
     let fail = |file: &Path, e: ParseError| e.in_file(file);
     if let Some(text) = files.attr(&dir.join("state")) {
         let (id, _) = parse_state(&text).map_err(|e| fail(&dir.join("state"), e))?;
@@ -264,14 +289,23 @@ fn collect_port(
         let rate = parse_rate(&text).map_err(|e| fail(&dir.join("rate"), e))?;
         out.push(sample("node_infiniband_rate_bytes_per_second", rate));
     }
-    // Which counters a port has depends on the driver: read the ones listed.
+    // Which counters a port has depends on the driver: read the ones listed
+    // (in the table's order; a listing costs no path or name per entry).
     for (sub, table) in [("counters", COUNTERS), ("counters_ext", COUNTERS_EXT)] {
-        for (file, path) in list_dir(&dir.join(sub)).unwrap_or_default() {
-            let Some((_, name, mult)) = table.iter().find(|(f, _, _)| *f == file) else {
-                continue;
-            };
-            if let Some(text) = files.attr(&path)
-                && let Some(v) = counter(&text).map_err(|e| fail(&path, e))?
+        let sub_dir = dir.join(sub);
+        let Ok(entries) = std::fs::read_dir(&sub_dir) else {
+            continue;
+        };
+        let mut present = [false; 32];
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if let Some(i) = table.iter().position(|(f, _, _)| name == *f) {
+                present[i] = true;
+            }
+        }
+        for ((file, name, mult), _) in table.iter().zip(present).filter(|(_, p)| *p) {
+            if let Some(text) = files.attr_in(&sub_dir, file)
+                && let Some(v) = counter(&text).map_err(|e| fail(&sub_dir.join(file), e))?
             {
                 out.push(sample(name, v as f64 * mult));
             }
@@ -288,9 +322,12 @@ fn collect_port(
             if let Some(text) = files.attr(&path)
                 && let Some(v) = counter(&text).map_err(|e| fail(&path, e))?
             {
-                out.push(
-                    sample("node_infiniband_hw_counter_total", v as f64).label("counter", name),
-                );
+                let labels = cache.get(&[("device", hca), ("port", port), ("counter", &name)]);
+                out.push(Sample::with_labels(
+                    "node_infiniband_hw_counter_total",
+                    &labels,
+                    v as f64,
+                ));
             }
         }
     }
@@ -300,6 +337,11 @@ fn collect_port(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counter_tables_fit_the_presence_set() {
+        assert!(COUNTERS.len() <= 32 && COUNTERS_EXT.len() <= 32);
+    }
 
     #[test]
     fn rates() {

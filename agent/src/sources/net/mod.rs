@@ -19,9 +19,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use vitals_common::model::Sample;
+use vitals_common::model::{LabelSet, Name, Sample};
 
-use super::util::{Deltas, Files, NameFilter, list_dir, resolve_dir};
+use super::util::{Deltas, Files, Interned, NameFilter, list_dir, resolve_dir};
 use super::{Source, SourceError};
 use crate::config::RawConfig;
 
@@ -33,6 +33,15 @@ pub struct Net {
     infiniband: bool,
     deltas: Deltas,
     files: Files,
+    /// `{device}` per device, `node_network_info`'s set per distinct
+    /// labelling, and the `node_network_<field>_total` names.
+    devices: Interned<LabelSet>,
+    infos: Interned<LabelSet>,
+    names: Interned<Name>,
+    /// A key or a path being built.
+    key: String,
+    attrs: class::IfaceAttrs,
+    ib: infiniband::Cache,
 }
 
 pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
@@ -45,6 +54,12 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
         infiniband: net.infiniband,
         deltas: Deltas::default(),
         files: Files::default(),
+        devices: Interned::default(),
+        infos: Interned::default(),
+        names: Interned::default(),
+        key: String::new(),
+        attrs: class::IfaceAttrs::default(),
+        ib: infiniband::Cache::default(),
     })
 }
 
@@ -56,6 +71,10 @@ impl Source for Net {
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), SourceError> {
         let result = self.read(out);
         self.files.end_cycle();
+        self.devices.end_cycle();
+        self.infos.end_cycle();
+        self.names.end_cycle();
+        self.ib.end_cycle();
         result
     }
 }
@@ -72,19 +91,22 @@ impl Net {
             found = true;
             let devs = netdev::parse_net_dev(&text).map_err(|e| e.in_file(&dev_path))?;
             for dev in devs.iter().filter(|d| self.filter.allows(&d.device)) {
+                let labels = device_labels(&mut self.devices, &dev.device);
                 for (field, v) in &dev.counters {
-                    out.push(
-                        Sample::new(format!("node_network_{field}_total"), *v as f64)
-                            .label("device", dev.device.as_str()),
-                    );
+                    let name = self
+                        .names
+                        .get(field, || format!("node_network_{field}_total").into());
+                    out.push(Sample::with_labels(name, &labels, *v as f64));
                 }
                 for (field, dir) in [("receive_bytes", "receive"), ("transmit_bytes", "transmit")] {
-                    if let Some(v) = dev.get(field)
-                        && let Some(d) =
-                            self.deltas
-                                .update(&format!("{}/{field}", dev.device), v, now)
-                    {
-                        moved.insert((dev.device.clone(), dir), d);
+                    if let Some(v) = dev.get(field) {
+                        self.key.clear();
+                        self.key.push_str(&dev.device);
+                        self.key.push('/');
+                        self.key.push_str(field);
+                        if let Some(d) = self.deltas.update(&self.key, v, now) {
+                            moved.insert((dev.device.clone(), dir), d);
+                        }
                     }
                 }
             }
@@ -102,26 +124,39 @@ impl Net {
                     let Some(dir) = resolve_dir(&path) else {
                         continue;
                     };
-                    let attrs = class::read_iface(&mut self.files, &dir);
-                    let samples =
-                        class::iface_samples(&device, &attrs).map_err(|e| e.in_file(&dir))?;
-                    if let Some(s) = samples
+                    class::read_iface(&mut self.files, &dir, &mut self.attrs);
+                    let labels = device_labels(&mut self.devices, &device);
+                    let first = out.len();
+                    let (infos, key) = (&mut self.infos, &mut self.key);
+                    class::push_iface_samples(
+                        &labels,
+                        &|name| self.attrs.get(name),
+                        &mut |info| {
+                            // One set per distinct labelling, kept while seen.
+                            key.clear();
+                            for (_, v) in &info {
+                                key.push_str(v);
+                                key.push('\0');
+                            }
+                            infos.get(key, || info.into_iter().collect())
+                        },
+                        out,
+                    )
+                    .map_err(|e| e.in_file(&dir))?;
+                    if let Some(s) = out[first..]
                         .iter()
                         .find(|s| s.name == "node_network_speed_bytes")
                     {
                         speeds.insert(device.clone(), s.value);
                     }
-                    out.extend(samples);
                     if let Some(mbps) =
                         class::expected_speed_mbps(&self.expected_speed_mbps, &device)
                     {
-                        out.push(
-                            Sample::new(
-                                "node_network_expected_speed_bytes",
-                                mbps as f64 * 125_000.0,
-                            )
-                            .label("device", device.as_str()),
-                        );
+                        out.push(Sample::with_labels(
+                            "node_network_expected_speed_bytes",
+                            &labels,
+                            mbps as f64 * 125_000.0,
+                        ));
                     }
                 }
             }
@@ -138,18 +173,27 @@ impl Net {
             if let Some(speed) = speeds.get(&device).copied().filter(|s| *s > 0.0)
                 && secs > 0.0
             {
-                out.push(
-                    Sample::new(
-                        format!("node_network_{dir}_utilization_ratio"),
-                        bytes as f64 / secs / speed,
-                    )
-                    .label("device", device),
-                );
+                let name = if dir == "receive" {
+                    "node_network_receive_utilization_ratio"
+                } else {
+                    "node_network_transmit_utilization_ratio"
+                };
+                let labels = device_labels(&mut self.devices, &device);
+                out.push(Sample::with_labels(
+                    name,
+                    &labels,
+                    bytes as f64 / secs / speed,
+                ));
             }
         }
 
         if self.infiniband
-            && infiniband::collect(&mut self.files, &self.sysfs.join("class/infiniband"), out)?
+            && infiniband::collect(
+                &mut self.files,
+                &mut self.ib,
+                &self.sysfs.join("class/infiniband"),
+                out,
+            )?
         {
             found = true;
         }
@@ -162,4 +206,9 @@ impl Net {
         }
         Ok(())
     }
+}
+
+/// `{device="NAME"}`, made once per device.
+fn device_labels(devices: &mut Interned<LabelSet>, device: &str) -> LabelSet {
+    devices.get(device, || LabelSet::default().with("device", device))
 }

@@ -1,5 +1,7 @@
 //! `/proc/net/dev`: per-device receive and transmit counters.
 
+use std::sync::Arc;
+
 use crate::sources::ParseError;
 use crate::sources::util::parse_u64;
 
@@ -8,14 +10,15 @@ use crate::sources::util::parse_u64;
 pub struct NetDev {
     pub device: String,
     /// (field, value), fields as `receive_bytes`, `transmit_colls`, ...
-    pub counters: Vec<(String, u64)>,
+    /// (shared by every device of the file).
+    pub counters: Vec<(Arc<str>, u64)>,
 }
 
 impl NetDev {
     pub fn get(&self, field: &str) -> Option<u64> {
         self.counters
             .iter()
-            .find(|(f, _)| f == field)
+            .find(|(f, _)| &**f == field)
             .map(|(_, v)| *v)
     }
 }
@@ -63,7 +66,7 @@ pub fn parse_net_dev(text: &str) -> Result<Vec<NetDev>, ParseError> {
         }
         let mut counters = Vec::with_capacity(fields.len());
         for (field, v) in fields.iter().zip(values) {
-            counters.push((field.clone(), parse_u64(v, n, field)?));
+            counters.push((Arc::clone(field), parse_u64(v, n, field)?));
         }
         out.push(NetDev {
             device: device.to_string(),
@@ -73,7 +76,7 @@ pub fn parse_net_dev(text: &str) -> Result<Vec<NetDev>, ParseError> {
     Ok(out)
 }
 
-fn header_fields(line: &str) -> Result<Vec<String>, ParseError> {
+fn header_fields(line: &str) -> Result<Vec<Arc<str>>, ParseError> {
     let parts: Vec<&str> = line.split('|').collect();
     if parts.len() != 3 {
         return Err(ParseError::new(
@@ -87,7 +90,7 @@ fn header_fields(line: &str) -> Result<Vec<String>, ParseError> {
             if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(ParseError::new(2, format!("odd header field {name:?}")));
             }
-            fields.push(format!("{prefix}_{name}"));
+            fields.push(format!("{prefix}_{name}").into());
         }
     }
     if fields.is_empty() {

@@ -17,10 +17,10 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use vitals_common::model::Sample;
+use vitals_common::model::{LabelSet, Name, Sample};
 
 use self::mountstats::{BYTES, EVENTS, Mount, NfsStats, RDMA_FIELDS};
-use super::util::{Deltas, Files, f, resolve_dir};
+use super::util::{Deltas, Files, Interned, f, resolve_dir};
 use super::{Source, SourceError};
 use crate::config::RawConfig;
 
@@ -28,6 +28,7 @@ pub struct Nfs {
     procfs: PathBuf,
     deltas: Deltas,
     files: Files,
+    cache: Cache,
 }
 
 pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
@@ -35,6 +36,7 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
         procfs: cfg.paths.procfs.clone(),
         deltas: Deltas::default(),
         files: Files::default(),
+        cache: Cache::default(),
     })
 }
 
@@ -46,6 +48,7 @@ impl Source for Nfs {
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), SourceError> {
         let result = self.read(out);
         self.files.end_cycle();
+        self.cache.end_cycle();
         result
     }
 }
@@ -74,7 +77,7 @@ impl Nfs {
         if let Some(text) = self.files.read(&rpc_path)? {
             found = true;
             let stats = rpc::parse_client_rpc(&text).map_err(|e| e.in_file(&rpc_path))?;
-            emit_client_rpc(&stats, out);
+            emit_client_rpc(&stats, &mut self.cache, out);
         }
         if !found {
             return Err(SourceError::Unavailable(format!(
@@ -124,54 +127,60 @@ impl Nfs {
     ) {
         let mut seen_mountpoints = HashSet::new();
         let mut seen_devices = HashSet::new();
+        let cache = &mut self.cache;
         for m in mounts {
             let Some(stats) = &m.nfs else { continue };
             let protocol = stats
                 .transports
                 .first()
-                .map(|t| t.protocol.clone())
-                .or_else(|| stats.opts.get("proto").cloned())
+                .map(|t| t.protocol.as_str())
+                .or_else(|| stats.opts.get("proto").map(String::as_str))
                 .unwrap_or_default();
             let addr = mount_addr(m, stats, addrs);
-            let labels = |s: Sample| {
-                s.label("export", m.device.as_str())
-                    .label("protocol", protocol.as_str())
-                    .label("mountaddr", addr.as_str())
-            };
+            let mount = [
+                ("export", m.device.as_str()),
+                ("protocol", protocol),
+                ("mountaddr", addr.as_str()),
+            ];
             if seen_mountpoints.insert((
-                m.device.clone(),
-                protocol.clone(),
+                m.device.as_str(),
+                protocol,
                 addr.clone(),
-                m.mountpoint.clone(),
+                m.mountpoint.as_str(),
             )) {
-                out.push(labels(
-                    Sample::new("node_mountstats_nfs_mountpoint_info", 1.0)
-                        .label("mountpoint", m.mountpoint.as_str()),
+                let labels = cache.labels(&mount, &[("mountpoint", m.mountpoint.as_str())]);
+                out.push(Sample::with_labels(
+                    "node_mountstats_nfs_mountpoint_info",
+                    &labels,
+                    1.0,
                 ));
             }
-            if !seen_devices.insert((m.device.clone(), protocol.clone(), addr.clone())) {
+            if !seen_devices.insert((m.device.as_str(), protocol, addr.clone())) {
                 continue;
             }
-            out.push(labels(Sample::new(
+            let labels = cache.labels(&mount, &[]);
+            out.push(Sample::with_labels(
                 "node_mountstats_nfs_age_seconds_total",
+                &labels,
                 f(stats.age_seconds),
-            )));
+            ));
             for (name, v) in BYTES.iter().zip(&stats.bytes) {
-                out.push(labels(Sample::new(
-                    format!("node_mountstats_nfs_{name}_total"),
-                    f(*v),
-                )));
+                let name = cache.name("", name, || format!("node_mountstats_nfs_{name}_total"));
+                out.push(Sample::with_labels(name, &labels, f(*v)));
             }
             for (name, v) in EVENTS.iter().zip(&stats.events) {
-                out.push(labels(Sample::new(
-                    format!("node_mountstats_nfs_event_{name}_total"),
-                    f(*v),
-                )));
+                let name = cache.name("event", name, || {
+                    format!("node_mountstats_nfs_event_{name}_total")
+                });
+                out.push(Sample::with_labels(name, &labels, f(*v)));
             }
             for (i, t) in stats.transports.iter().enumerate() {
-                let tl = |name: &str, v: u64| {
-                    labels(Sample::new(name, f(v))).label("transport", i.to_string())
-                };
+                let index = TRANSPORT_INDEX
+                    .get(i)
+                    .copied()
+                    .map_or_else(|| i.to_string().into(), std::borrow::Cow::Borrowed);
+                let labels = cache.labels(&mount, &[("transport", &index)]);
+                let tl = |name: &'static str, v: u64| Sample::with_labels(name, &labels, f(v));
                 out.push(tl("node_mountstats_nfs_transport_bind_total", t.bind));
                 out.push(tl("node_mountstats_nfs_transport_connect_total", t.connect));
                 out.push(tl(
@@ -205,16 +214,15 @@ impl Nfs {
                     out.push(tl("node_mountstats_nfs_transport_pending_queue_total", v));
                 }
                 for (name, v) in RDMA_FIELDS.iter().zip(&t.rdma) {
-                    out.push(tl(
-                        &format!("node_mountstats_nfs_transport_rdma_{name}_total"),
-                        *v,
-                    ));
+                    let name = cache.name("rdma", name, || {
+                        format!("node_mountstats_nfs_transport_rdma_{name}_total")
+                    });
+                    out.push(Sample::with_labels(name, &labels, f(*v)));
                 }
             }
             for op in &stats.ops {
-                let ol = |name: &str, v: f64| {
-                    labels(Sample::new(name, v)).label("operation", op.op.as_str())
-                };
+                let labels = cache.labels(&mount, &[("operation", op.op.as_str())]);
+                let ol = |name: &'static str, v: f64| Sample::with_labels(name, &labels, v);
                 out.push(ol(
                     "node_mountstats_nfs_operations_requests_total",
                     f(op.operations),
@@ -251,14 +259,21 @@ impl Nfs {
                     out.push(ol("node_mountstats_nfs_operations_errors_total", f(e)));
                 }
                 // Averages over the last interval: time per operation.
-                let key = format!("{}|{protocol}|{addr}|{}", m.device, op.op);
-                let ops = self
-                    .deltas
-                    .update(&format!("{key}|ops"), op.operations, now);
-                let rtt = self.deltas.update(&format!("{key}|rtt"), op.rtt_ms, now);
-                let exe = self
-                    .deltas
-                    .update(&format!("{key}|exe"), op.execute_ms, now);
+                let key = &mut cache.key;
+                key.clear();
+                for part in [m.device.as_str(), protocol, addr.as_str(), op.op.as_str()] {
+                    key.push_str(part);
+                    key.push('|');
+                }
+                let base = key.len();
+                let mut update = |what: &str, v: u64| {
+                    key.truncate(base);
+                    key.push_str(what);
+                    self.deltas.update(key, v, now)
+                };
+                let ops = update("ops", op.operations);
+                let rtt = update("rtt", op.rtt_ms);
+                let exe = update("exe", op.execute_ms);
                 if let (Some((d_ops, _)), Some((d_rtt, _)), Some((d_exe, _))) = (ops, rtt, exe)
                     && d_ops > 0
                 {
@@ -276,7 +291,47 @@ impl Nfs {
     }
 }
 
-fn emit_client_rpc(stats: &rpc::ClientRpc, out: &mut Vec<Sample>) {
+/// Transport indices as label values without formatting each time.
+const TRANSPORT_INDEX: [&str; 8] = ["0", "1", "2", "3", "4", "5", "6", "7"];
+
+/// Metric names and label sets made once and kept while seen.
+#[derive(Default)]
+struct Cache {
+    names: Interned<Name>,
+    labels: Interned<LabelSet>,
+    key: String,
+}
+
+impl Cache {
+    fn end_cycle(&mut self) {
+        self.names.end_cycle();
+        self.labels.end_cycle();
+    }
+
+    /// The name `make` gives for `field` of the table `table`.
+    fn name(&mut self, table: &str, field: &str, make: impl FnOnce() -> String) -> Name {
+        self.key.clear();
+        self.key.push_str(table);
+        self.key.push('\0');
+        self.key.push_str(field);
+        self.names.get(&self.key, || make().into())
+    }
+
+    /// The set of `base` plus `more`.
+    fn labels(&mut self, base: &[(&'static str, &str)], more: &[(&'static str, &str)]) -> LabelSet {
+        self.key.clear();
+        for (k, v) in base.iter().chain(more) {
+            self.key.push_str(k);
+            self.key.push('\0');
+            self.key.push_str(v);
+            self.key.push('\0');
+        }
+        self.labels
+            .get(&self.key, || base.iter().chain(more).copied().collect())
+    }
+}
+
+fn emit_client_rpc(stats: &rpc::ClientRpc, cache: &mut Cache, out: &mut Vec<Sample>) {
     if let Some([_, udp, tcp, conns]) = stats.net {
         out.push(Sample::new("node_nfs_packets_total", f(udp)).label("protocol", "udp"));
         out.push(Sample::new("node_nfs_packets_total", f(tcp)).label("protocol", "tcp"));
@@ -302,12 +357,14 @@ fn emit_client_rpc(stats: &rpc::ClientRpc, out: &mut Vec<Sample>) {
         };
         // Counters past the end of a table belong to operations newer than
         // this agent: left out rather than guessed.
+        let proto = version.to_string();
         for (name, v) in names.iter().zip(counts) {
-            out.push(
-                Sample::new("node_nfs_requests_total", f(*v))
-                    .label("proto", version.to_string())
-                    .label("method", *name),
-            );
+            let labels = cache.labels(&[("proto", &proto), ("method", name)], &[]);
+            out.push(Sample::with_labels(
+                "node_nfs_requests_total",
+                &labels,
+                f(*v),
+            ));
         }
     }
 }

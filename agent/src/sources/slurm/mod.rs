@@ -223,7 +223,7 @@ impl Source for Slurm {
         for (i, r) in runners.iter().enumerate() {
             let label = r.spec.label;
             let hung = r.hung();
-            let sample = |name: &str, v: f64| Sample::new(name, v).label("command", label);
+            let sample = |name: &'static str, v: f64| Sample::new(name, v).label("command", label);
             out.push(sample("vitals_slurm_command_hung", f(hung)));
             out.push(sample(
                 "vitals_slurm_command_timeouts_total",
@@ -362,7 +362,7 @@ pub fn job_samples(jobs: &[Job], now: i64, out: &mut Vec<Sample>) {
     let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
     for j in jobs {
         let id = j.id.to_string();
-        let job = |name: &str, v: f64| Sample::new(name, v).label("job_id", id.as_str());
+        let job = |name: &'static str, v: f64| Sample::new(name, v).label("job_id", id.as_str());
         out.push(
             job("vitals_slurm_job_info", 1.0)
                 .label("array_job_id", opt(j.array_job_id))
@@ -413,7 +413,8 @@ pub fn job_samples(jobs: &[Job], now: i64, out: &mut Vec<Sample>) {
 /// The node samples of one sinfo listing.
 pub fn node_samples(nodes: &[Node], out: &mut Vec<Sample>) {
     for n in nodes {
-        let node = |name: &str, v: f64| Sample::new(name, v).label("slurm_node", n.name.as_str());
+        let node =
+            |name: &'static str, v: f64| Sample::new(name, v).label("slurm_node", n.name.as_str());
         for s in NODE_STATES {
             out.push(
                 node(

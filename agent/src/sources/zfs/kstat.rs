@@ -14,16 +14,16 @@ use crate::sources::ParseError;
 
 /// One kstat value, typed as the kstat says (`KSTAT_DATA_*`).
 #[derive(Debug, Clone, PartialEq)]
-pub enum KValue {
+pub enum KValue<'a> {
     /// INT32, INT64, LONG (types 1, 3, 5).
     Int(i64),
     /// UINT32, UINT64, ULONG (types 2, 4, 6).
     Uint(u64),
     /// CHAR, STRING (types 0, 7): the rest of the line, spaces kept.
-    Str(String),
+    Str(&'a str),
 }
 
-impl KValue {
+impl KValue<'_> {
     pub fn as_f64(&self) -> Option<f64> {
         match self {
             KValue::Int(v) => Some(*v as f64),
@@ -43,7 +43,8 @@ impl KValue {
 
 /// Parses a named or I/O kstat into (name, value) pairs in file order.
 /// Names are kept as written (`fm` has `erpt-dropped`); see `metric_name`.
-pub fn parse_kstat(text: &str) -> Result<Vec<(String, KValue)>, ParseError> {
+/// Names and strings are borrowed from `text`.
+pub fn parse_kstat(text: &str) -> Result<Vec<(&str, KValue<'_>)>, ParseError> {
     let mut lines = text.lines();
     let header = lines
         .next()
@@ -73,7 +74,7 @@ pub fn parse_kstat(text: &str) -> Result<Vec<(String, KValue)>, ParseError> {
 
 fn parse_named<'a>(
     lines: impl Iterator<Item = &'a str>,
-) -> Result<Vec<(String, KValue)>, ParseError> {
+) -> Result<Vec<(&'a str, KValue<'a>)>, ParseError> {
     let mut out = Vec::new();
     for (i, line) in lines.enumerate() {
         let n = i + 3;
@@ -89,7 +90,7 @@ fn parse_named<'a>(
             ));
         }
         let value = match kind {
-            "0" | "7" => KValue::Str(data.trim_end_matches(['\n', '\r']).to_string()),
+            "0" | "7" => KValue::Str(data.trim_end_matches(['\n', '\r'])),
             "1" | "3" | "5" => KValue::Int(data.trim().parse().map_err(|_| {
                 ParseError::new(
                     n,
@@ -109,7 +110,7 @@ fn parse_named<'a>(
                 ));
             }
         };
-        out.push((name.to_string(), value));
+        out.push((name, value));
     }
     Ok(out)
 }
@@ -125,9 +126,9 @@ fn split_field(s: &str) -> (&str, &str) {
 }
 
 fn parse_io<'a>(
-    cols: &[&str],
+    cols: &[&'a str],
     mut lines: impl Iterator<Item = &'a str>,
-) -> Result<Vec<(String, KValue)>, ParseError> {
+) -> Result<Vec<(&'a str, KValue<'a>)>, ParseError> {
     let values = lines
         .next()
         .ok_or_else(|| ParseError::new(3, "I/O kstat without a values line"))?;
@@ -143,7 +144,7 @@ fn parse_io<'a>(
         let v = v
             .parse::<u64>()
             .map_err(|_| ParseError::new(3, format!("{c}: {v:?} is not an unsigned integer")))?;
-        out.push(((*c).to_string(), KValue::Uint(v)));
+        out.push((*c, KValue::Uint(v)));
     }
     Ok(out)
 }
@@ -182,9 +183,9 @@ mod tests {
     fn named_types_and_strings_with_spaces() {
         let text = "1 1 0x01 4 0 1 2\nname type data\nneg 3 -922337203685477580\nbig 4 18446744073709537686\nds 7 a/b with  space\nsmall 2 7\n";
         let k = parse_kstat(text).unwrap();
-        assert_eq!(k[0], ("neg".into(), KValue::Int(-922337203685477580)));
+        assert_eq!(k[0], ("neg", KValue::Int(-922337203685477580)));
         assert_eq!(k[1].1.as_u64(), Some(18446744073709537686));
-        assert_eq!(k[2].1, KValue::Str("a/b with  space".into()));
+        assert_eq!(k[2].1, KValue::Str("a/b with  space"));
         assert_eq!(k[3].1, KValue::Uint(7));
     }
 
@@ -194,10 +195,7 @@ mod tests {
         let k = parse_kstat(text).unwrap();
         assert_eq!(
             k,
-            vec![
-                ("nread".into(), KValue::Uint(10)),
-                ("nwritten".into(), KValue::Uint(20))
-            ]
+            vec![("nread", KValue::Uint(10)), ("nwritten", KValue::Uint(20))]
         );
     }
 

@@ -14,7 +14,8 @@
 //! allocated, free, fragmentation, capacity, dedup, health), `zpool status`
 //! (state and error counters of every vdev including log, cache and spare
 //! devices, scrub/resilver progress and last result, data errors) and
-//! `zfs list -t snapshot` (newest snapshot per dataset and its age). Each
+//! `zfs list -t snapshot` (newest snapshot per dataset and its age; from
+//! zfs-fuse, which has no `-p`, to the minute). Each
 //! command reports on itself: `vitals_zfs_command_success`,
 //! `vitals_zfs_command_duration_seconds`, `vitals_zfs_command_timeouts_total`
 //! and `vitals_zfs_command_hung`.
@@ -26,11 +27,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use vitals_common::model::Sample;
+use vitals_common::model::{LabelSet, Name, Sample};
 
 use self::kstat::{KValue, metric_name, parse_kstat};
 use super::command::{CommandSpec, Runner};
-use super::util::{Deltas, Files, list_dir, ratio, subdirs};
+use super::util::{Deltas, Files, Interned, list_dir, ratio, subdirs};
 use super::{Source, SourceError};
 use crate::config::RawConfig;
 
@@ -79,11 +80,15 @@ pub struct Zfs {
     files: Files,
     /// The last failure logged per command, so each is logged once.
     logged: HashMap<&'static str, String>,
+    /// Metric names made from kstat names and label sets, kept while seen.
+    names: Interned<Name>,
+    labels: Interned<LabelSet>,
+    key: String,
 }
 
 pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
     let z = &cfg.sources.zfs;
-    let runner = |label, program: &PathBuf, variants: Vec<Vec<&str>>| {
+    let runner = |label, program: &PathBuf, variants: Vec<Vec<&str>>, env: &[(&str, &str)]| {
         Runner::new(
             CommandSpec {
                 label,
@@ -93,7 +98,10 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
                     .map(|v| v.into_iter().map(str::to_string).collect())
                     .collect(),
                 fallback_on: &[],
-                env: Vec::new(),
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
             },
             z.command_timeout,
         )
@@ -109,16 +117,25 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
                     vec!["list", "-Hp", "-o", &list],
                     vec!["list", "-H", "-o", &legacy],
                 ],
+                &[],
             ),
             runner(
                 "zpool status",
                 &z.zpool,
                 vec![vec!["status", "-p"], vec!["status"]],
+                &[],
             ),
+            // zfs-fuse's `zfs` has no `-p`: its creation is a date to the
+            // minute in the local time zone, made UTC by `TZ`
+            // (`zpool::parse_snapshots_dated`).
             runner(
                 "zfs list snapshots",
                 &z.zfs,
-                vec![vec!["list", "-Hp", "-t", "snapshot", "-o", "name,creation"]],
+                vec![
+                    vec!["list", "-Hp", "-t", "snapshot", "-o", "name,creation"],
+                    vec!["list", "-H", "-t", "snapshot", "-o", "name,creation"],
+                ],
+                &[("TZ", "UTC")],
             ),
         ]
     });
@@ -130,6 +147,9 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
         deltas: Deltas::default(),
         files: Files::default(),
         logged: HashMap::new(),
+        names: Interned::default(),
+        labels: Interned::default(),
+        key: String::new(),
     })
 }
 
@@ -153,6 +173,8 @@ impl Source for Zfs {
         if have_kstats {
             let read = self.read_kstats(&kstat_dir, now, out, &mut states_from_kstat);
             self.files.end_cycle();
+            self.names.end_cycle();
+            self.labels.end_cycle();
             read?;
         }
         self.deltas.finish_cycle();
@@ -186,48 +208,25 @@ impl Zfs {
             let fields = parse_kstat(&text).map_err(|e| e.in_file(&path))?;
             for (name, value) in &fields {
                 if let Some(v) = value.as_f64() {
-                    out.push(Sample::new(
-                        format!("node_zfs_{prefix}_{}", metric_name(name)),
-                        v,
-                    ));
+                    let name = kstat_name(&mut self.names, &mut self.key, prefix, name);
+                    out.push(Sample::new(name, v));
                 }
             }
             if *file == "arcstats" {
-                self.arc_ratios(&fields, now, out);
+                arc_ratios(&mut self.deltas, &fields, now, out);
             }
         }
         let pools =
             subdirs(dir).map_err(|e| SourceError::Failed(format!("{}: {e}", dir.display())))?;
+        let mut cache = Cache {
+            names: &mut self.names,
+            labels: &mut self.labels,
+            key: &mut self.key,
+        };
         for (pool, path) in pools {
-            read_pool(&mut self.files, &pool, &path, out, states)?;
+            read_pool(&mut self.files, &mut cache, &pool, &path, out, states)?;
         }
         Ok(())
-    }
-
-    /// Hit ratios over the last interval (nothing on the first cycle, or
-    /// when nothing was looked up).
-    fn arc_ratios(&mut self, fields: &[(String, KValue)], now: Instant, out: &mut Vec<Sample>) {
-        let get = |n: &str| {
-            fields
-                .iter()
-                .find(|(k, _)| k == n)
-                .and_then(|(_, v)| v.as_u64())
-        };
-        for (hits, misses, metric) in [
-            ("hits", "misses", "node_zfs_arc_hit_ratio"),
-            ("l2_hits", "l2_misses", "node_zfs_arc_l2_hit_ratio"),
-        ] {
-            let (Some(h), Some(m)) = (get(hits), get(misses)) else {
-                continue;
-            };
-            let dh = self.deltas.update(hits, h, now);
-            let dm = self.deltas.update(misses, m, now);
-            if let (Some((dh, _)), Some((dm, _))) = (dh, dm)
-                && let Some(r) = ratio(dh, dh.saturating_add(dm))
-            {
-                out.push(Sample::new(metric, r));
-            }
-        }
     }
 
     fn commands_samples(
@@ -249,7 +248,7 @@ impl Zfs {
         for (i, r) in runners.iter().enumerate() {
             let label = r.spec.label;
             let hung = r.hung();
-            let sample = |name: &str, v: f64| Sample::new(name, v).label("command", label);
+            let sample = |name: &'static str, v: f64| Sample::new(name, v).label("command", label);
             out.push(sample(
                 "vitals_zfs_command_hung",
                 if hung { 1.0 } else { 0.0 },
@@ -304,7 +303,7 @@ impl Zfs {
             let rows = zpool::parse_zpool_list(text, columns)
                 .map_err(|e| SourceError::Failed(format!("`zpool list` output: {e}")))?;
             for row in rows {
-                let s = |name: &str, v: Option<f64>| {
+                let s = |name: &'static str, v: Option<f64>| {
                     v.map(|v| Sample::new(name, v).label("zpool", row.name.as_str()))
                 };
                 out.extend(
@@ -346,15 +345,20 @@ impl Zfs {
                 );
             }
         }
-        if let Some((_, text)) = &ok[SNAPSHOTS] {
-            let snaps = zpool::parse_snapshots(text)
+        if let Some((variant, text)) = &ok[SNAPSHOTS] {
+            let snaps = if *variant == 0 {
+                zpool::parse_snapshots(text)
+            } else {
+                zpool::parse_snapshots_dated(text)
+            };
+            let snaps = snaps
                 .map_err(|e| SourceError::Failed(format!("`zfs list -t snapshot` output: {e}")))?;
             let now_unix = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64());
             for (dataset, count, newest) in snaps {
                 let pool = dataset.split('/').next().unwrap_or_default().to_string();
-                let s = |name: &str, v: f64| {
+                let s = |name: &'static str, v: f64| {
                     Sample::new(name, v)
                         .label("zpool", pool.as_str())
                         .label("dataset", dataset.as_str())
@@ -374,22 +378,85 @@ impl Zfs {
     }
 }
 
+/// Hit ratios over the last interval (nothing on the first cycle, or
+/// when nothing was looked up).
+fn arc_ratios(
+    deltas: &mut Deltas,
+    fields: &[(&str, KValue<'_>)],
+    now: Instant,
+    out: &mut Vec<Sample>,
+) {
+    let get = |n: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| *k == n)
+            .and_then(|(_, v)| v.as_u64())
+    };
+    for (hits, misses, metric) in [
+        ("hits", "misses", "node_zfs_arc_hit_ratio"),
+        ("l2_hits", "l2_misses", "node_zfs_arc_l2_hit_ratio"),
+    ] {
+        let (Some(h), Some(m)) = (get(hits), get(misses)) else {
+            continue;
+        };
+        let dh = deltas.update(hits, h, now);
+        let dm = deltas.update(misses, m, now);
+        if let (Some((dh, _)), Some((dm, _))) = (dh, dm)
+            && let Some(r) = ratio(dh, dh.saturating_add(dm))
+        {
+            out.push(Sample::new(metric, r));
+        }
+    }
+}
+
+/// `node_zfs_{prefix}_{kstat name}`, made once per name.
+fn kstat_name(names: &mut Interned<Name>, key: &mut String, prefix: &str, name: &str) -> Name {
+    key.clear();
+    key.push_str(prefix);
+    key.push('\0');
+    key.push_str(name);
+    names.get(key, || {
+        format!("node_zfs_{prefix}_{}", metric_name(name)).into()
+    })
+}
+
+/// The source's name and label caches, lent to `read_pool`.
+struct Cache<'a> {
+    names: &'a mut Interned<Name>,
+    labels: &'a mut Interned<LabelSet>,
+    key: &'a mut String,
+}
+
+impl Cache<'_> {
+    fn labels(&mut self, pairs: &[(&'static str, &str)]) -> LabelSet {
+        self.key.clear();
+        for (k, v) in pairs {
+            self.key.push_str(k);
+            self.key.push('\0');
+            self.key.push_str(v);
+            self.key.push('\0');
+        }
+        self.labels
+            .get(self.key, || pairs.iter().copied().collect())
+    }
+}
+
 /// One pool's kstat directory: `io`, `state`, `objset-*`.
 fn read_pool(
     files: &mut Files,
+    cache: &mut Cache<'_>,
     pool: &str,
     dir: &Path,
     out: &mut Vec<Sample>,
     states: &mut BTreeSet<String>,
 ) -> Result<(), SourceError> {
+    let pool_labels = cache.labels(&[("zpool", pool)]);
     let io = dir.join("io");
     if let Some(text) = files.read(&io)? {
         for (name, v) in parse_kstat(&text).map_err(|e| e.in_file(&io))? {
             if let Some(v) = v.as_f64() {
-                out.push(
-                    Sample::new(format!("node_zfs_zpool_{}", metric_name(&name)), v)
-                        .label("zpool", pool),
-                );
+                let name = kstat_name(cache.names, cache.key, "zpool", name);
+                out.push(Sample::with_labels(name, &pool_labels, v));
             }
         }
     }
@@ -404,11 +471,12 @@ fn read_pool(
         }
         states.insert(pool.to_string());
         for s in POOL_STATES {
-            out.push(
-                Sample::new("node_zfs_zpool_state", if state == *s { 1.0 } else { 0.0 })
-                    .label("zpool", pool)
-                    .label("state", *s),
-            );
+            let labels = cache.labels(&[("zpool", pool), ("state", s)]);
+            out.push(Sample::with_labels(
+                "node_zfs_zpool_state",
+                &labels,
+                if state == *s { 1.0 } else { 0.0 },
+            ));
         }
     }
     let entries =
@@ -421,8 +489,8 @@ fn read_pool(
             continue;
         };
         let fields = parse_kstat(&text).map_err(|e| e.in_file(&path))?;
-        let dataset = fields.iter().find_map(|(k, v)| match (k.as_str(), v) {
-            ("dataset_name", KValue::Str(s)) => Some(s.clone()),
+        let dataset = fields.iter().find_map(|(k, v)| match (*k, v) {
+            ("dataset_name", KValue::Str(s)) => Some(*s),
             _ => None,
         });
         let Some(dataset) = dataset else {
@@ -431,13 +499,11 @@ fn read_pool(
                 path.display()
             )));
         };
+        let labels = cache.labels(&[("zpool", pool), ("dataset", dataset)]);
         for (k, v) in &fields {
             if let Some(v) = v.as_f64() {
-                out.push(
-                    Sample::new(format!("node_zfs_zpool_dataset_{}", metric_name(k)), v)
-                        .label("zpool", pool)
-                        .label("dataset", dataset.as_str()),
-                );
+                let name = kstat_name(cache.names, cache.key, "zpool_dataset", k);
+                out.push(Sample::with_labels(name, &labels, v));
             }
         }
     }
@@ -449,7 +515,7 @@ fn status_samples(p: &zpool::PoolStatus, out: &mut Vec<Sample>) {
     let pool = p.name.as_str();
     for v in p.vdevs.iter().filter(|v| v.depth > 0) {
         let state = v.state.to_ascii_lowercase();
-        let s = |name: &str, value: f64| {
+        let s = |name: &'static str, value: f64| {
             Sample::new(name, value)
                 .label("zpool", pool)
                 .label("vdev", v.name.as_str())
@@ -478,7 +544,7 @@ fn status_samples(p: &zpool::PoolStatus, out: &mut Vec<Sample>) {
         }
     }
     if let Some(scan) = &p.scan {
-        let s = |name: &str, value: f64| {
+        let s = |name: &'static str, value: f64| {
             Sample::new(name, value)
                 .label("zpool", pool)
                 .label("function", scan.function)

@@ -450,6 +450,32 @@ pub fn parse_scan(text: &str) -> Scan {
 /// `zfs list -Hp -t snapshot -o name,creation`: (dataset, snapshot count,
 /// newest creation time in Unix seconds), sorted by dataset.
 pub fn parse_snapshots(text: &str) -> Result<Vec<(String, u64, u64)>, ParseError> {
+    snapshots_by(
+        text,
+        |c| c.trim().parse().ok(),
+        "Unix seconds (was -p given?)",
+    )
+}
+
+/// `zfs list -H -t snapshot -o name,creation` of a `zfs` without `-p`
+/// (zfs-fuse): the creation is a date such as `Sun Nov 29 20:54 2026`
+/// (`%a %b %e %k:%M %Y`, so to the minute only) in the time zone `zfs`
+/// ran in. The source runs it with `TZ=UTC`, so it is read as UTC here;
+/// the newest snapshot's time and age are then exact to the minute (a
+/// snapshot taken at 20:54:59 reads as 20:54:00).
+pub fn parse_snapshots_dated(text: &str) -> Result<Vec<(String, u64, u64)>, ParseError> {
+    snapshots_by(
+        text,
+        parse_date_utc,
+        "a date like \"Sun Nov 29 20:54 2026\"",
+    )
+}
+
+fn snapshots_by(
+    text: &str,
+    creation_of: impl Fn(&str) -> Option<u64>,
+    expected: &str,
+) -> Result<Vec<(String, u64, u64)>, ParseError> {
     let mut by_dataset: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
@@ -462,11 +488,8 @@ pub fn parse_snapshots(text: &str) -> Result<Vec<(String, u64, u64)>, ParseError
         let (dataset, _) = name
             .split_once('@')
             .ok_or_else(|| ParseError::new(n, format!("{name:?} is not a snapshot name")))?;
-        let created: u64 = creation.trim().parse().map_err(|_| {
-            ParseError::new(
-                n,
-                format!("creation {creation:?} is not Unix seconds (was -p given?)"),
-            )
+        let created = creation_of(creation).ok_or_else(|| {
+            ParseError::new(n, format!("creation {creation:?} is not {expected}"))
         })?;
         let e = by_dataset.entry(dataset.to_string()).or_insert((0, 0));
         e.0 += 1;
@@ -476,6 +499,55 @@ pub fn parse_snapshots(text: &str) -> Result<Vec<(String, u64, u64)>, ParseError
         .into_iter()
         .map(|(d, (count, newest))| (d, count, newest))
         .collect())
+}
+
+/// `Sun Nov 29 20:54 2026` (weekday, month, day, hour:minute, year; days
+/// and hours may be space-padded) read as UTC, in Unix seconds. `None` for
+/// anything else, including a weekday that does not go with the date.
+pub fn parse_date_utc(text: &str) -> Option<u64> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    let f: Vec<&str> = text.split_whitespace().collect();
+    let [weekday, month, day, time, year] = f[..] else {
+        return None;
+    };
+    let month = MONTHS.iter().position(|m| *m == month)? as u32 + 1;
+    let day: u32 = day.parse().ok()?;
+    let year: i64 = year.parse().ok()?;
+    let (hour, minute) = time.split_once(':')?;
+    let (hour, minute): (u64, u64) = (hour.parse().ok()?, minute.parse().ok()?);
+    if !(1..=days_in_month(year, month)).contains(&day) || hour > 23 || minute > 59 {
+        return None;
+    }
+    let days = u64::try_from(days_from_civil(year, month, day)).ok()?;
+    // 1970-01-01 was a Thursday.
+    if WEEKDAYS[(days % 7) as usize] != weekday {
+        return None;
+    }
+    Some(days * 86_400 + hour * 3600 + minute * 60)
+}
+
+fn days_in_month(year: i64, month: u32) -> u32 {
+    match month {
+        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days from 1970-01-01 to a date of the proleptic Gregorian calendar
+/// (H. Hinnant's `days_from_civil`).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]
@@ -544,6 +616,39 @@ mod tests {
         );
         assert_eq!(parse_snapshots("x\n").unwrap_err().line, 1);
         assert_eq!(parse_snapshots("tank/a\t1\n").unwrap_err().line, 1);
+    }
+
+    #[test]
+    fn snapshots_without_p_read_the_date_as_utc() {
+        // As zfs-fuse 0.7.0 prints them (`zfs list -H -t snapshot -o
+        // name,creation`; the second line is the same snapshot under
+        // TZ=Asia/Tokyo: `%e` and `%k` pad with a space).
+        let text = "a4probe@s1\tSun Nov 29 21:02 2026\na4probe@s2\tMon Nov 30  6:02 2026\n\
+                    tank/b c@x\tSun Nov  1 00:00 2026\n";
+        assert_eq!(
+            parse_snapshots_dated(text).unwrap(),
+            vec![
+                ("a4probe".into(), 2, 1_796_018_520),
+                ("tank/b c".into(), 1, 1_793_491_200)
+            ]
+        );
+        assert_eq!(parse_date_utc("Sun Nov 29 21:02 2026"), Some(1_795_986_120));
+        assert_eq!(parse_date_utc("Thu Jan  1 00:00 1970"), Some(0));
+        assert_eq!(parse_date_utc("Tue Feb 29 23:59 2028"), Some(1_835_481_540));
+        assert_eq!(
+            parse_date_utc("Wed Feb 29 23:59 2028"),
+            None,
+            "wrong weekday"
+        );
+        assert_eq!(parse_date_utc("Thu Feb 29 12:00 2027"), None, "no such day");
+        assert_eq!(parse_date_utc("Sun Nov 29 24:00 2026"), None);
+        assert_eq!(parse_date_utc("1796029500"), None);
+        assert_eq!(
+            parse_snapshots_dated("tank/a@1\t1796029500\n")
+                .unwrap_err()
+                .line,
+            1
+        );
     }
 
     #[test]
