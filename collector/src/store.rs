@@ -1281,6 +1281,31 @@ impl Store {
         self.head.read().map(|h| h.series_count()).unwrap_or(0)
     }
 
+    /// Samples dropped since the start for not being newer than the newest
+    /// stored sample of their series (out of order or duplicate).
+    pub fn out_of_order_total(&self) -> u64 {
+        self.head.read().map(|h| h.out_of_order_total).unwrap_or(0)
+    }
+
+    /// Bytes on disk: the database file and its SQLite WAL.
+    pub fn disk_bytes(&self) -> u64 {
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        size(&self.path) + size(Path::new(&wal))
+    }
+
+    /// Every series (name, labels), unsorted; read from the head's index.
+    pub fn for_each_series(&self, mut f: impl FnMut(&str, &Labels)) {
+        let head = match self.head.read() {
+            Ok(h) => h,
+            Err(p) => p.into_inner(),
+        };
+        for s in head.series.iter().flatten() {
+            f(&s.name, &s.labels);
+        }
+    }
+
     /// Series (name, labels) the selector matches, sorted, at most `limit`;
     /// the flag says whether more matched. Read from the head's index only.
     pub fn list_series(&self, selector: &Selector, limit: usize) -> (Vec<(String, Labels)>, bool) {
