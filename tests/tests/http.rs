@@ -256,7 +256,6 @@ fn compare(what: &str, ours: &Value, theirs: &Value) {
             );
             let metrics = |r: &[Value]| r.iter().map(|x| x["metric"].clone()).collect::<Vec<_>>();
             assert_eq!(metrics(&o), metrics(&t), "{what}: label sets");
-            assert!(!t.is_empty(), "{what}: no series in either answer");
             for (a, b) in o.iter().zip(&t) {
                 let w = format!("{what} {}", b["metric"]);
                 assert_eq!(keys(a), keys(b), "{w}: series fields");
@@ -343,6 +342,10 @@ fn http_api_answers_as_prometheus_does() {
         (a, b)
     };
     let mut compared = 0;
+    // Answers with at least one series (an empty one in a node_load1 gap
+    // is compared too, but says less).
+    let mut nonempty = 0;
+    let is_empty = |v: &Value| v["data"]["result"].as_array().is_some_and(|r| r.is_empty());
     // Instant queries at several times (one inside a node_load1 gap), as
     // POST forms with unix seconds, and one GET with RFC 3339.
     for expr in EXPRS {
@@ -351,16 +354,8 @@ fn http_api_answers_as_prometheus_does() {
             let body = form(&[("query", expr), ("time", &secs(t))]);
             let ((sa, a), (sb, b)) = ask("POST", "/api/v1/query", Some(&body));
             assert_eq!((sa, sb), (200, 200), "{expr} at +{minute}m: {a} / {b}");
-            let empty = b["data"]["result"].as_array().is_some_and(|r| r.is_empty());
-            if empty {
-                assert_eq!(
-                    a["data"]["result"], b["data"]["result"],
-                    "{expr} at +{minute}m"
-                );
-                assert_eq!(a["data"]["resultType"], b["data"]["resultType"]);
-            } else {
-                compare(&format!("query {expr} at +{minute}m"), &a, &b);
-            }
+            compare(&format!("query {expr} at +{minute}m"), &a, &b);
+            nonempty += usize::from(!is_empty(&b));
             compared += 1;
         }
         // Range queries: the whole data set at 1 m, and a window at 30 s
@@ -380,6 +375,7 @@ fn http_api_answers_as_prometheus_does() {
             assert_eq!((sa, sb), (200, 200), "range {expr}: {a} / {b}");
             compare(&format!("query_range {expr} step {step}"), &a, &b);
             compared += 1;
+            nonempty += usize::from(!is_empty(&b));
         }
     }
     let path = format!(
@@ -512,7 +508,12 @@ fn http_api_answers_as_prometheus_does() {
         ("/api/v1/label/not-a-label/values", String::new()),
     ];
     for (path, body) in &bad {
-        let ((sa, a), (sb, b)) = ask("POST", path, Some(body));
+        // Prometheus takes label values by GET only.
+        let ((sa, a), (sb, b)) = if path.starts_with("/api/v1/label/") {
+            ask("GET", path, None)
+        } else {
+            ask("POST", path, Some(body))
+        };
         assert_eq!(sb, 400, "Prometheus on {path} {body}: {b}");
         assert_eq!(sa, sb, "{path} {body}: {a} (Prometheus: {b})");
         assert_eq!(a["status"], "error");
@@ -521,6 +522,10 @@ fn http_api_answers_as_prometheus_does() {
         assert_eq!(keys(&a), keys(&b), "{path}: error fields");
     }
     assert!(compared > 100, "only {compared} comparisons");
+    assert!(
+        nonempty * 10 > compared * 8,
+        "only {nonempty} of {compared} answers had series"
+    );
 }
 
 #[test]
