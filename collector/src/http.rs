@@ -831,6 +831,31 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    proptest::proptest! {
+        /// Whatever a client sends, parsing answers Ok or bad_data (400),
+        /// never a panic.
+        #[test]
+        fn arbitrary_parameters_never_panic(
+            s in ".{0,40}",
+            b in proptest::collection::vec(proptest::num::u8::ANY, 0..40),
+            date in "[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{0,12})?(Z|[+-][0-9]{2}:[0-9]{2}|.{0,3})",
+            dur in "([0-9]{0,20}(y|w|d|h|m|s|ms|x)?){0,4}",
+        ) {
+            let bytes = String::from_utf8_lossy(&b).into_owned();
+            for input in [s.as_str(), bytes.as_str(), date.as_str(), dur.as_str()] {
+                for r in [parse_time("t", input), parse_duration("d", input)] {
+                    if let Err(e) = r {
+                        proptest::prop_assert_eq!(e.status, StatusCode::BAD_REQUEST);
+                    }
+                }
+                if let Err(e) = parse_form(input) {
+                    proptest::prop_assert_eq!(e.status, StatusCode::BAD_REQUEST);
+                }
+                let _ = scalar(input);
+            }
+        }
+    }
+
     #[test]
     fn times_as_prometheus_reads_them() {
         assert_eq!(parse_time("t", "1700000000").unwrap(), 1_700_000_000_000);

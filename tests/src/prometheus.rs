@@ -219,14 +219,27 @@ pub fn request(
     path: &str,
     form: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
+    request_as(addr, tls, "localhost", method, path, form)
+}
+
+/// [`request`], expecting the server's certificate to name `server_name`.
+pub fn request_as(
+    addr: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    server_name: &str,
+    method: &str,
+    path: &str,
+    form: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     let headers: &[(&str, &str)] = if form.is_some() {
         &[("Content-Type", "application/x-www-form-urlencoded")]
     } else {
         &[]
     };
-    raw_request(
+    raw_request_as(
         addr,
         tls,
+        server_name,
         method,
         path,
         headers,
@@ -238,6 +251,18 @@ pub fn request(
 pub fn raw_request(
     addr: &str,
     tls: Option<&Arc<rustls::ClientConfig>>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
+    raw_request_as(addr, tls, "localhost", method, path, headers, body)
+}
+
+fn raw_request_as(
+    addr: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    server_name: &str,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
@@ -264,7 +289,8 @@ pub fn raw_request(
         Some(cfg) => {
             let conn = rustls::ClientConnection::new(
                 cfg.clone(),
-                "localhost".try_into().map_err(std::io::Error::other)?,
+                rustls::pki_types::ServerName::try_from(server_name.to_string())
+                    .map_err(std::io::Error::other)?,
             )
             .map_err(std::io::Error::other)?;
             let mut s = rustls::StreamOwned::new(conn, tcp);

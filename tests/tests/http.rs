@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use vitals_e2e::prometheus::{
-    form, promtool_binary, remote_write, request, start_prometheus, tls_client,
+    form, promtool_binary, remote_write, request, request_as, start_prometheus, tls_client,
 };
 use vitals_e2e::receivers::required;
 use vitals_e2e::*;
@@ -736,6 +736,10 @@ fn plaintext_http_only_on_loopback() {
 fn dev_mode_records_and_serves_the_http_api() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("vitals-dev");
+    // Held so that this dev and another test's dev running at the same
+    // time do not both pick the preferred ports (7443, 9464): whoever
+    // cannot have them takes free ones.
+    let _held = [7443, 9464].map(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok());
     let mut dev = Proc::spawn_cmd(
         Command::new(bin("vitals")).args(["dev", "--dir", dir.to_str().unwrap()]),
         &tmp.path().join("dev.log"),
@@ -790,4 +794,41 @@ fn dev_mode_records_and_serves_the_http_api() {
     );
     let st = dev.term(Duration::from_secs(20));
     assert!(st.success(), "{}", dev.log_text());
+}
+
+/// A SIGHUP's new collector certificate is what new HTTP connections get,
+/// as on the gRPC listener (both take the TLS config current at each
+/// handshake).
+#[test]
+fn http_listener_serves_the_certificate_a_reload_brought() {
+    let env = Env::new();
+    let (collector, _port, addr) = start(&env);
+    let op = operator(&env);
+    let serves_as = |name: &str| {
+        matches!(
+            request_as(&addr, Some(&op), name, "GET", "/api/v1/labels", None),
+            Ok((200, _))
+        )
+    };
+    assert!(serves_as("localhost"));
+    assert!(!serves_as("rotated.test"));
+    env.issue(
+        "collector-next",
+        "collector",
+        &["--dns", "rotated.test", "--ip", "127.0.0.1"],
+    );
+    let (cert, key) = env.cert("collector");
+    let (next_cert, next_key) = env.cert("collector-next");
+    replace_file(&next_cert, &cert);
+    replace_file(&next_key, &key);
+    collector.hup();
+    assert!(
+        wait_until(Duration::from_secs(10), || serves_as("rotated.test")),
+        "the new certificate is not served over HTTP; log:\n{}",
+        collector.log_text()
+    );
+    assert!(
+        !serves_as("localhost"),
+        "the old certificate is still served"
+    );
 }
