@@ -554,27 +554,53 @@ fn matchers(p: &Params) -> Result<Vec<Selector>, ApiError> {
         .collect()
 }
 
-/// `start` and `end` are checked like Prometheus checks them; the series
-/// answered are every series the store knows that match, whatever the
-/// time range (see docs/QUERY.md).
-fn check_range(p: &Params) -> Result<(), ApiError> {
-    for name in ["start", "end"] {
-        if let Some(s) = p.get(name).filter(|s| !s.is_empty()) {
-            parse_time(name, s)?;
+/// `start` and `end` (either may be left out): only series with a sample
+/// in that range are answered, as Prometheus does. Neither: every series
+/// the store knows.
+fn time_range(p: &Params) -> Result<Option<(i64, i64)>, ApiError> {
+    let get = |name: &str| -> Result<Option<i64>, ApiError> {
+        match p.get(name).filter(|s| !s.is_empty()) {
+            Some(s) => parse_time(name, s).map(Some),
+            None => Ok(None),
         }
+    };
+    let (start, end) = (get("start")?, get("end")?);
+    if start.is_none() && end.is_none() {
+        return Ok(None);
     }
-    Ok(())
+    let (start, end) = (start.unwrap_or(i64::MIN), end.unwrap_or(i64::MAX));
+    if end < start {
+        return Err(bad_data("end timestamp must not be before start time"));
+    }
+    Ok(Some((start, end)))
+}
+
+/// Series (name, labels) matching `sel` (in `range`), at most `limit`; the
+/// flag says whether more matched.
+fn select(
+    sel: &Selector,
+    range: Option<(i64, i64)>,
+    store: &Store,
+    limit: usize,
+) -> Result<(Vec<(String, Labels)>, bool), ApiError> {
+    match range {
+        None => Ok(store.list_series(sel, limit)),
+        Some((start, end)) => store
+            .list_series_in(sel, start, end, limit)
+            .map_err(internal),
+    }
 }
 
 /// Series (name, labels) matching any of `sels`, each once, sorted.
 fn matching(
     sels: &[Selector],
+    range: Option<(i64, i64)>,
     store: &Store,
     limits: Limits,
 ) -> Result<BTreeSet<(String, Labels)>, ApiError> {
     let mut out = BTreeSet::new();
     for sel in sels {
-        let (found, more) = store.list_series(sel, limits.max_series);
+        let (found, more) = select(sel, range, store, limits.max_series)?;
         if more {
             return Err(execution(format!(
                 "the selector matches more than max_series = {} series (collector.toml [query]); narrow it with label matchers",
@@ -593,12 +619,12 @@ fn matching(
 }
 
 fn series(p: &Params, store: &Store, limits: Limits) -> Result<Value, ApiError> {
-    check_range(p)?;
+    let range = time_range(p)?;
     let sels = matchers(p)?;
     if sels.is_empty() {
         return Err(bad_data("no match[] parameter provided"));
     }
-    let found = matching(&sels, store, limits)?;
+    let found = matching(&sels, range, store, limits)?;
     Ok(Value::Array(
         found
             .iter()
@@ -615,13 +641,22 @@ fn each_series(
     limits: Limits,
     mut f: impl FnMut(&str, &Labels),
 ) -> Result<(), ApiError> {
-    check_range(p)?;
+    let range = time_range(p)?;
     let sels = matchers(p)?;
-    if sels.is_empty() {
-        store.for_each_series(f);
-    } else {
-        for (name, labels) in matching(&sels, store, limits)? {
-            f(&name, &labels);
+    match (sels.is_empty(), range) {
+        (true, None) => store.for_each_series(f),
+        // Names and values of every series: no max_series here (they
+        // come from the index; Grafana asks for them on every editor).
+        (true, Some(_)) => {
+            let (all, _) = select(&Selector::default(), range, store, usize::MAX)?;
+            for (name, labels) in all {
+                f(&name, &labels);
+            }
+        }
+        (false, _) => {
+            for (name, labels) in matching(&sels, range, store, limits)? {
+                f(&name, &labels);
+            }
         }
     }
     Ok(())

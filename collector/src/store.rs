@@ -1337,6 +1337,78 @@ impl Store {
         (out, more)
     }
 
+    /// Like [`Store::list_series`], only series with a sample in
+    /// [start, end]: the open head chunk's time range, else the last
+    /// closed chunk that starts by `end` (chunks of a series do not
+    /// overlap, so it is the only candidate).
+    pub fn list_series_in(
+        &self,
+        selector: &Selector,
+        start_ms: i64,
+        end_ms: i64,
+        limit: usize,
+    ) -> Result<(Vec<(String, Labels)>, bool), StoreError> {
+        let conn = open_reader(&self.path)?;
+        // One snapshot pinned while the head is locked (see query_range).
+        conn.execute_batch("BEGIN")?;
+        let candidates: Vec<(i64, String, Labels, bool)> = {
+            let head = match self.head.read() {
+                Ok(h) => h,
+                Err(p) => p.into_inner(),
+            };
+            conn.query_row("SELECT count(*) FROM nodes", [], |_| Ok(()))?;
+            let mut out = Vec::new();
+            let mut consider = |id: i64, s: &HeadSeries| {
+                if selector.matches(&s.name, &s.labels) {
+                    let open = s
+                        .open
+                        .time_range()
+                        .is_some_and(|(lo, hi)| hi >= start_ms && lo <= end_ms);
+                    out.push((id, s.name.clone(), s.labels.clone(), open));
+                }
+            };
+            if selector.metric.is_empty() {
+                for (id, s) in head.series.iter().enumerate() {
+                    if let Some(s) = s {
+                        consider(id as i64, s);
+                    }
+                }
+            } else {
+                for id in head.by_name.get(&selector.metric).into_iter().flatten() {
+                    if let Some(s) = head.series.get(*id as usize).and_then(Option::as_ref) {
+                        consider(*id, s);
+                    }
+                }
+            }
+            out
+        };
+        let mut stmt = conn.prepare_cached(
+            "SELECT max_ts FROM chunks WHERE series_id = ?1 AND min_ts <= ?2 ORDER BY min_ts DESC LIMIT 1",
+        )?;
+        let mut out = Vec::new();
+        for (id, name, labels, open) in candidates {
+            let found = open || {
+                let max: Option<i64> = stmt
+                    .query_row(params![id, end_ms], |r| r.get(0))
+                    .map(Some)
+                    .or_else(|e| match e {
+                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                        e => Err(e),
+                    })?;
+                max.is_some_and(|m| m >= start_ms)
+            };
+            if found {
+                out.push((name, labels));
+            }
+        }
+        drop(stmt);
+        conn.execute_batch("COMMIT")?;
+        out.sort();
+        let more = out.len() > limit;
+        out.truncate(limit);
+        Ok((out, more))
+    }
+
     /// Per node (its `node` label), what its series tell about its
     /// sources: the `source` label of its `vitals_source_success` series,
     /// and gpu / slurm / zfs / nfsd from metric names (`gpu_*`,
@@ -1546,6 +1618,34 @@ mod tests {
             .query_row("SELECT count(*) FROM chunks", [], |r| r.get(0))
             .unwrap();
         assert_eq!(closed, 3);
+        // Series with a sample in a range: closed chunks and the open one.
+        let m = vitals_common::selector::parse("m").unwrap();
+        let has = |store: &Store, lo: i64, hi: i64| {
+            let (found, more) = store.list_series_in(&m, lo, hi, 10).unwrap();
+            assert!(!more);
+            !found.is_empty()
+        };
+        let last = t0 + (n - 1) * 1000;
+        assert!(has(&store, t0 + 10_000, t0 + 20_000), "first closed chunk");
+        assert!(
+            has(&store, t0 + 2_000_000, t0 + 2_000_000),
+            "second closed chunk"
+        );
+        assert!(has(&store, last, last + 5_000), "open chunk");
+        assert!(has(&store, i64::MIN, i64::MAX));
+        assert!(
+            !has(&store, t0 - 100_000, t0 - 1),
+            "before the first sample"
+        );
+        assert!(!has(&store, last + 1, i64::MAX), "after the last sample");
+        let other = vitals_common::selector::parse("m{node=\"b\"}").unwrap();
+        assert!(
+            store
+                .list_series_in(&other, i64::MIN, i64::MAX, 10)
+                .unwrap()
+                .0
+                .is_empty()
+        );
         w.checkpoint().await.unwrap();
         drop(w);
         h.join().unwrap();
@@ -1555,6 +1655,8 @@ mod tests {
             all,
             "snapshot + chunks after restart"
         );
+        assert!(has(&store, t0 + 10_000, t0 + 20_000));
+        assert!(!has(&store, last + 1, i64::MAX));
     }
 
     #[tokio::test]

@@ -130,9 +130,12 @@ pub fn snappy_literal(data: &[u8]) -> Vec<u8> {
 pub type RwSeries<'a> = (&'a str, &'a [(String, String)], &'a [(i64, f64)]);
 
 /// Sends `series` to Prometheus' remote-write receiver in one request
-/// (one append: a fresh TSDB takes old samples in it).
+/// (one append: a fresh TSDB takes old samples in it, down to an hour
+/// before the first sample it sees, so the oldest series go first).
 pub fn remote_write(addr: &str, series: &[RwSeries<'_>]) {
     use prost::Message;
+    let mut series = series.to_vec();
+    series.sort_by_key(|(_, _, samples)| samples.first().map(|s| s.0));
     let req = WriteRequest {
         timeseries: series
             .iter()
