@@ -151,6 +151,25 @@ pub fn render(src: &Sources) -> String {
         "1 if the anomaly detector scores series on ingest.",
         f64::from(u8::from(src.detect_enabled)),
     );
+    let d = src.store.detect_stats();
+    t.one(
+        "vitals_collector_detect_scored_samples_total",
+        "counter",
+        "Samples the anomaly detector scored.",
+        get(&d.scored),
+    );
+    t.one(
+        "vitals_collector_detect_alarms_total",
+        "counter",
+        "Scores at or above the alarm threshold.",
+        get(&d.alarms),
+    );
+    t.one(
+        "vitals_collector_detect_series",
+        "gauge",
+        "Series with a detector now.",
+        get(&d.series),
+    );
     t.one(
         "vitals_collector_alerting_enabled",
         "gauge",

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -413,6 +413,19 @@ impl Head {
 pub struct Store {
     path: PathBuf,
     head: Arc<RwLock<Head>>,
+    detect: Arc<DetectStats>,
+}
+
+/// The anomaly detector's work since the start (for `/metrics`), updated
+/// by the writer after each commit.
+#[derive(Debug, Default)]
+pub struct DetectStats {
+    /// Samples scored.
+    pub scored: AtomicU64,
+    /// Scores at or above `ALARM`.
+    pub alarms: AtomicU64,
+    /// Series with a detector now.
+    pub series: AtomicU64,
 }
 
 fn labels_json(labels: &Labels) -> String {
@@ -525,6 +538,7 @@ struct WriterState {
     detectors: DetectorSet<i64>,
     /// Scores at or above `ALARM` per node since start (a counter).
     alarms: HashMap<String, u64>,
+    detect_stats: Arc<DetectStats>,
 }
 
 /// The series each scored series' anomaly scores are stored in.
@@ -550,9 +564,11 @@ pub fn spawn_writer(
             acked.insert((node, inst), seq as u64);
         }
     }
+    let detect_stats = Arc::new(DetectStats::default());
     let store = Store {
         path: path.to_path_buf(),
         head: head.clone(),
+        detect: detect_stats.clone(),
     };
     let mut state = WriterState {
         conn,
@@ -562,6 +578,7 @@ pub fn spawn_writer(
         last_checkpoint: Instant::now(),
         detectors: DetectorSet::new(&DetectParams::default()),
         alarms: HashMap::new(),
+        detect_stats,
     };
     let (tx, mut rx) = mpsc::channel::<Command>(4096);
     let handle = std::thread::Builder::new()
@@ -705,6 +722,7 @@ impl WriterState {
         let mut results: Vec<Result<CommandResult, String>> = Vec::with_capacity(group.len());
         let mut out_of_order = 0u64;
         let mut wal_bytes = 0u64;
+        let (mut scored, mut alarmed) = (0u64, 0u64);
         let mut checkpoint_asked = false;
         let mut new_series: Vec<(Arc<SeriesKey>, i64)> = Vec::new();
         let outcome = (|| -> Result<(), rusqlite::Error> {
@@ -755,6 +773,8 @@ impl WriterState {
                                 selector: sel,
                                 detectors: &mut self.detectors,
                                 alarms: &mut self.alarms,
+                                scored: 0,
+                                alarmed: 0,
                             });
                             let (dropped, bytes) = insert_batch(
                                 &tx,
@@ -768,6 +788,10 @@ impl WriterState {
                             )?;
                             out_of_order += dropped;
                             wal_bytes += bytes;
+                            if let Some(d) = &detect {
+                                scored += d.scored;
+                                alarmed += d.alarmed;
+                            }
                             tx.prepare_cached(
                                 "INSERT INTO agent_instances (node, instance_id, acked_seq, updated_ms)
                                  VALUES (?1, ?2, ?3, ?4)
@@ -799,6 +823,12 @@ impl WriterState {
                 sk.id.store(id, Ordering::Relaxed);
             }
             head.wal_bytes += wal_bytes;
+            let stats = &self.detect_stats;
+            stats.scored.fetch_add(scored, Ordering::Relaxed);
+            stats.alarms.fetch_add(alarmed, Ordering::Relaxed);
+            stats
+                .series
+                .store(self.detectors.len() as u64, Ordering::Relaxed);
             if out_of_order > 0 {
                 head.out_of_order_total += out_of_order;
                 tracing::warn!(
@@ -911,6 +941,9 @@ struct Detection<'a> {
     selector: &'a Selector,
     detectors: &'a mut DetectorSet<i64>,
     alarms: &'a mut HashMap<String, u64>,
+    /// Samples scored and alarms in this batch.
+    scored: u64,
+    alarmed: u64,
 }
 
 /// Appends one sample to a series' open chunk, closing the chunk into
@@ -1063,6 +1096,7 @@ fn insert_batch(
             && let Some(sid) = score_series(tx, head, d.selector, id)?
         {
             let score = d.detectors.score(id, ts, v);
+            d.scored += 1;
             if score >= ALARM {
                 alarms += 1;
             }
@@ -1075,6 +1109,7 @@ fn insert_batch(
     if let Some(d) = detect
         && newest > i64::MIN
     {
+        d.alarmed += alarms;
         let total = d.alarms.entry(node.to_string()).or_default();
         *total += alarms;
         let total = *total as f64;
@@ -1279,6 +1314,11 @@ impl Store {
     /// Number of series known.
     pub fn series_count(&self) -> usize {
         self.head.read().map(|h| h.series_count()).unwrap_or(0)
+    }
+
+    /// The anomaly detector's counts since the start.
+    pub fn detect_stats(&self) -> &DetectStats {
+        &self.detect
     }
 
     /// Samples dropped since the start for not being newer than the newest
@@ -1883,6 +1923,14 @@ mod tests {
             i64::MAX,
         );
         assert!(alarms.last().unwrap().1 >= 1.0, "{alarms:?}");
+        // The counts /metrics reads agree with what was stored.
+        let d = store.detect_stats();
+        assert_eq!(d.scored.load(Ordering::Relaxed), 400);
+        assert_eq!(
+            d.alarms.load(Ordering::Relaxed) as f64,
+            alarms.last().unwrap().1
+        );
+        assert_eq!(d.series.load(Ordering::Relaxed), 1);
         // Derived series are not scored again.
         assert!(
             points(

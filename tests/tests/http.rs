@@ -677,6 +677,9 @@ fn http_api_needs_an_operator_certificate_and_serves_metrics() {
     assert_eq!(value("vitals_collector_ingest_batches_rejected_total"), 1.0);
     assert_eq!(value("vitals_collector_store_series"), 1.0);
     assert_eq!(value("vitals_collector_agents_connected"), 0.0);
+    // The detector is off in these collectors: present, and zero.
+    assert_eq!(value("vitals_collector_detect_enabled"), 0.0);
+    assert_eq!(value("vitals_collector_detect_scored_samples_total"), 0.0);
     assert!(value("vitals_collector_store_disk_bytes") > 0.0);
     assert!(value("vitals_collector_http_requests_total") >= 4.0);
     assert!(value("vitals_collector_http_request_errors_total") >= 3.0);
