@@ -140,12 +140,17 @@ fn write_collector(env: &Env, port: u16, data: &[Written]) {
 /// A collector with the HTTP API on TLS, the detector off (its score
 /// series would be extra series Prometheus does not have).
 fn start(env: &Env) -> (Proc, u16, String) {
+    start_with(env, "")
+}
+
+/// [`start`] with `extra` TOML at the end of the config.
+fn start_with(env: &Env, extra: &str) -> (Proc, u16, String) {
     let port = free_port();
     let http_port = free_port();
     let p = start_collector_with(
         env,
         port,
-        &format!("[detect]\nenabled = false\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n"),
+        &format!("[detect]\nenabled = false\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n{extra}"),
     );
     let addr = format!("127.0.0.1:{http_port}");
     assert!(
@@ -578,7 +583,11 @@ fn http_api_answers_as_prometheus_does() {
 fn http_api_needs_an_operator_certificate_and_serves_metrics() {
     let env = Env::new();
     env.issue("train-01", "agent", &[]);
-    let (collector, port, addr) = start(&env);
+    // A receiver (that nothing is sent to), for the outbox's metrics.
+    let (collector, port, addr) = start_with(
+        &env,
+        "[alerting]\nbuiltin = false\ndefault_receivers = [\"hook\"]\n[alerting.receivers.hook]\nwebhook = { url = \"http://127.0.0.1:9/hook\" }\n",
+    );
     let data = dataset(1_700_000_000_000);
     ingest(
         &env,
@@ -659,9 +668,17 @@ fn http_api_needs_an_operator_certificate_and_serves_metrics() {
     let (s, _) = request(&addr, Some(&op), "DELETE", "/api/v1/labels", None).unwrap();
     assert_eq!(s, 405);
 
-    // /metrics: the text format, with the ingest just done in it.
-    let (s, text) = request(&addr, Some(&op), "GET", "/metrics", None).unwrap();
-    assert_eq!(s, 200, "{text}");
+    // /metrics: the text format, with the ingest just done in it (and
+    // the receiver's target once the dispatcher has registered it).
+    let mut text = String::new();
+    let registered = wait_until(Duration::from_secs(10), || {
+        let (s, t) = request(&addr, Some(&op), "GET", "/metrics", None).unwrap();
+        assert_eq!(s, 200, "{t}");
+        text = t;
+        text.contains("vitals_collector_notifications_delivered_total{receiver=\"hook\"")
+    });
+    assert!(registered, "no per-target outbox metrics:\n{text}");
+    let text = text;
     let value = |name: &str| -> f64 {
         text.lines()
             .find(|l| l.split([' ', '{']).next() == Some(name))
@@ -681,6 +698,8 @@ fn http_api_needs_an_operator_certificate_and_serves_metrics() {
     assert_eq!(value("vitals_collector_detect_enabled"), 0.0);
     assert_eq!(value("vitals_collector_detect_scored_samples_total"), 0.0);
     assert!(value("vitals_collector_store_disk_bytes") > 0.0);
+    assert_eq!(value("vitals_collector_outbox_open"), 0.0);
+    assert_eq!(value("vitals_collector_notifications_delivered_total"), 0.0);
     assert!(value("vitals_collector_http_requests_total") >= 4.0);
     assert!(value("vitals_collector_http_request_errors_total") >= 3.0);
     if let Some(promtool) = required(
