@@ -222,8 +222,10 @@ fn eval_error(e: EvalError) -> ApiError {
     }
 }
 
-fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+/// `body` is JSON text; written by hand around `data` so that `status`
+/// comes first, as in Prometheus' answers (serde_json sorts keys).
+fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -235,7 +237,11 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
 fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
     json_response(
         e.status,
-        &json!({"status": "error", "errorType": e.kind, "error": e.message}),
+        format!(
+            "{{\"status\":\"error\",\"errorType\":{},\"error\":{}}}",
+            json!(e.kind),
+            json!(e.message)
+        ),
     )
 }
 
@@ -330,7 +336,10 @@ async fn answer(state: &State, peer: &Peer, req: Request<Incoming>) -> Response<
         .await
         .unwrap_or_else(|e| Err(internal(e)));
     match result {
-        Ok(data) => json_response(StatusCode::OK, &json!({"status": "success", "data": data})),
+        Ok(data) => json_response(
+            StatusCode::OK,
+            format!("{{\"status\":\"success\",\"data\":{data}}}"),
+        ),
         Err(e) => error_response(&e),
     }
 }

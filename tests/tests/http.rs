@@ -774,7 +774,24 @@ fn plaintext_http_only_on_loopback() {
         None
     )
     .is_ok()));
-    let (s, v) = json(request(&addr, None, "GET", "/api/v1/labels", None).unwrap());
+    let (s, raw) = request(&addr, None, "GET", "/api/v1/labels", None).unwrap();
+    // Field order as Prometheus writes it, for clients that read it as text.
+    assert!(
+        raw.starts_with("{\"status\":\"success\",\"data\":"),
+        "{raw}"
+    );
+    let (s, raw_err) = (
+        s,
+        request(&addr, None, "GET", "/api/v1/query?time=x", None).unwrap(),
+    );
+    assert_eq!(raw_err.0, 400, "{raw_err:?}");
+    assert!(
+        raw_err
+            .1
+            .starts_with("{\"status\":\"error\",\"errorType\":\"bad_data\",\"error\":"),
+        "{raw_err:?}"
+    );
+    let (s, v) = json((s, raw));
     assert_eq!(
         (s, &v["status"]),
         (200, &serde_json::json!("success")),
