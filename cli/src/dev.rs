@@ -14,6 +14,8 @@ use vitals_common::identity::Role;
 use crate::certs;
 
 const DEFAULT_PORT: u16 = 7443;
+/// The HTTP API's port when free (Prometheus' exporter range).
+const DEFAULT_HTTP_PORT: u16 = 9464;
 
 fn node_name() -> String {
     let raw = hostname::get()
@@ -37,9 +39,9 @@ fn node_name() -> String {
     }
 }
 
-fn free_port() -> Result<u16> {
-    if TcpListener::bind(("127.0.0.1", DEFAULT_PORT)).is_ok() {
-        return Ok(DEFAULT_PORT);
+fn free_port(preferred: u16) -> Result<u16> {
+    if TcpListener::bind(("127.0.0.1", preferred)).is_ok() {
+        return Ok(preferred);
     }
     let l = TcpListener::bind(("127.0.0.1", 0)).context("cannot find a free port on 127.0.0.1")?;
     Ok(l.local_addr()?.port())
@@ -92,10 +94,13 @@ pub fn prepare(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
     let collector_toml = dir.join("collector.toml");
     let agent_toml = dir.join("agent.toml");
     let cli_toml = dir.join("cli.toml");
-    let port = if collector_toml.exists() {
-        DEFAULT_PORT // only used for files that are missing
+    let (port, http_port) = if collector_toml.exists() {
+        (DEFAULT_PORT, DEFAULT_HTTP_PORT) // only used for files that are missing
     } else {
-        free_port()?
+        let port = free_port(DEFAULT_PORT)?;
+        // Held while the second port is picked, so the two differ.
+        let _hold = TcpListener::bind(("127.0.0.1", port));
+        (port, free_port(DEFAULT_HTTP_PORT)?)
     };
     write_new(
         &collector_toml,
@@ -112,10 +117,18 @@ key = "certs/collector.key"
 
 [storage]
 path = "data/vitals.db"
+
+# The Prometheus-compatible HTTP API and /metrics: TLS with client
+# certificates (operator role), as the gRPC listener.
+[http]
+listen = "127.0.0.1:{http_port}"
 "#
         ),
     )?;
     let url = collector_url(&collector_toml).unwrap_or_else(|| format!("https://127.0.0.1:{port}"));
+    let http_line = http_url(&collector_toml)
+        .map(|u| format!("http = \"{u}\"\n"))
+        .unwrap_or_default();
     write_new(
         &agent_toml,
         &format!(
@@ -143,13 +156,28 @@ enabled = true
         &format!(
             r#"# Vitals CLI (written by `vitals dev`): vitals --config THIS_FILE ...
 collector = "{url}"
-ca = "certs/ca.pem"
+{http_line}ca = "certs/ca.pem"
 cert = "certs/operator.pem"
 key = "certs/operator.key"
 "#
         ),
     )?;
     Ok((collector_toml, agent_toml, cli_toml))
+}
+
+/// The HTTP API's base URL for the collector config at `path`, if it has
+/// one (`https://` unless `[http] tls = false`).
+fn http_url(path: &Path) -> Option<String> {
+    let raw: vitals_collector::config::RawConfig = vitals_common::config::load(path).ok()?;
+    let http = raw.http?;
+    let addr: SocketAddr = http.listen.parse().ok()?;
+    let host = if addr.ip().is_unspecified() {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        addr.ip()
+    };
+    let scheme = if http.tls { "https" } else { "http" };
+    Some(format!("{scheme}://{}", SocketAddr::new(host, addr.port())))
 }
 
 /// The URL agents should use for the collector config at `path`.
@@ -198,6 +226,14 @@ pub async fn run(dir: &Path) -> Result<()> {
     }));
 
     let cli = cli_toml.display();
+    let http = match http_url(&collector_toml) {
+        Some(u) => format!(
+            "\nPrometheus-compatible HTTP API (Grafana: a Prometheus data source with the operator certificate):\n  \
+             curl --cacert {d}/certs/ca.pem --cert {d}/certs/operator.pem --key {d}/certs/operator.key {u}/api/v1/query -d query=node_load1\n",
+            d = dir.display()
+        ),
+        None => String::new(),
+    };
     let me = if which_vitals() {
         "vitals".to_string()
     } else {
@@ -208,6 +244,7 @@ pub async fn run(dir: &Path) -> Result<()> {
     println!(
         "\nVitals is running: collector on {addr} (mutual TLS), agent for node {node} every {}.\n\n\
          Look at the data:\n  {me} --config {cli} nodes\n  {me} --config {cli} query node_load1 --since 5m\n  {me} --config {cli} query node_load1 --json\n\n\
+         {http}\n\
          Configs, certificates and data live in {}; edit the configs and run `vitals dev` again.\n\
          Ctrl-C stops both.\n",
         humantime::format_duration(interval),

@@ -32,6 +32,30 @@ pub struct RawConfig {
     /// Rules, alert lifecycle, silences (see docs/ALERTING.md).
     #[serde(default)]
     pub alerting: crate::alert::AlertingConfig,
+    /// The Prometheus-compatible HTTP listener (`/metrics`, `/api/v1/...`);
+    /// off unless this table is present (docs/QUERY.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpConfig>,
+}
+
+/// `[http]`: the Prometheus-compatible HTTP API.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the HTTP listener, e.g. "127.0.0.1:9464".
+    pub listen: String,
+    /// TLS with client certificates (the `[tls]` files, operator role
+    /// required), as the gRPC listener. `false`: plaintext and no identity
+    /// check, refused unless `listen` is a loopback address.
+    #[serde(default = "default_true")]
+    pub tls: bool,
+}
+
+/// Validated `[http]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpSettings {
+    pub listen: SocketAddr,
+    pub tls: bool,
 }
 
 /// The anomaly detector on ingest (see docs/DETECTION.md).
@@ -157,6 +181,8 @@ pub struct Settings {
     pub max_points: usize,
     pub max_samples: usize,
     pub alerting: crate::alert::AlertSettings,
+    /// The HTTP API listener, if configured.
+    pub http: Option<HttpSettings>,
     /// The listener's TLS config, built from `tls` (so a key that does not
     /// match its certificate is a config error, not a failed start).
     pub server_tls: std::sync::Arc<tokio_rustls::rustls::ServerConfig>,
@@ -227,10 +253,15 @@ pub fn validate_text(path: &Path, text: &str, raw: RawConfig) -> Result<Settings
             "limits must be above 0",
         ));
     }
+    let http = match &raw.http {
+        None => None,
+        Some(h) => Some(http_settings(path, text, h)?),
+    };
     let db_path = base.join(&raw.storage.path);
     let alerting = crate::alert::settings(path, text, &raw.alerting, &db_path)?;
     Ok(Settings {
         alerting,
+        http,
         listen,
         shutdown_grace: raw.shutdown_grace,
         tls,
@@ -247,6 +278,63 @@ pub fn validate_text(path: &Path, text: &str, raw: RawConfig) -> Result<Settings
         server_tls,
         raw,
     })
+}
+
+/// `[http]` checked: an address, and plaintext only on loopback.
+fn http_settings(path: &Path, text: &str, h: &HttpConfig) -> Result<HttpSettings, ConfigError> {
+    let listen: SocketAddr = h.listen.parse().map_err(|e| {
+        located(
+            path,
+            text,
+            "http",
+            "listen",
+            format!(
+                "{:?} is not an address:port ({e}), e.g. \"127.0.0.1:9464\"",
+                h.listen
+            ),
+        )
+    })?;
+    if !h.tls && !listen.ip().is_loopback() {
+        return Err(located(
+            path,
+            text,
+            "http",
+            "tls",
+            format!(
+                "plaintext HTTP (tls = false) is only allowed on a loopback address, not {listen}: \
+                 anyone who reaches it could read every series; use tls = true (client \
+                 certificates, operator role) or listen on 127.0.0.1 / [::1]"
+            ),
+        ));
+    }
+    Ok(HttpSettings { listen, tls: h.tls })
+}
+
+/// A semantic error at the line of `table.key` in `text` (file:line:key,
+/// like a parse error), or without a line if the key is not written there.
+fn located(path: &Path, text: &str, table: &str, key: &str, message: String) -> ConfigError {
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            current = l.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            continue;
+        }
+        let name = l.split('=').next().unwrap_or("").trim().trim_matches('"');
+        let dotted = format!("{table}.{key}");
+        if l.contains('=')
+            && ((current == table && name == key) || (current.is_empty() && name == dotted))
+        {
+            return ConfigError::Parse {
+                path: path.to_path_buf(),
+                line: i + 1,
+                column: line.len() - line.trim_start().len() + 1,
+                key: Some(dotted),
+                message,
+            };
+        }
+    }
+    ConfigError::invalid(path, &format!("{table}.{key}"), message)
 }
 
 #[cfg(test)]
@@ -277,6 +365,52 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(a.rules.rules.len() >= 15);
         assert_eq!(a.state_path, Path::new("/var/lib/vitals/alerts.db"));
+    }
+
+    fn http_of(text: &str) -> Result<Option<HttpSettings>, String> {
+        let path = Path::new("/etc/vitals/collector.toml");
+        let raw: RawConfig = config::parse(path, text).map_err(|e| e.to_string())?;
+        match &raw.http {
+            None => Ok(None),
+            Some(h) => http_settings(path, text, h)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    #[test]
+    fn http_is_off_unless_configured_and_tls_by_default() {
+        assert_eq!(http_of("listen = \"0.0.0.0:7443\"\n").unwrap(), None);
+        let h = http_of("[http]\nlisten = \"0.0.0.0:9464\"\n")
+            .unwrap()
+            .unwrap();
+        assert!(h.tls);
+        assert_eq!(h.listen.port(), 9464);
+        let h = http_of("[http]\nlisten = \"127.0.0.1:9464\"\ntls = false\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.tls);
+        assert!(http_of("[http]\nlisten = \"[::1]:9464\"\ntls = false\n").is_ok());
+    }
+
+    #[test]
+    fn plaintext_http_off_loopback_is_refused_with_file_and_line() {
+        let e = http_of(
+            "listen = \"0.0.0.0:7443\"\n\n[http]\nlisten = \"0.0.0.0:9464\"\ntls = false\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("/etc/vitals/collector.toml:5:1: key `http.tls`: plaintext"),
+            "{e}"
+        );
+        assert!(e.contains("0.0.0.0:9464"), "{e}");
+        let e = http_of("[http]\nlisten = \"localhost:9464\"\n").unwrap_err();
+        assert!(
+            e.starts_with("/etc/vitals/collector.toml:2:1: key `http.listen`"),
+            "{e}"
+        );
+        let e = http_of("[http]\nlisten = \"127.0.0.1:9464\"\nport = 1\n").unwrap_err();
+        assert!(e.contains("port"), "{e}");
     }
 
     #[test]

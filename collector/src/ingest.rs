@@ -17,6 +17,7 @@ use vitals_proto::v1::{
     collector_message, ingest_server::Ingest,
 };
 
+use crate::metrics::Counters;
 use crate::store::{CleanBatch, CleanEvent, Outcome, SeriesKey, Writer};
 
 /// Most samples one batch may hold.
@@ -29,6 +30,10 @@ pub struct Connected(Arc<Mutex<HashMap<String, usize>>>);
 impl Connected {
     pub fn is_connected(&self, node: &str) -> bool {
         self.0.lock().map(|m| m.contains_key(node)).unwrap_or(false)
+    }
+    /// How many nodes have a stream open now.
+    pub fn count(&self) -> usize {
+        self.0.lock().map(|m| m.len()).unwrap_or(0)
     }
     fn enter(&self, node: &str) -> ConnGuard {
         if let Ok(mut m) = self.0.lock() {
@@ -63,6 +68,8 @@ pub struct IngestService {
     pub writer: Writer,
     pub connected: Connected,
     pub shutdown: watch::Receiver<bool>,
+    /// Ingest counters for `/metrics`.
+    pub counters: Arc<Counters>,
 }
 
 /// The serial number of the peer's certificate, for logs (which certificate
@@ -100,8 +107,11 @@ impl Ingest for IngestService {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let (node, role) = peer_identity(&request)?;
+        let (node, role) = peer_identity(&request).inspect_err(|_| {
+            Counters::add(&self.counters.streams_rejected, 1);
+        })?;
         if role != Role::Agent {
+            Counters::add(&self.counters.streams_rejected, 1);
             tracing::warn!(peer = %node, %role, "refused ingest from a non-agent certificate");
             return Err(Status::permission_denied(format!(
                 "certificate of {node} has role {role}; only agent certificates may send samples"
@@ -116,6 +126,7 @@ impl Ingest for IngestService {
             writer: self.writer.clone(),
             connected: self.connected.clone(),
             shutdown: self.shutdown.clone(),
+            counters: self.counters.clone(),
             tx,
         };
         tokio::spawn(session.run(inbound));
@@ -129,6 +140,7 @@ struct Session {
     writer: Writer,
     connected: Connected,
     shutdown: watch::Receiver<bool>,
+    counters: Arc<Counters>,
     tx: mpsc::Sender<Result<CollectorMessage, Status>>,
 }
 
@@ -237,7 +249,10 @@ impl Session {
                     break Ok(());
                 }
             };
+            Counters::add(&self.counters.batches_received, 1);
+            Counters::add(&self.counters.samples_received, batch.values.len() as u64);
             if batch.seq <= last_seq {
+                Counters::add(&self.counters.batches_rejected, 1);
                 break Err(Status::invalid_argument(format!(
                     "batch sequence numbers must increase: {} after {last_seq}",
                     batch.seq
@@ -247,7 +262,10 @@ impl Session {
             let seq = batch.seq;
             let clean = match validate(&self.node, batch, &mut stream) {
                 Ok(c) => c,
-                Err(status) => break Err(status),
+                Err(status) => {
+                    Counters::add(&self.counters.batches_rejected, 1);
+                    break Err(status);
+                }
             };
             let rx = match self.writer.write(&self.node, &instance, clean).await {
                 Ok(rx) => rx,

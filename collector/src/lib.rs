@@ -5,8 +5,10 @@
 pub mod alert;
 pub mod chunk;
 pub mod config;
+pub mod http;
 pub mod ingest;
 pub mod listen;
+pub mod metrics;
 pub mod notify;
 pub mod promql;
 pub mod query;
@@ -78,15 +80,35 @@ pub async fn run_reloadable(
         addr: settings.listen,
         source,
     })?;
+    // Bound before anything starts, so a taken port fails the start.
+    let http_listener = match settings.http {
+        Some(h) => {
+            let l = tokio::net::TcpListener::bind(h.listen)
+                .await
+                .map_err(|source| RunError::Bind {
+                    addr: h.listen,
+                    source,
+                })?;
+            let local = l.local_addr().map_err(|source| RunError::Bind {
+                addr: h.listen,
+                source,
+            })?;
+            Some((l, local, h.tls))
+        }
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let connected = ingest::Connected::default();
+    let counters = std::sync::Arc::new(metrics::Counters::default());
     let ingest = ingest::IngestService {
         writer: writer.clone(),
         connected: connected.clone(),
         shutdown: stop_rx.clone(),
+        counters: counters.clone(),
     };
     let alerting = alert::open(&settings.alerting)?;
     // Receivers configured: route into the outbox and deliver from it.
+    let mut metrics_outbox = None;
     let (sink, dispatcher): (Box<dyn alert::Sink>, _) =
         if settings.alerting.routing.targets.is_empty() {
             (Box::new(alert::LogSink::default()), None)
@@ -95,6 +117,7 @@ pub async fn run_reloadable(
                 &settings.alerting.outbox_path,
                 settings.alerting.outbox.clone(),
             )?;
+            metrics_outbox = Some(outbox.clone());
             let mut stop = stop_rx.clone();
             let dispatcher = tokio::spawn(notify::run(
                 outbox.clone(),
@@ -127,6 +150,32 @@ pub async fn run_reloadable(
         ))
     });
     let (limits_tx, limits_rx) = watch::channel(settings.query_limits());
+    let tls = listen::TlsConfig::new(settings.server_tls.clone());
+    if let Some((listener, local, with_tls)) = http_listener {
+        let state = std::sync::Arc::new(http::State {
+            store: reader.clone(),
+            limits: limits_rx.clone(),
+            metrics: metrics::Sources {
+                counters,
+                store: reader.clone(),
+                connected: connected.clone(),
+                outbox: metrics_outbox,
+                detect_enabled: settings.store.detect.is_some(),
+                alerting_enabled: settings.alerting.enabled,
+            },
+        });
+        tokio::spawn(http::serve(
+            listener,
+            with_tls.then(|| tls.clone()),
+            state,
+            stop_rx.clone(),
+        ));
+        if with_tls {
+            tracing::info!(addr = %local, "HTTP API listening (TLS, client certificates, operator role)");
+        } else {
+            tracing::warn!(addr = %local, "HTTP API listening in plaintext on loopback: no identity is checked");
+        }
+    }
     let query = query::QueryService {
         store: reader,
         connected,
@@ -135,7 +184,6 @@ pub async fn run_reloadable(
     drop(writer);
 
     let mut server_stop = stop_rx.clone();
-    let tls = listen::TlsConfig::new(settings.server_tls.clone());
     let incoming = listen::incoming(listener, tls.clone(), stop_rx.clone());
     // Standard health checking and reflection (grpcurl), behind the same
     // mutual TLS as everything else.

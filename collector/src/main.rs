@@ -42,8 +42,13 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
+            let http = match settings.http {
+                Some(h) if h.tls => format!(", HTTP API on {} (TLS)", h.listen),
+                Some(h) => format!(", HTTP API on {} (plaintext, loopback)", h.listen),
+                None => String::new(),
+            };
             println!(
-                "{}: ok (listen {}, database {})",
+                "{}: ok (listen {}, database {}{http})",
                 cli.config.display(),
                 settings.listen,
                 settings.db_path.display()

@@ -3,8 +3,9 @@
 //! refused whole with its error, and the running one is kept.
 //!
 //! Live: `tls.*` (new connections get the new certificate and CA; open
-//! streams keep theirs), `query.*`, `shutdown_grace`. Needs a restart (a
-//! warning names the key, the running value stays): `listen`, `storage.*`,
+//! streams keep theirs; the HTTP listener's too), `query.*`,
+//! `shutdown_grace`. Needs a restart (a warning names the key, the running
+//! value stays): `listen`, `http.*`, `storage.*`,
 //! `detect.*`, `alerting.*` (rules and receivers; a reload still checks the
 //! rule files and refuses the whole config if one has an error).
 
@@ -91,6 +92,9 @@ fn apply(current: &mut Settings, new: Settings, live: Live<'_>) -> Outcome {
     }
     if current.raw.listen != new.raw.listen {
         out.need_restart.push("listen");
+    }
+    if current.raw.http != new.raw.http {
+        out.need_restart.push("http");
     }
     if differs(&current.raw.storage, &new.raw.storage) {
         out.need_restart.push("storage");

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -413,6 +413,19 @@ impl Head {
 pub struct Store {
     path: PathBuf,
     head: Arc<RwLock<Head>>,
+    detect: Arc<DetectStats>,
+}
+
+/// The anomaly detector's work since the start (for `/metrics`), updated
+/// by the writer after each commit.
+#[derive(Debug, Default)]
+pub struct DetectStats {
+    /// Samples scored.
+    pub scored: AtomicU64,
+    /// Scores at or above `ALARM`.
+    pub alarms: AtomicU64,
+    /// Series with a detector now.
+    pub series: AtomicU64,
 }
 
 fn labels_json(labels: &Labels) -> String {
@@ -525,6 +538,7 @@ struct WriterState {
     detectors: DetectorSet<i64>,
     /// Scores at or above `ALARM` per node since start (a counter).
     alarms: HashMap<String, u64>,
+    detect_stats: Arc<DetectStats>,
 }
 
 /// The series each scored series' anomaly scores are stored in.
@@ -550,9 +564,11 @@ pub fn spawn_writer(
             acked.insert((node, inst), seq as u64);
         }
     }
+    let detect_stats = Arc::new(DetectStats::default());
     let store = Store {
         path: path.to_path_buf(),
         head: head.clone(),
+        detect: detect_stats.clone(),
     };
     let mut state = WriterState {
         conn,
@@ -562,6 +578,7 @@ pub fn spawn_writer(
         last_checkpoint: Instant::now(),
         detectors: DetectorSet::new(&DetectParams::default()),
         alarms: HashMap::new(),
+        detect_stats,
     };
     let (tx, mut rx) = mpsc::channel::<Command>(4096);
     let handle = std::thread::Builder::new()
@@ -705,6 +722,7 @@ impl WriterState {
         let mut results: Vec<Result<CommandResult, String>> = Vec::with_capacity(group.len());
         let mut out_of_order = 0u64;
         let mut wal_bytes = 0u64;
+        let (mut scored, mut alarmed) = (0u64, 0u64);
         let mut checkpoint_asked = false;
         let mut new_series: Vec<(Arc<SeriesKey>, i64)> = Vec::new();
         let outcome = (|| -> Result<(), rusqlite::Error> {
@@ -755,6 +773,8 @@ impl WriterState {
                                 selector: sel,
                                 detectors: &mut self.detectors,
                                 alarms: &mut self.alarms,
+                                scored: 0,
+                                alarmed: 0,
                             });
                             let (dropped, bytes) = insert_batch(
                                 &tx,
@@ -768,6 +788,10 @@ impl WriterState {
                             )?;
                             out_of_order += dropped;
                             wal_bytes += bytes;
+                            if let Some(d) = &detect {
+                                scored += d.scored;
+                                alarmed += d.alarmed;
+                            }
                             tx.prepare_cached(
                                 "INSERT INTO agent_instances (node, instance_id, acked_seq, updated_ms)
                                  VALUES (?1, ?2, ?3, ?4)
@@ -799,6 +823,12 @@ impl WriterState {
                 sk.id.store(id, Ordering::Relaxed);
             }
             head.wal_bytes += wal_bytes;
+            let stats = &self.detect_stats;
+            stats.scored.fetch_add(scored, Ordering::Relaxed);
+            stats.alarms.fetch_add(alarmed, Ordering::Relaxed);
+            stats
+                .series
+                .store(self.detectors.len() as u64, Ordering::Relaxed);
             if out_of_order > 0 {
                 head.out_of_order_total += out_of_order;
                 tracing::warn!(
@@ -911,6 +941,9 @@ struct Detection<'a> {
     selector: &'a Selector,
     detectors: &'a mut DetectorSet<i64>,
     alarms: &'a mut HashMap<String, u64>,
+    /// Samples scored and alarms in this batch.
+    scored: u64,
+    alarmed: u64,
 }
 
 /// Appends one sample to a series' open chunk, closing the chunk into
@@ -1063,6 +1096,7 @@ fn insert_batch(
             && let Some(sid) = score_series(tx, head, d.selector, id)?
         {
             let score = d.detectors.score(id, ts, v);
+            d.scored += 1;
             if score >= ALARM {
                 alarms += 1;
             }
@@ -1075,6 +1109,7 @@ fn insert_batch(
     if let Some(d) = detect
         && newest > i64::MIN
     {
+        d.alarmed += alarms;
         let total = d.alarms.entry(node.to_string()).or_default();
         *total += alarms;
         let total = *total as f64;
@@ -1281,6 +1316,36 @@ impl Store {
         self.head.read().map(|h| h.series_count()).unwrap_or(0)
     }
 
+    /// The anomaly detector's counts since the start.
+    pub fn detect_stats(&self) -> &DetectStats {
+        &self.detect
+    }
+
+    /// Samples dropped since the start for not being newer than the newest
+    /// stored sample of their series (out of order or duplicate).
+    pub fn out_of_order_total(&self) -> u64 {
+        self.head.read().map(|h| h.out_of_order_total).unwrap_or(0)
+    }
+
+    /// Bytes on disk: the database file and its SQLite WAL.
+    pub fn disk_bytes(&self) -> u64 {
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        size(&self.path) + size(Path::new(&wal))
+    }
+
+    /// Every series (name, labels), unsorted; read from the head's index.
+    pub fn for_each_series(&self, mut f: impl FnMut(&str, &Labels)) {
+        let head = match self.head.read() {
+            Ok(h) => h,
+            Err(p) => p.into_inner(),
+        };
+        for s in head.series.iter().flatten() {
+            f(&s.name, &s.labels);
+        }
+    }
+
     /// Series (name, labels) the selector matches, sorted, at most `limit`;
     /// the flag says whether more matched. Read from the head's index only.
     pub fn list_series(&self, selector: &Selector, limit: usize) -> (Vec<(String, Labels)>, bool) {
@@ -1310,6 +1375,78 @@ impl Store {
             more = true;
         }
         (out, more)
+    }
+
+    /// Like [`Store::list_series`], only series with a sample in
+    /// [start, end]: the open head chunk's time range, else the last
+    /// closed chunk that starts by `end` (chunks of a series do not
+    /// overlap, so it is the only candidate).
+    pub fn list_series_in(
+        &self,
+        selector: &Selector,
+        start_ms: i64,
+        end_ms: i64,
+        limit: usize,
+    ) -> Result<(Vec<(String, Labels)>, bool), StoreError> {
+        let conn = open_reader(&self.path)?;
+        // One snapshot pinned while the head is locked (see query_range).
+        conn.execute_batch("BEGIN")?;
+        let candidates: Vec<(i64, String, Labels, bool)> = {
+            let head = match self.head.read() {
+                Ok(h) => h,
+                Err(p) => p.into_inner(),
+            };
+            conn.query_row("SELECT count(*) FROM nodes", [], |_| Ok(()))?;
+            let mut out = Vec::new();
+            let mut consider = |id: i64, s: &HeadSeries| {
+                if selector.matches(&s.name, &s.labels) {
+                    let open = s
+                        .open
+                        .time_range()
+                        .is_some_and(|(lo, hi)| hi >= start_ms && lo <= end_ms);
+                    out.push((id, s.name.clone(), s.labels.clone(), open));
+                }
+            };
+            if selector.metric.is_empty() {
+                for (id, s) in head.series.iter().enumerate() {
+                    if let Some(s) = s {
+                        consider(id as i64, s);
+                    }
+                }
+            } else {
+                for id in head.by_name.get(&selector.metric).into_iter().flatten() {
+                    if let Some(s) = head.series.get(*id as usize).and_then(Option::as_ref) {
+                        consider(*id, s);
+                    }
+                }
+            }
+            out
+        };
+        let mut stmt = conn.prepare_cached(
+            "SELECT max_ts FROM chunks WHERE series_id = ?1 AND min_ts <= ?2 ORDER BY min_ts DESC LIMIT 1",
+        )?;
+        let mut out = Vec::new();
+        for (id, name, labels, open) in candidates {
+            let found = open || {
+                let max: Option<i64> = stmt
+                    .query_row(params![id, end_ms], |r| r.get(0))
+                    .map(Some)
+                    .or_else(|e| match e {
+                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                        e => Err(e),
+                    })?;
+                max.is_some_and(|m| m >= start_ms)
+            };
+            if found {
+                out.push((name, labels));
+            }
+        }
+        drop(stmt);
+        conn.execute_batch("COMMIT")?;
+        out.sort();
+        let more = out.len() > limit;
+        out.truncate(limit);
+        Ok((out, more))
     }
 
     /// Per node (its `node` label), what its series tell about its
@@ -1521,6 +1658,34 @@ mod tests {
             .query_row("SELECT count(*) FROM chunks", [], |r| r.get(0))
             .unwrap();
         assert_eq!(closed, 3);
+        // Series with a sample in a range: closed chunks and the open one.
+        let m = vitals_common::selector::parse("m").unwrap();
+        let has = |store: &Store, lo: i64, hi: i64| {
+            let (found, more) = store.list_series_in(&m, lo, hi, 10).unwrap();
+            assert!(!more);
+            !found.is_empty()
+        };
+        let last = t0 + (n - 1) * 1000;
+        assert!(has(&store, t0 + 10_000, t0 + 20_000), "first closed chunk");
+        assert!(
+            has(&store, t0 + 2_000_000, t0 + 2_000_000),
+            "second closed chunk"
+        );
+        assert!(has(&store, last, last + 5_000), "open chunk");
+        assert!(has(&store, i64::MIN, i64::MAX));
+        assert!(
+            !has(&store, t0 - 100_000, t0 - 1),
+            "before the first sample"
+        );
+        assert!(!has(&store, last + 1, i64::MAX), "after the last sample");
+        let other = vitals_common::selector::parse("m{node=\"b\"}").unwrap();
+        assert!(
+            store
+                .list_series_in(&other, i64::MIN, i64::MAX, 10)
+                .unwrap()
+                .0
+                .is_empty()
+        );
         w.checkpoint().await.unwrap();
         drop(w);
         h.join().unwrap();
@@ -1530,6 +1695,8 @@ mod tests {
             all,
             "snapshot + chunks after restart"
         );
+        assert!(has(&store, t0 + 10_000, t0 + 20_000));
+        assert!(!has(&store, last + 1, i64::MAX));
     }
 
     #[tokio::test]
@@ -1756,6 +1923,14 @@ mod tests {
             i64::MAX,
         );
         assert!(alarms.last().unwrap().1 >= 1.0, "{alarms:?}");
+        // The counts /metrics reads agree with what was stored.
+        let d = store.detect_stats();
+        assert_eq!(d.scored.load(Ordering::Relaxed), 400);
+        assert_eq!(
+            d.alarms.load(Ordering::Relaxed) as f64,
+            alarms.last().unwrap().1
+        );
+        assert_eq!(d.series.load(Ordering::Relaxed), 1);
         // Derived series are not scored again.
         assert!(
             points(

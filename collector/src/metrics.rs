@@ -1,0 +1,249 @@
+//! The collector's own metrics, served on the HTTP listener's `/metrics`
+//! in the Prometheus text format: counters kept here (ingest), and gauges
+//! read at scrape time from the parts that own them (store, connected
+//! agents, outbox).
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::ingest::Connected;
+use crate::notify::Outbox;
+use crate::store::Store;
+
+/// Counters the ingest path bumps; cheap (relaxed atomics).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Batches read from agent streams (before validation).
+    pub batches_received: AtomicU64,
+    /// Samples in those batches.
+    pub samples_received: AtomicU64,
+    /// Batches refused whole (invalid, wrong node, out of sequence).
+    pub batches_rejected: AtomicU64,
+    /// Ingest streams refused for their certificate (none, or not an agent).
+    pub streams_rejected: AtomicU64,
+    /// HTTP API requests answered, and those answered with an error.
+    pub http_requests: AtomicU64,
+    pub http_errors: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Everything `/metrics` reads.
+#[derive(Clone)]
+pub struct Sources {
+    pub counters: Arc<Counters>,
+    pub store: Store,
+    pub connected: Connected,
+    /// The notification outbox, when receivers are configured.
+    pub outbox: Option<Outbox>,
+    /// Whether the anomaly detector scores series on ingest.
+    pub detect_enabled: bool,
+    /// Whether alert rules are evaluated.
+    pub alerting_enabled: bool,
+}
+
+/// One per-target outbox metric: name, help, which count.
+type PerTarget = (
+    &'static str,
+    &'static str,
+    fn(&crate::notify::TargetStats) -> u64,
+);
+
+struct Text(String);
+
+impl Text {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        let labels: vitals_common::model::Labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let _ = writeln!(
+            self.0,
+            "{} {}",
+            vitals_common::model::series_text(name, &labels),
+            vitals_common::model::format_value(value)
+        );
+    }
+
+    fn one(&mut self, name: &str, kind: &str, help: &str, value: f64) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
+    }
+}
+
+/// The text exposition (format 0.0.4). Blocking: reads SQLite (outbox) and
+/// file sizes, so call it off the async threads.
+pub fn render(src: &Sources) -> String {
+    let c = &src.counters;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let mut t = Text(String::new());
+    t.family(
+        "vitals_collector_build_info",
+        "gauge",
+        "Always 1; the collector's version as a label.",
+    );
+    t.sample(
+        "vitals_collector_build_info",
+        &[("version", vitals_common::VERSION)],
+        1.0,
+    );
+    t.one(
+        "vitals_collector_ingest_batches_received_total",
+        "counter",
+        "Batches read from agent streams.",
+        get(&c.batches_received),
+    );
+    t.one(
+        "vitals_collector_ingest_samples_received_total",
+        "counter",
+        "Samples in the batches read from agent streams.",
+        get(&c.samples_received),
+    );
+    t.one(
+        "vitals_collector_ingest_batches_rejected_total",
+        "counter",
+        "Batches refused whole (invalid, another node's series, out of sequence).",
+        get(&c.batches_rejected),
+    );
+    t.one(
+        "vitals_collector_ingest_streams_rejected_total",
+        "counter",
+        "Ingest streams refused for their certificate (none usable, or not an agent one).",
+        get(&c.streams_rejected),
+    );
+    t.one(
+        "vitals_collector_ingest_samples_out_of_order_total",
+        "counter",
+        "Samples dropped for not being newer than the newest stored sample of their series.",
+        src.store.out_of_order_total() as f64,
+    );
+    t.one(
+        "vitals_collector_agents_connected",
+        "gauge",
+        "Nodes with an ingest stream open now.",
+        src.connected.count() as f64,
+    );
+    t.one(
+        "vitals_collector_store_series",
+        "gauge",
+        "Series the store knows.",
+        src.store.series_count() as f64,
+    );
+    t.one(
+        "vitals_collector_store_disk_bytes",
+        "gauge",
+        "Bytes of the database file and its SQLite WAL.",
+        src.store.disk_bytes() as f64,
+    );
+    t.one(
+        "vitals_collector_detect_enabled",
+        "gauge",
+        "1 if the anomaly detector scores series on ingest.",
+        f64::from(u8::from(src.detect_enabled)),
+    );
+    let d = src.store.detect_stats();
+    t.one(
+        "vitals_collector_detect_scored_samples_total",
+        "counter",
+        "Samples the anomaly detector scored.",
+        get(&d.scored),
+    );
+    t.one(
+        "vitals_collector_detect_alarms_total",
+        "counter",
+        "Scores at or above the alarm threshold.",
+        get(&d.alarms),
+    );
+    t.one(
+        "vitals_collector_detect_series",
+        "gauge",
+        "Series with a detector now.",
+        get(&d.series),
+    );
+    t.one(
+        "vitals_collector_alerting_enabled",
+        "gauge",
+        "1 if alert rules are evaluated.",
+        f64::from(u8::from(src.alerting_enabled)),
+    );
+    t.one(
+        "vitals_collector_http_requests_total",
+        "counter",
+        "HTTP API requests answered.",
+        get(&c.http_requests),
+    );
+    t.one(
+        "vitals_collector_http_request_errors_total",
+        "counter",
+        "HTTP API requests answered with an error status.",
+        get(&c.http_errors),
+    );
+    if let Some(outbox) = &src.outbox {
+        match (outbox.open_rows(), outbox.stats()) {
+            (Ok(open), Ok(stats)) => {
+                t.one(
+                    "vitals_collector_outbox_open",
+                    "gauge",
+                    "Notifications in the outbox not yet final for every target.",
+                    open as f64,
+                );
+                let per_target: [PerTarget; 5] = [
+                    (
+                        "vitals_collector_notifications_delivered_total",
+                        "Notifications a receiver accepted.",
+                        |s| s.delivered,
+                    ),
+                    (
+                        "vitals_collector_notification_attempts_failed_total",
+                        "Delivery attempts that failed and are retried.",
+                        |s| s.failed_attempts,
+                    ),
+                    (
+                        "vitals_collector_notifications_dropped_total",
+                        "Notifications a receiver refused for good (4xx).",
+                        |s| s.dropped,
+                    ),
+                    (
+                        "vitals_collector_notifications_expired_total",
+                        "Notifications given up after max_age.",
+                        |s| s.expired,
+                    ),
+                    (
+                        "vitals_collector_notifications_pending",
+                        "Notifications waiting for a target now.",
+                        |s| s.pending,
+                    ),
+                ];
+                for (name, help, f) in per_target {
+                    let kind = if name.ends_with("_total") {
+                        "counter"
+                    } else {
+                        "gauge"
+                    };
+                    t.family(name, kind, help);
+                    for s in &stats {
+                        t.sample(
+                            name,
+                            &[("receiver", &s.receiver), ("target", &s.target)],
+                            f(s) as f64,
+                        );
+                    }
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the outbox for /metrics");
+            }
+        }
+    }
+    t.0
+}
