@@ -146,6 +146,25 @@ const MIGRATIONS: &[Migration] = &[
          DROP TABLE series;
          ALTER TABLE series_v4 RENAME TO series;",
     ),
+    // 5: chunks in a rowid table with an index. In the WITHOUT ROWID table a
+    // row above ~1000 bytes (a closed chunk of a byte counter is ~1.5 KB)
+    // spilled its tail into an overflow page of its own: 4 KiB for a few
+    // hundred bytes, doubling the file.
+    Migration::Sql(
+        "CREATE TABLE chunks_v5 (
+            id INTEGER PRIMARY KEY,
+            series_id INTEGER NOT NULL,
+            min_ts INTEGER NOT NULL,
+            max_ts INTEGER NOT NULL,
+            count INTEGER NOT NULL,
+            data BLOB NOT NULL
+         );
+         INSERT INTO chunks_v5 (series_id, min_ts, max_ts, count, data)
+            SELECT series_id, min_ts, max_ts, count, data FROM chunks ORDER BY series_id, min_ts;
+         DROP TABLE chunks;
+         ALTER TABLE chunks_v5 RENAME TO chunks;
+         CREATE UNIQUE INDEX chunks_series_min_ts ON chunks (series_id, min_ts);",
+    ),
 ];
 
 fn migrate_samples_to_chunks(tx: &Transaction<'_>) -> Result<(), rusqlite::Error> {
@@ -1839,6 +1858,54 @@ mod tests {
         assert_eq!(got.len(), 1501);
         assert_eq!(got[1500], (t0 + 1_500_000, 9.5));
         assert_eq!(store.series_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn closed_chunks_take_about_their_own_size_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.db");
+        let (w, store, h) = start(&path);
+        assert_eq!(w.hello("a", "i1", "0").await.unwrap(), 0);
+        // A byte counter with random increments: closed chunks of ~1.5 KB,
+        // the size that spilled into overflow pages before schema 5.
+        let t0 = vitals_common::now_ms() / 1000 * 1000 - 86_400_000;
+        let n = CHUNK_MAX_SAMPLES * 40;
+        let (mut v, mut r) = (1e12, 0x9e37_79b9_7f4a_7c15u64);
+        let mut b = batch(1, "a", t0, v);
+        for k in 1..n {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            v += (1_000_000 + r % 4096) as f64;
+            b.series_idx.push(0);
+            b.timestamps_ms.push(t0 + k as i64 * 1000);
+            b.values.push(v);
+        }
+        assert_eq!(put(&w, "i1", b).await, Outcome::Stored);
+        drop(w);
+        h.join().unwrap();
+        let c = Connection::open(&path).unwrap();
+        let data: i64 = c
+            .query_row("SELECT sum(length(data)) FROM chunks", [], |r| r.get(0))
+            .unwrap();
+        let chunks: i64 = c
+            .query_row("SELECT count(*) FROM chunks", [], |r| r.get(0))
+            .unwrap();
+        assert!(chunks >= 39, "{chunks} chunks");
+        assert!(data / chunks > 1200, "chunks of {} bytes", data / chunks);
+        let pages: i64 = c
+            .pragma_query_value(None, "page_count", |r| r.get(0))
+            .unwrap();
+        let page: i64 = c
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .unwrap();
+        // Series, nodes, the head snapshot and the schema are a few pages.
+        assert!(
+            pages * page < data * 13 / 10 + 16 * page,
+            "{} bytes in the file for {data} bytes of chunks",
+            pages * page
+        );
+        drop(store);
     }
 
     #[tokio::test]
