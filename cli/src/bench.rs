@@ -270,7 +270,8 @@ pub async fn ingest(args: IngestArgs) -> Result<String> {
             (r.url.clone(), domain, None, r.pid)
         }
         None => {
-            let (url, proc) = start_collector(dir, args.detect).await?;
+            let detect = format!("[detect]\nenabled = {}\n", args.detect);
+            let (url, proc) = start_collector(dir, &detect).await?;
             let pid = proc.0.id();
             (url, "localhost".to_string(), Some(proc), Some(pid))
         }
@@ -397,8 +398,10 @@ pub async fn ingest(args: IngestArgs) -> Result<String> {
 }
 
 /// Starts the `vitals-collector` beside this binary on a free loopback
-/// port with the certificates in `dir/certs`; returns its URL.
-async fn start_collector(dir: &Path, detect: bool) -> Result<(String, CollectorProc)> {
+/// port with the certificates in `dir/certs` and its database in
+/// `dir/data`, `extra` appended to its config; returns its URL once it
+/// listens.
+pub(crate) async fn start_collector(dir: &Path, extra: &str) -> Result<(String, CollectorProc)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -406,7 +409,7 @@ async fn start_collector(dir: &Path, detect: bool) -> Result<(String, CollectorP
     std::fs::write(
         &cfg,
         format!(
-            "listen = \"127.0.0.1:{port}\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/collector.pem\"\nkey = \"certs/collector.key\"\n[storage]\npath = \"data/vitals.db\"\n[detect]\nenabled = {detect}\n"
+            "listen = \"127.0.0.1:{port}\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/collector.pem\"\nkey = \"certs/collector.key\"\n[storage]\npath = \"data/vitals.db\"\n{extra}"
         ),
     )?;
     let collector = CollectorProc(
@@ -417,10 +420,11 @@ async fn start_collector(dir: &Path, detect: bool) -> Result<(String, CollectorP
             .spawn()
             .context("cannot start vitals-collector")?,
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // A large database takes a while to load its head.
+    let deadline = Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if Instant::now() > deadline {
-            bail!("collector did not listen within 20 s");
+            bail!("collector did not listen within 60 s");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -8,18 +8,17 @@
 //! store reads, encoding, transfer, decoding).
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use vitals_collector::store::{self, CleanBatch, SeriesKey, StoreOptions};
 use vitals_common::identity::Role;
 use vitals_common::model::Labels;
 use vitals_proto::v1::{MatchOp, Matcher, QueryRangeRequest, query_client::QueryClient};
 
-use crate::bench::{CollectorProc, find_binary, tempfile_dir};
+use crate::bench::{start_collector, tempfile_dir};
 use crate::certs;
 
 pub struct QueryBenchArgs {
@@ -149,32 +148,12 @@ pub async fn query(a: QueryBenchArgs) -> Result<String> {
             },
         )?;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let cfg = dir.join("collector.toml");
     // Alerting and detection off: the figures are the query path alone.
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/collector.pem\"\nkey = \"certs/collector.key\"\n[storage]\npath = \"data/vitals.db\"\n[detect]\nenabled = false\n[alerting]\nenabled = false\n"
-        ),
-    )?;
-    let _collector = CollectorProc(
-        Command::new(find_binary("vitals-collector")?)
-            .args(["--config", cfg.to_str().unwrap_or_default()])
-            .env("VITALS_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .context("cannot start vitals-collector")?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("collector did not listen within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (url, _collector) = start_collector(
+        dir,
+        "[detect]\nenabled = false\n[alerting]\nenabled = false\n",
+    )
+    .await?;
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(std::fs::read(
             certs_dir.join("ca.pem"),
@@ -184,7 +163,7 @@ pub async fn query(a: QueryBenchArgs) -> Result<String> {
             std::fs::read(certs_dir.join("operator.pem"))?,
             std::fs::read(certs_dir.join("operator.key"))?,
         ));
-    let channel = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
+    let channel = Endpoint::from_shared(url)?
         .tls_config(tls)?
         .connect()
         .await?;
