@@ -539,7 +539,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn same(a: &[(i64, f64)], b: &[(i64, f64)]) -> bool {
+    pub(super) fn same(a: &[(i64, f64)], b: &[(i64, f64)]) -> bool {
         a.len() == b.len()
             && a.iter()
                 .zip(b)
@@ -650,7 +650,7 @@ mod tests {
         assert!(decode(&[1, 0, 0xff, 0xff, 0xff]).is_err());
     }
 
-    fn any_f64() -> impl Strategy<Value = f64> {
+    pub(super) fn any_f64() -> impl Strategy<Value = f64> {
         prop_oneof![
             any::<u64>().prop_map(f64::from_bits),
             (-1000i64..1000).prop_map(|i| i as f64),
