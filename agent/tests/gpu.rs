@@ -580,9 +580,12 @@ fn expected_from_nvml(json: &Value) -> Vec<(BTreeMap<String, String>, BTreeMap<S
         let total = f(&d["memory"]["total"]).unwrap();
         let used = f(&d["memory"]["used"]).unwrap();
         put("gpu_total_vram", Some(total / MIB));
+        let reserved = f(&d["memory"]["reserved"]).unwrap_or(0.0);
         put("gpu_used_vram", Some(used / MIB));
-        put("gpu_free_vram", Some((total - used) / MIB));
+        put("gpu_free_vram", Some((total - used - reserved) / MIB));
+        put("gpu_reserved_vram", Some(reserved / MIB));
         put("gpu_edge_temperature", f(&d["temperature"]));
+        put("gpu_slowdown_temperature", f(&d["slowdown_temperature"]));
         put("gpu_power_usage", f(&d["power_mw"]).map(|v| v / 1000.0));
         put("gpu_power_cap", f(&d["power_limit_mw"]).map(|v| v / 1000.0));
         put(
@@ -691,6 +694,21 @@ fn nvml_without_some_symbols_falls_back_or_drops_only_those_metrics() {
     for i in 0..2 {
         assert_gpu_equals(&run, i, &full.gpu(i), "older NVML");
     }
+    // A driver before the v2 memory call: the reservation counts as used,
+    // free stays free.
+    let dir3 = tempfile::tempdir().unwrap();
+    let v1 = without_symbols(&lib, &["nvmlDeviceGetMemoryInfo_v2"], dir3.path());
+    let run = nvml_once(&v1, &[]);
+    for i in 0..2 {
+        let mut want = full.gpu(i);
+        let reserved = want.remove("gpu_reserved_vram").unwrap();
+        *want.get_mut("gpu_used_vram").unwrap() += reserved;
+        assert_gpu_equals(&run, i, &want, "NVML without the v2 memory call");
+        assert!(!run.gpu(i).contains_key("gpu_reserved_vram"));
+    }
+    assert_eq!(full.gpu(0)["gpu_reserved_vram"], 615.0);
+    assert_eq!(full.gpu(0)["gpu_slowdown_temperature"], 87.0);
+    assert!(!full.gpu(1).contains_key("gpu_slowdown_temperature"));
     // No fallback: only those metrics go.
     let dir2 = tempfile::tempdir().unwrap();
     let partial = without_symbols(

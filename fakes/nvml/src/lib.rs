@@ -8,8 +8,8 @@
 //!  "devices": [{"name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-…", "serial": "…",
 //!    "minor": 0, "pci": {"domain": 0, "bus": 24, "device": 0},
 //!    "utilization": {"gpu": 87, "memory": 41},
-//!    "memory": {"total": 85520809984, "used": 61203283968},
-//!    "temperature": 61, "power_mw": 512345, "power_limit_mw": 700000,
+//!    "memory": {"total": 85520809984, "used": 61203283968, "reserved": 644874240},
+//!    "temperature": 61, "slowdown_temperature": 87, "power_mw": 512345, "power_limit_mw": 700000,
 //!    "energy_mj": 123456789, "fan_percent": 40,
 //!    "clocks_mhz": {"graphics": 1980, "sm": 1980, "memory": 2619, "video": 1755},
 //!    "ecc_aggregate": {"corrected": 12, "uncorrected": 0},
@@ -19,6 +19,8 @@
 //!    "xid": [79]}]}
 //! ```
 //!
+//! `memory.used` is what the v2 memory call gives (without `reserved`, which
+//! is optional); the v1 call counts `reserved` as used, as a driver does.
 //! `xid` lists Xid critical errors delivered once each through the event
 //! set. Environment: `VITALS_FAKE_NVML_JSON` (the file; unset: `nvmlInit_v2`
 //! fails with `NVML_ERROR_DRIVER_NOT_LOADED`), `VITALS_FAKE_NVML_INIT_STATUS`
@@ -40,6 +42,7 @@ const UNINITIALIZED: Return = 1;
 const INVALID_ARGUMENT: Return = 2;
 const NOT_SUPPORTED: Return = 3;
 const INSUFFICIENT_SIZE: Return = 7;
+const ARGUMENT_VERSION_MISMATCH: Return = 25;
 const DRIVER_NOT_LOADED: Return = 9;
 const TIMEOUT: Return = 10;
 
@@ -73,6 +76,18 @@ pub struct Memory {
     free: c_ulonglong,
     used: c_ulonglong,
 }
+
+#[repr(C)]
+pub struct MemoryV2 {
+    version: c_uint,
+    total: c_ulonglong,
+    reserved: c_ulonglong,
+    free: c_ulonglong,
+    used: c_ulonglong,
+}
+
+/// `nvmlMemory_v2` as nvml.h defines it: size, version 2 in the top byte.
+const MEMORY_V2: c_uint = std::mem::size_of::<MemoryV2>() as c_uint | (2 << 24);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -322,15 +337,56 @@ pub extern "C" fn nvmlDeviceGetUtilizationRates(dev: Device, out: *mut Utilizati
 #[unsafe(no_mangle)]
 pub extern "C" fn nvmlDeviceGetMemoryInfo(dev: Device, out: *mut Memory) -> Return {
     with_device(dev, |d| {
+        let reserved = u(d, &["memory", "reserved"]).unwrap_or(0);
         let v = match (u(d, &["memory", "total"]), u(d, &["memory", "used"])) {
             (Some(t), Some(used)) => Some(Memory {
                 total: t,
-                free: t.saturating_sub(used),
+                free: t.saturating_sub(used + reserved),
+                used: used + reserved,
+            }),
+            _ => None,
+        };
+        put(out, v)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlDeviceGetMemoryInfo_v2(dev: Device, out: *mut MemoryV2) -> Return {
+    if out.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: the caller passes a writable nvmlMemory_v2_t with its version set.
+    if unsafe { (*out).version } != MEMORY_V2 {
+        return ARGUMENT_VERSION_MISMATCH;
+    }
+    with_device(dev, |d| {
+        let reserved = u(d, &["memory", "reserved"]).unwrap_or(0);
+        let v = match (u(d, &["memory", "total"]), u(d, &["memory", "used"])) {
+            (Some(t), Some(used)) => Some(MemoryV2 {
+                version: MEMORY_V2,
+                total: t,
+                reserved,
+                free: t.saturating_sub(used + reserved),
                 used,
             }),
             _ => None,
         };
         put(out, v)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlDeviceGetTemperatureThreshold(
+    dev: Device,
+    threshold: c_uint,
+    t: *mut c_uint,
+) -> Return {
+    // Only NVML_TEMPERATURE_THRESHOLD_SLOWDOWN is in the file.
+    if threshold != 1 {
+        return NOT_SUPPORTED;
+    }
+    with_device(dev, |d| {
+        put(t, u(d, &["slowdown_temperature"]).map(|v| v as c_uint))
     })
 }
 

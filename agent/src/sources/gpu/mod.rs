@@ -118,6 +118,9 @@ pub struct GpuStats {
     pub umc_activity: Option<f64>,
     pub vram_used_bytes: Option<u64>,
     pub vram_total_bytes: Option<u64>,
+    /// Set aside by the driver and firmware, counted neither as used nor
+    /// free (NVML's v2 memory call; elsewhere inside `used`).
+    pub vram_reserved_bytes: Option<u64>,
     pub vis_vram_used_bytes: Option<u64>,
     pub vis_vram_total_bytes: Option<u64>,
     pub gtt_used_bytes: Option<u64>,
@@ -126,6 +129,8 @@ pub struct GpuStats {
     pub temp_edge: Option<f64>,
     pub temp_junction: Option<f64>,
     pub temp_memory: Option<f64>,
+    /// Where the GPU starts slowing itself down (NVML's slowdown threshold).
+    pub temp_slowdown: Option<f64>,
     /// Per HBM stack: (index, degrees Celsius).
     pub temp_hbm: Vec<(u32, f64)>,
     /// Watts.
@@ -171,10 +176,16 @@ pub fn push_samples(g: &GpuStats, out: &mut Vec<Sample>) {
         (
             "gpu_free_vram",
             match (g.vram_total_bytes, g.vram_used_bytes) {
-                (Some(t), Some(u)) => Some(t.saturating_sub(u) as f64 / MIB),
+                (Some(t), Some(u)) => Some(
+                    t.saturating_sub(u)
+                        .saturating_sub(g.vram_reserved_bytes.unwrap_or(0))
+                        as f64
+                        / MIB,
+                ),
                 _ => None,
             },
         ),
+        ("gpu_reserved_vram", opt(g.vram_reserved_bytes)),
         ("gpu_used_visible_vram", opt(g.vis_vram_used_bytes)),
         ("gpu_total_visible_vram", opt(g.vis_vram_total_bytes)),
         ("gpu_used_gtt", opt(g.gtt_used_bytes)),
@@ -182,6 +193,7 @@ pub fn push_samples(g: &GpuStats, out: &mut Vec<Sample>) {
         ("gpu_edge_temperature", g.temp_edge),
         ("gpu_junction_temperature", g.temp_junction),
         ("gpu_memory_temperature", g.temp_memory),
+        ("gpu_slowdown_temperature", g.temp_slowdown),
         ("gpu_power_usage", g.power_watts),
         ("gpu_power_cap", g.power_cap_watts),
         ("gpu_energy_consumed", g.energy_microjoules),

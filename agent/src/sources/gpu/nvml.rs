@@ -13,7 +13,7 @@ use std::ffi::{c_char, c_uint, c_ulonglong};
 use std::path::PathBuf;
 
 use super::nvml_sys::{
-    self as sys, Api, Device, EventData, EventSet, Memory, PciInfo, Utilization,
+    self as sys, Api, Device, EventData, EventSet, Memory, MemoryV2, PciInfo, Utilization,
 };
 use super::{
     Backend, BackendKind, CallErrors, EccCount, GpuIdentity, GpuProcess, GpuStats, OpenError,
@@ -318,15 +318,47 @@ impl Nvml {
             g.gfx_activity = Some(f64::from(u.gpu));
             g.umc_activity = Some(f64::from(u.memory));
         }
-        let mut m = Memory::default();
-        let r = call!(self.api, nvmlDeviceGetMemoryInfo(dev, &mut m));
-        if self.keep(i, "nvmlDeviceGetMemoryInfo", r).is_some() {
-            g.vram_used_bytes = Some(m.used);
-            g.vram_total_bytes = Some(m.total);
+        // The v2 call splits the driver's reservation from `used` (as
+        // nvidia-smi shows it); the v1 call, all a driver before r510 has,
+        // counts it as used.
+        let mut m2 = MemoryV2 {
+            version: sys::MEMORY_V2,
+            ..MemoryV2::default()
+        };
+        match call!(self.api, nvmlDeviceGetMemoryInfo_v2(dev, &mut m2)) {
+            Ok(()) => {
+                g.vram_used_bytes = Some(m2.used);
+                g.vram_total_bytes = Some(m2.total);
+                g.vram_reserved_bytes = Some(m2.reserved);
+            }
+            Err(
+                NvmlError::Missing(_)
+                | NvmlError::NotSupported
+                | NvmlError::FunctionNotFound
+                | NvmlError::ArgumentVersionMismatch,
+            ) => {
+                let mut m = Memory::default();
+                let r = call!(self.api, nvmlDeviceGetMemoryInfo(dev, &mut m));
+                if self.keep(i, "nvmlDeviceGetMemoryInfo", r).is_some() {
+                    g.vram_used_bytes = Some(m.used);
+                    g.vram_total_bytes = Some(m.total);
+                }
+            }
+            r => {
+                self.keep(i, "nvmlDeviceGetMemoryInfo_v2", r);
+            }
         }
         g.temp_edge = self
             .uint(i, "nvmlDeviceGetTemperature", |a, v| {
                 call!(a, nvmlDeviceGetTemperature(dev, sys::TEMPERATURE_GPU, v))
+            })
+            .map(f64::from);
+        g.temp_slowdown = self
+            .uint(i, "nvmlDeviceGetTemperatureThreshold", |a, v| {
+                call!(
+                    a,
+                    nvmlDeviceGetTemperatureThreshold(dev, sys::TEMPERATURE_THRESHOLD_SLOWDOWN, v)
+                )
             })
             .map(f64::from);
         g.power_watts = self

@@ -42,6 +42,22 @@ pub struct Memory {
     pub used: c_ulonglong,
 }
 
+/// `nvmlMemory_v2_t`: `used` without the memory the driver and firmware
+/// reserve, which `reserved` gives apart (as `nvidia-smi` shows them).
+#[repr(C)]
+#[derive(Default)]
+pub struct MemoryV2 {
+    pub version: c_uint,
+    pub total: c_ulonglong,
+    pub reserved: c_ulonglong,
+    pub free: c_ulonglong,
+    pub used: c_ulonglong,
+}
+
+/// `nvmlMemory_v2`: `NVML_STRUCT_VERSION(Memory, 2)`, the struct's size
+/// with the version in the top byte.
+pub const MEMORY_V2: c_uint = std::mem::size_of::<MemoryV2>() as c_uint | (2 << 24);
+
 /// `nvmlProcessInfo_t` as the `_v2` and `_v3` functions fill it.
 #[repr(C)]
 #[derive(Default, Clone, Copy)]
@@ -121,7 +137,9 @@ api! {
     nvmlDeviceGetPciInfo_v3(Device, *mut PciInfo);
     nvmlDeviceGetUtilizationRates(Device, *mut Utilization);
     nvmlDeviceGetMemoryInfo(Device, *mut Memory);
+    nvmlDeviceGetMemoryInfo_v2(Device, *mut MemoryV2);
     nvmlDeviceGetTemperature(Device, c_uint, *mut c_uint);
+    nvmlDeviceGetTemperatureThreshold(Device, c_uint, *mut c_uint);
     nvmlDeviceGetPowerUsage(Device, *mut c_uint);
     nvmlDeviceGetEnforcedPowerLimit(Device, *mut c_uint);
     nvmlDeviceGetTotalEnergyConsumption(Device, *mut c_ulonglong);
@@ -142,6 +160,8 @@ api! {
 }
 
 pub const TEMPERATURE_GPU: c_uint = 0;
+/// `NVML_TEMPERATURE_THRESHOLD_SLOWDOWN`.
+pub const TEMPERATURE_THRESHOLD_SLOWDOWN: c_uint = 1;
 pub const ECC_CORRECTED: c_uint = 0;
 pub const ECC_UNCORRECTED: c_uint = 1;
 pub const ECC_AGGREGATE: c_uint = 1;
@@ -167,3 +187,16 @@ pub const THROTTLE_REASONS: &[(c_ulonglong, &str)] = &[
     (0x80, "hw_power_brake_slowdown"),
     (0x100, "display_clock_setting"),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_v2_version_is_the_one_nvml_h_gives() {
+        // nvml.h: a 4-byte version padded to 8, then four 8-byte counters;
+        // NVML_STRUCT_VERSION(Memory, 2) = sizeof | 2 << 24.
+        assert_eq!(std::mem::size_of::<MemoryV2>(), 40);
+        assert_eq!(MEMORY_V2, 0x0200_0028);
+    }
+}
