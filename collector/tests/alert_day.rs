@@ -202,6 +202,51 @@ fn gpu_node(day: &mut Day, rng: &mut Rng, t: i64, cycle: f64, counters: &mut [f6
     }
 }
 
+/// An NVIDIA training server: an edge sensor and a slowdown threshold
+/// instead of a junction sensor, Xid errors counted.
+fn nvidia_node(day: &mut Day, rng: &mut Rng, t: i64, cycle: f64) {
+    let node = "gpu-02";
+    day.put(
+        "vitals_agent_cycles_total",
+        &labels(&[("node", node)]),
+        t,
+        cycle,
+    );
+    for g in 0..2 {
+        let gs = g.to_string();
+        let l = labels(&[
+            ("node", node),
+            ("gpu", &gs),
+            ("card", &format!("nvidia{g}")),
+        ]);
+        let run = job_running(g + 2, t);
+        day.put(
+            "gpu_used_vram",
+            &l,
+            t,
+            if run {
+                81559.0 * (0.7 + rng.noise(0.1))
+            } else {
+                0.0
+            },
+        );
+        day.put("gpu_total_vram", &l, t, 81559.0);
+        day.put(
+            "gpu_edge_temperature",
+            &l,
+            t,
+            if run {
+                (71.0 + rng.noise(5.0)).round()
+            } else {
+                (33.0 + rng.noise(2.0)).round()
+            },
+        );
+        day.put("gpu_slowdown_temperature", &l, t, 87.0);
+        day.put("gpu_ecc_uncorrect_total", &l, t, 0.0);
+        day.put("gpu_xid_errors_total", &l, t, 0.0);
+    }
+}
+
 fn nas_node(day: &mut Day, rng: &mut Rng, t: i64, cycle: f64, t0: i64) {
     let node = "nas-01";
     day.put(
@@ -269,7 +314,7 @@ async fn a_healthy_day_fires_nothing_and_a_real_failure_fires() {
     let end = t0 + DAY_MS;
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     let mut counters = [0.0f64; 3];
-    for node in ["gpu-01", "nas-01"] {
+    for node in ["gpu-01", "gpu-02", "nas-01"] {
         w.hello(node, "i", "test").await.unwrap();
     }
     // One batch per node per hour of data.
@@ -278,15 +323,16 @@ async fn a_healthy_day_fires_nothing_and_a_real_failure_fires() {
     let mut cycle = 0.0;
     while t < end {
         let hour_end = (t + 3_600_000).min(end);
-        let (mut g, mut n) = (Day::new(), Day::new());
+        let (mut g, mut v, mut n) = (Day::new(), Day::new(), Day::new());
         while t < hour_end {
             cycle += 1.0;
             gpu_node(&mut g, &mut rng, t, cycle, &mut counters);
+            nvidia_node(&mut v, &mut rng, t, cycle);
             nas_node(&mut n, &mut rng, t, cycle, t0);
             t += STEP_MS;
         }
         seq += 1;
-        for (node, day) in [("gpu-01", g), ("nas-01", n)] {
+        for (node, day) in [("gpu-01", g), ("gpu-02", v), ("nas-01", n)] {
             let r = w.write(node, "i", day.batch(seq)).await.unwrap();
             r.await.unwrap().unwrap();
         }
@@ -328,8 +374,8 @@ async fn a_healthy_day_fires_nothing_and_a_real_failure_fires() {
     );
 
     // Not silent for want of data: every rule read series of this day
-    // (except Xid errors, NVIDIA only, and NodeDown, which only yields
-    // silent nodes), anomaly scores included.
+    // (except NodeDown, which only yields silent nodes), anomaly scores
+    // included.
     for r in &rules {
         let values = match &r.condition {
             Condition::Expr(e) => eval::term(&e.term, &store, end, i64::MIN).unwrap(),
@@ -344,7 +390,7 @@ async fn a_healthy_day_fires_nothing_and_a_real_failure_fires() {
                 })
                 .collect(),
         };
-        let exempt = ["GpuXidError", "NodeDown"].contains(&r.name.as_str());
+        let exempt = r.name == "NodeDown";
         assert_eq!(
             values.is_empty(),
             exempt,
@@ -379,13 +425,24 @@ async fn a_healthy_day_fires_nothing_and_a_real_failure_fires() {
     }
     let r = w.write("gpu-01", "i", d.batch(seq + 1)).await.unwrap();
     r.await.unwrap().unwrap();
-    rules.retain(|r| r.name == "GpuMemoryOverload");
+    // And an NVIDIA GPU 3 °C under its slowdown threshold for 6 minutes.
+    let hot = labels(&[("node", "gpu-02"), ("gpu", "1"), ("card", "nvidia1")]);
+    let mut d = Day::new();
+    let mut t = end;
+    while t <= end + 360_000 {
+        d.put("gpu_edge_temperature", &hot, t, 84.0);
+        d.put("gpu_slowdown_temperature", &hot, t, 87.0);
+        t += STEP_MS;
+    }
+    let r = w.write("gpu-02", "i", d.batch(seq + 2)).await.unwrap();
+    r.await.unwrap().unwrap();
+    rules.retain(|r| r.name == "GpuMemoryOverload" || r.name == "GpuNearSlowdown");
     let mut engine = Engine::new(rules, Duration::from_secs(60), Vec::new());
     let store2 = store.clone();
     let fired = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
         let mut t = end;
-        while t <= end + 180_000 {
+        while t <= end + 360_000 {
             for c in engine.step(&store2, t) {
                 if let Change::Fired(a) = c {
                     out.push((t, a));
@@ -397,8 +454,25 @@ async fn a_healthy_day_fires_nothing_and_a_real_failure_fires() {
     })
     .await
     .unwrap();
-    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert_eq!(fired.len(), 2, "{fired:?}");
+    let (at, a) = &fired[1];
+    assert_eq!(a.rule, "GpuNearSlowdown");
+    assert_eq!(
+        (a.labels["node"].as_str(), a.labels["gpu"].as_str()),
+        ("gpu-02", "1")
+    );
+    assert!(
+        *at - end >= 300_000 && *at - end <= 300_000 + STEP_MS,
+        "fired {} ms in",
+        at - end
+    );
+    assert!(
+        a.annotations["summary"].contains("-3 °C"),
+        "{:?}",
+        a.annotations
+    );
     let (at, a) = &fired[0];
+    assert_eq!(a.rule, "GpuMemoryOverload");
     assert_eq!(a.labels["gpu"], "2");
     assert!(
         *at - end >= 120_000 && *at - end <= 120_000 + STEP_MS,
