@@ -162,6 +162,7 @@ pub async fn run_reloadable(
                 outbox: metrics_outbox,
                 detect_enabled: settings.store.detect.is_some(),
                 alerting_enabled: settings.alerting.enabled,
+                alerting: Some(alerting.clone()),
             },
         });
         tokio::spawn(http::serve(

@@ -45,6 +45,8 @@ pub struct Sources {
     pub detect_enabled: bool,
     /// Whether alert rules are evaluated.
     pub alerting_enabled: bool,
+    /// The rule engine, when alerting is on.
+    pub alerting: Option<crate::alert::Shared>,
 }
 
 /// One per-target outbox metric: name, help, which count.
@@ -79,6 +81,76 @@ impl Text {
         self.family(name, kind, help);
         self.sample(name, &[], value);
     }
+}
+
+/// The rule engine's health: rules (failing ones apart), open alerts by
+/// phase, evaluations, their duration and recording failures.
+fn alerting(t: &mut Text, shared: &crate::alert::Shared) {
+    let (rules, failing, pending, firing, health) = {
+        let g = match shared.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let e = &g.engine;
+        let count = |phase| e.open.values().filter(|a| a.phase == phase).count();
+        (
+            e.rules.len(),
+            e.errors.len(),
+            count(crate::alert::engine::Phase::Pending),
+            count(crate::alert::engine::Phase::Firing),
+            g.health.clone(),
+        )
+    };
+    t.family(
+        "vitals_collector_rules",
+        "gauge",
+        "Enabled alert rules, by whether their last evaluation failed (the log says why).",
+    );
+    t.sample(
+        "vitals_collector_rules",
+        &[("state", "ok")],
+        rules.saturating_sub(failing) as f64,
+    );
+    t.sample(
+        "vitals_collector_rules",
+        &[("state", "failing")],
+        failing as f64,
+    );
+    t.family("vitals_collector_alerts", "gauge", "Open alerts by state.");
+    t.sample(
+        "vitals_collector_alerts",
+        &[("state", "pending")],
+        pending as f64,
+    );
+    t.sample(
+        "vitals_collector_alerts",
+        &[("state", "firing")],
+        firing as f64,
+    );
+    t.one(
+        "vitals_collector_rule_evaluations_total",
+        "counter",
+        "Evaluations of the whole rule set.",
+        health.evaluations as f64,
+    );
+    t.one(
+        "vitals_collector_rule_evaluation_duration_seconds",
+        "gauge",
+        "How long the last evaluation of the rule set took.",
+        health.last_duration.as_secs_f64(),
+    );
+    t.one(
+        "vitals_collector_rule_evaluation_timestamp_seconds",
+        "gauge",
+        "When the rule set was last evaluated (0: not yet).",
+        health.last_ms as f64 / 1000.0,
+    );
+    t.one(
+        "vitals_collector_rule_evaluation_record_failures_total",
+        "counter",
+        "Evaluations whose alert changes could not be written to alerts.db (retried next time).",
+        health.record_failures as f64,
+    );
 }
 
 /// The text exposition (format 0.0.4). Blocking: reads SQLite (outbox) and
@@ -176,6 +248,9 @@ pub fn render(src: &Sources) -> String {
         "1 if alert rules are evaluated.",
         f64::from(u8::from(src.alerting_enabled)),
     );
+    if let Some(shared) = src.alerting.as_ref().filter(|_| src.alerting_enabled) {
+        alerting(&mut t, shared);
+    }
     t.one(
         "vitals_collector_http_requests_total",
         "counter",

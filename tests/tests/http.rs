@@ -583,10 +583,17 @@ fn http_api_answers_as_prometheus_does() {
 fn http_api_needs_an_operator_certificate_and_serves_metrics() {
     let env = Env::new();
     env.issue("train-01", "agent", &[]);
-    // A receiver (that nothing is sent to), for the outbox's metrics.
+    // A receiver (that nothing is sent to), for the outbox's metrics; one
+    // rule, evaluated often, for the rule engine's.
+    std::fs::create_dir_all(env.path().join("collector")).unwrap();
+    std::fs::write(
+        env.path().join("collector/rules.toml"),
+        "[[rules]]\nname = \"NeverThere\"\nexpr = \"vitals_no_such_series > 0\"\n",
+    )
+    .unwrap();
     let (collector, port, addr) = start_with(
         &env,
-        "[alerting]\nbuiltin = false\ndefault_receivers = [\"hook\"]\n[alerting.receivers.hook]\nwebhook = { url = \"http://127.0.0.1:9/hook\" }\n",
+        "[alerting]\nbuiltin = false\neval_interval = \"200ms\"\nrule_files = [\"rules.toml\"]\ndefault_receivers = [\"hook\"]\n[alerting.receivers.hook]\nwebhook = { url = \"http://127.0.0.1:9/hook\" }\n",
     );
     let data = dataset(1_700_000_000_000);
     ingest(
@@ -676,6 +683,8 @@ fn http_api_needs_an_operator_certificate_and_serves_metrics() {
         assert_eq!(s, 200, "{t}");
         text = t;
         text.contains("vitals_collector_notifications_delivered_total{receiver=\"hook\"")
+            && !text.contains("vitals_collector_rule_evaluations_total 0\n")
+            && !text.contains("vitals_collector_rule_evaluations_total 1\n")
     });
     assert!(registered, "no per-target outbox metrics:\n{text}");
     let text = text;
@@ -702,6 +711,29 @@ fn http_api_needs_an_operator_certificate_and_serves_metrics() {
     assert_eq!(value("vitals_collector_notifications_delivered_total"), 0.0);
     assert!(value("vitals_collector_http_requests_total") >= 4.0);
     assert!(value("vitals_collector_http_request_errors_total") >= 3.0);
+    // The rule engine: one rule, healthy, nothing open, evaluating.
+    let sample = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    assert_eq!(sample("vitals_collector_rules{state=\"ok\"}"), 1.0);
+    assert_eq!(sample("vitals_collector_rules{state=\"failing\"}"), 0.0);
+    assert_eq!(sample("vitals_collector_alerts{state=\"firing\"}"), 0.0);
+    assert_eq!(sample("vitals_collector_alerts{state=\"pending\"}"), 0.0);
+    assert!(value("vitals_collector_rule_evaluations_total") >= 2.0);
+    let last = value("vitals_collector_rule_evaluation_timestamp_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(now - last < 30.0 && last <= now + 1.0, "{last} vs {now}");
+    let took = value("vitals_collector_rule_evaluation_duration_seconds");
+    assert!(took > 0.0 && took < 5.0, "{took}");
+    assert_eq!(
+        value("vitals_collector_rule_evaluation_record_failures_total"),
+        0.0
+    );
     if let Some(promtool) = required(
         "http_api_needs_an_operator_certificate_and_serves_metrics (promtool)",
         "VITALS_TEST_PROMETHEUS",

@@ -269,6 +269,21 @@ pub struct Alerting {
     /// Every recorded change, for `WatchAlerts` streams (none listening:
     /// sending costs nothing and is dropped).
     pub changes: tokio::sync::broadcast::Sender<Recorded>,
+    /// How evaluation goes, for the collector's `/metrics`.
+    pub health: Health,
+}
+
+/// The evaluation loop's own health.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    /// Evaluations of the whole rule set done.
+    pub evaluations: u64,
+    /// How long the last one took (rules, correlation, recording).
+    pub last_duration: Duration,
+    /// When the last one ran (ms since the epoch; 0: none yet).
+    pub last_ms: i64,
+    /// Evaluations whose changes could not be recorded in alerts.db.
+    pub record_failures: u64,
 }
 
 /// A change as recorded: what happened ("pending", "firing", "updated",
@@ -315,6 +330,7 @@ pub fn open(settings: &AlertSettings) -> Result<Shared, db::DbError> {
         db,
         correlation_window: settings.correlation_window,
         changes: tokio::sync::broadcast::channel(1024).0,
+        health: Health::default(),
     })))
 }
 
@@ -340,6 +356,20 @@ pub fn evaluate(
         Err(p) => p.into_inner(),
     };
     let st = &mut *guard;
+    let began = std::time::Instant::now();
+    st.health.evaluations += 1;
+    st.health.last_ms = now;
+    let send = evaluate_locked(st, data, now, silences);
+    st.health.last_duration = began.elapsed();
+    send
+}
+
+fn evaluate_locked(
+    st: &mut Alerting,
+    data: &dyn eval::Data,
+    now: i64,
+    silences: &[db::Silence],
+) -> Vec<Alert> {
     let mut changes = st.engine.step(data, now);
     let window = st.correlation_window.as_millis() as i64;
     let mut send = Vec::new();
@@ -381,6 +411,7 @@ pub fn evaluate(
         // Not recorded: put back what this step closed, so the next step
         // closes (and notifies) it again; send nothing now.
         tracing::error!(error = %e, "cannot record alert changes; notifications wait for the next evaluation");
+        st.health.record_failures += 1;
         for c in changes {
             match c {
                 Change::Resolved(mut a) => {
