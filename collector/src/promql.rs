@@ -405,27 +405,25 @@ pub fn eval_range(
     }
     let reach = query.inner.reach_ms();
     let sel = query.inner.selector();
-    let data = store
-        .query_range(
-            sel,
-            steps.start.saturating_sub(reach).saturating_add(1),
-            steps.end,
-            QueryLimits {
-                max_series: limits.max_series,
-                max_points: limits.max_samples,
-            },
-        )
-        .map_err(|e| match e {
-            QueryError::TooManySeries(m) => EvalError::Limit(format!(
-                "the selector matches more than max_series = {m} series (collector.toml [query]); narrow it with label matchers, e.g. {{node=\"...\"}}"
-            )),
-            QueryError::TooManyPoints(m) => EvalError::Limit(format!(
-                "the query reads more than max_samples = {m} stored samples (collector.toml [query]); shorten the range or narrow the selector"
-            )),
-            QueryError::Store(e) => EvalError::Store(e),
-        })?;
+    let read_from = steps.start.saturating_sub(reach).saturating_add(1);
+    let read_limits = QueryLimits {
+        max_series: limits.max_series,
+        max_points: limits.max_samples,
+    };
+    let read_error = |e| match e {
+        QueryError::TooManySeries(m) => EvalError::Limit(format!(
+            "the selector matches more than max_series = {m} series (collector.toml [query]); narrow it with label matchers, e.g. {{node=\"...\"}}"
+        )),
+        QueryError::TooManyPoints(m) => EvalError::Limit(format!(
+            "the query reads more than max_samples = {m} stored samples (collector.toml [query]); shorten the range or narrow the selector"
+        )),
+        QueryError::Store(e) => EvalError::Store(e),
+    };
     let out = match &query.agg {
         None => {
+            let data = store
+                .query_range(sel, read_from, steps.end, read_limits)
+                .map_err(read_error)?;
             let mut out = Vec::with_capacity(data.len());
             let mut total = 0usize;
             for s in data {
@@ -452,7 +450,17 @@ pub fn eval_range(
             }
             out
         }
-        Some(agg) => aggregate(agg, &query.inner, data, steps, limits)?,
+        Some(agg) => {
+            // Series by series as the store reads them: an aggregation
+            // over many series never holds all their samples.
+            let mut acc = Aggregator::new(agg, &query.inner, steps, limits);
+            store
+                .each_series_points(sel, read_from, steps.end, read_limits, |name, labels, p| {
+                    acc.add(name, labels, p)
+                })
+                .map_err(read_error)?;
+            acc.finish()?
+        }
     };
     Ok(out)
 }
@@ -506,33 +514,54 @@ struct Acc {
     max: Vec<f64>,
 }
 
-fn aggregate(
-    agg: &Aggregation,
-    inner: &Inner,
-    data: Vec<SeriesPoints>,
+/// An aggregation fed one series at a time.
+struct Aggregator<'a> {
+    agg: &'a Aggregation,
+    inner: &'a Inner,
     steps: Steps,
     limits: Limits,
-) -> Result<Vec<SeriesPoints>, EvalError> {
-    let n = steps.count();
-    let mut groups: BTreeMap<Labels, Acc> = BTreeMap::new();
-    for s in data {
-        let key: Labels = agg
+    groups: BTreeMap<Labels, Acc>,
+    /// Set by the first series over the limit; later series are skipped.
+    over: bool,
+}
+
+impl<'a> Aggregator<'a> {
+    fn new(agg: &'a Aggregation, inner: &'a Inner, steps: Steps, limits: Limits) -> Self {
+        Aggregator {
+            agg,
+            inner,
+            steps,
+            limits,
+            groups: BTreeMap::new(),
+            over: false,
+        }
+    }
+
+    fn add(&mut self, name: &str, labels: &Labels, points: &[(i64, f64)]) {
+        if self.over {
+            return;
+        }
+        let n = self.steps.count();
+        let key: Labels = self
+            .agg
             .by
             .iter()
             .filter_map(|l| {
                 let v = if l == "__name__" {
-                    Some(&s.name)
+                    Some(name)
                 } else {
-                    s.labels.get(l)
+                    labels.get(l).map(String::as_str)
                 };
-                v.filter(|v| !v.is_empty()).map(|v| (l.clone(), v.clone()))
+                v.filter(|v| !v.is_empty())
+                    .map(|v| (l.clone(), v.to_string()))
             })
             .collect();
-        if !groups.contains_key(&key) {
-            if (groups.len() + 1).saturating_mul(n) > limits.max_points {
-                return Err(too_many_points(limits));
+        if !self.groups.contains_key(&key) {
+            if (self.groups.len() + 1).saturating_mul(n) > self.limits.max_points {
+                self.over = true;
+                return;
             }
-            groups.insert(
+            self.groups.insert(
                 key.clone(),
                 Acc {
                     count: vec![0; n],
@@ -542,10 +571,10 @@ fn aggregate(
                 },
             );
         }
-        let Some(acc) = groups.get_mut(&key) else {
-            continue;
+        let Some(acc) = self.groups.get_mut(&key) else {
+            return;
         };
-        eval_series(inner, &s.points, steps, |i, v| {
+        eval_series(self.inner, points, self.steps, |i, v| {
             acc.count[i] += 1;
             acc.sum[i] += v;
             // f64::min/max skip NaN, as Prometheus' min/max do.
@@ -553,6 +582,21 @@ fn aggregate(
             acc.max[i] = acc.max[i].max(v);
         });
     }
+
+    fn finish(self) -> Result<Vec<SeriesPoints>, EvalError> {
+        if self.over {
+            return Err(too_many_points(self.limits));
+        }
+        Ok(finish_groups(self.agg, self.steps, self.groups))
+    }
+}
+
+fn finish_groups(
+    agg: &Aggregation,
+    steps: Steps,
+    groups: BTreeMap<Labels, Acc>,
+) -> Vec<SeriesPoints> {
+    let n = steps.count();
     let mut out = Vec::with_capacity(groups.len());
     for (labels, acc) in groups {
         let points: Vec<(i64, f64)> = (0..n)
@@ -576,7 +620,7 @@ fn aggregate(
             });
         }
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
@@ -725,6 +769,21 @@ mod tests {
         // At 0 nothing yet; at 100 s .. 300 s the 3 s sample; at 400 s it
         // is more than 5 minutes old.
         assert_eq!(got, [(1, 3.0), (2, 3.0), (3, 3.0)]);
+    }
+
+    /// The aggregation as `eval_range` drives it, series by series.
+    fn aggregate(
+        agg: &Aggregation,
+        inner: &Inner,
+        data: Vec<SeriesPoints>,
+        steps: Steps,
+        limits: Limits,
+    ) -> Result<Vec<SeriesPoints>, EvalError> {
+        let mut a = Aggregator::new(agg, inner, steps, limits);
+        for s in &data {
+            a.add(&s.name, &s.labels, &s.points);
+        }
+        a.finish()
     }
 
     fn series(name: &str, labels: &[(&str, &str)], points: Vec<(i64, f64)>) -> SeriesPoints {

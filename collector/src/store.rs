@@ -1232,6 +1232,36 @@ impl Store {
         end_ms: i64,
         limits: QueryLimits,
     ) -> Result<Vec<SeriesPoints>, QueryError> {
+        let mut result = Vec::new();
+        self.each_series_points(
+            selector,
+            start_ms,
+            end_ms,
+            limits,
+            |name, labels, points| {
+                result.push(SeriesPoints {
+                    name: name.to_string(),
+                    labels: labels.clone(),
+                    points: points.to_vec(),
+                });
+            },
+        )?;
+        Ok(result)
+    }
+
+    /// As [`Store::query_range`], one series at a time: `each(name, labels,
+    /// points)` for every matched series with a sample in the range, in
+    /// name and label order, its points in a buffer reused for the next
+    /// series — a query over many series never holds all their samples.
+    /// `limits.max_points` still counts every sample read.
+    pub fn each_series_points(
+        &self,
+        selector: &Selector,
+        start_ms: i64,
+        end_ms: i64,
+        limits: QueryLimits,
+        mut each: impl FnMut(&str, &Labels, &[(i64, f64)]),
+    ) -> Result<(), QueryError> {
         let conn = open_reader(&self.path)?;
         // Pin one database snapshot while the head is locked, so that a chunk
         // closed concurrently is seen exactly once (head or table).
@@ -1275,15 +1305,15 @@ impl Store {
             }
             out
         };
-        let mut result = Vec::with_capacity(matched.len());
         let mut total = 0usize;
+        let mut points = Vec::new();
         let mut stmt = conn.prepare_cached(
             "SELECT data FROM chunks WHERE series_id = ?1 AND max_ts >= ?2 AND min_ts <= ?3 ORDER BY min_ts",
         )?;
         let mut sorted = matched;
         sorted.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.2.cmp(&b.2)));
         for (id, name, labels, open) in sorted {
-            let mut points = Vec::new();
+            points.clear();
             let mut take = |bytes: &[u8], points: &mut Vec<(i64, f64)>| -> Result<(), QueryError> {
                 let mut over = false;
                 chunk::decode_into(bytes, |ts, v| {
@@ -1318,16 +1348,12 @@ impl Store {
                 take(&open, &mut points)?;
             }
             if !points.is_empty() {
-                result.push(SeriesPoints {
-                    name,
-                    labels,
-                    points,
-                });
+                each(&name, &labels, &points);
             }
         }
         drop(stmt);
         conn.execute_batch("COMMIT")?;
-        Ok(result)
+        Ok(())
     }
 
     /// Number of series known.
