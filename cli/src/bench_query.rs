@@ -165,15 +165,19 @@ pub async fn query(a: QueryBenchArgs) -> Result<String> {
         ));
     let channel = Endpoint::from_shared(url)?
         .tls_config(tls)?
+        .initial_stream_window_size(vitals_common::H2_STREAM_WINDOW)
+        .initial_connection_window_size(vitals_common::H2_CONNECTION_WINDOW)
         .connect()
         .await?;
     let mut client = QueryClient::new(channel).max_decoding_message_size(1 << 30);
 
+    // Packed answers, as `vitals query` asks for them.
     let range = |query: &str, step_ms: i64| QueryRangeRequest {
         query: query.into(),
         start_ms,
         end_ms,
         step_ms,
+        packed: true,
         ..Default::default()
     };
     let one = format!("{METRIC}{{node=\"gpu-00\",gpu=\"0\"}}");
@@ -196,6 +200,7 @@ pub async fn query(a: QueryBenchArgs) -> Result<String> {
                 ],
                 start_ms,
                 end_ms,
+                packed: true,
                 ..Default::default()
             },
         },
@@ -232,7 +237,11 @@ pub async fn query(a: QueryBenchArgs) -> Result<String> {
                 .map_err(crate::commands::status_error)?
                 .into_inner();
             let ms = t.elapsed().as_secs_f64() * 1000.0;
-            points = resp.series.iter().map(|s| s.points.len()).sum();
+            points = resp
+                .series
+                .iter()
+                .map(|s| s.points.len() + s.values.len())
+                .sum();
             if run > 0 {
                 times.push(ms);
             }

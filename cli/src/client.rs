@@ -107,6 +107,8 @@ pub async fn channel(cfg: &CliConfig) -> Result<Channel> {
         .tls_config(tls.client_config(&server_name))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60))
+        .initial_stream_window_size(vitals_common::H2_STREAM_WINDOW)
+        .initial_connection_window_size(vitals_common::H2_CONNECTION_WINDOW)
         .connect()
         .await
         .with_context(|| format!("cannot connect to the collector at {}", cfg.collector))?;

@@ -269,7 +269,12 @@ pub async fn query(cfg: &CliConfig, a: &QueryArgs) -> Result<String> {
                 }
             }
         };
-        let resp = c.query_range(req).await.map_err(status_error)?.into_inner();
+        let req = QueryRangeRequest {
+            packed: true,
+            ..req
+        };
+        let mut resp = c.query_range(req).await.map_err(status_error)?.into_inner();
+        resp.series.iter_mut().for_each(|s| s.unpack());
         (resp.series, (start_ms, end_ms))
     };
     if a.json {

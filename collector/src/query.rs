@@ -108,6 +108,24 @@ fn series_pb(found: Vec<SeriesPoints>) -> Vec<Series> {
                     value,
                 })
                 .collect(),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// A `packed` answer: the samples as two arrays per series.
+fn series_packed_pb(found: Vec<SeriesPoints>) -> Vec<Series> {
+    found
+        .into_iter()
+        .map(|s| {
+            let (timestamps_ms, values) = s.points.into_iter().unzip();
+            Series {
+                name: s.name,
+                labels: labels_pb(s.labels),
+                timestamps_ms,
+                values,
+                ..Default::default()
+            }
         })
         .collect()
 }
@@ -172,6 +190,7 @@ impl Query for QueryService {
     ) -> Result<Response<QueryRangeResponse>, Status> {
         require_operator(&request)?;
         let req = request.into_inner();
+        let packed = req.packed;
         if req.end_ms < req.start_ms {
             return Err(Status::invalid_argument(format!(
                 "end_ms ({}) is before start_ms ({})",
@@ -241,7 +260,11 @@ impl Query for QueryService {
             })
             .await?;
         Ok(Response::new(QueryRangeResponse {
-            series: series_pb(found),
+            series: if packed {
+                series_packed_pb(found)
+            } else {
+                series_pb(found)
+            },
         }))
     }
 

@@ -15,6 +15,13 @@ pub mod tls;
 /// Version of every Vitals binary, from the workspace manifest.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// HTTP/2 flow-control windows of every gRPC endpoint (collector, agent,
+/// CLI). h2's default 64 KiB window makes a multi-megabyte answer (a
+/// day of points for a few series) wait a round trip for a window update
+/// every 64 KiB; a few MiB lets it stream.
+pub const H2_STREAM_WINDOW: u32 = 4 << 20;
+pub const H2_CONNECTION_WINDOW: u32 = 8 << 20;
+
 /// Exit code for bad configuration or bad command-line usage.
 pub const EXIT_CONFIG: u8 = 2;
 /// Exit code for a failure at run time.

@@ -332,14 +332,40 @@ impl Client {
         step: i64,
     ) -> std::result::Result<Result, tonic::Status> {
         let mut q = self.q.clone();
-        let r = self.rt.block_on(q.query_range(QueryRangeRequest {
+        let req = QueryRangeRequest {
             query: query.into(),
             start_ms: start,
             end_ms: end,
             step_ms: step,
             ..Default::default()
-        }))?;
-        Ok(to_result(r.into_inner().series))
+        };
+        let r = self.rt.block_on(q.query_range(req.clone()))?;
+        let plain = r.into_inner().series;
+        // Every answer is asked for twice: packed, it holds the same
+        // series and samples in two arrays each, and no points.
+        let packed = self
+            .rt
+            .block_on(q.query_range(QueryRangeRequest {
+                packed: true,
+                ..req
+            }))?
+            .into_inner()
+            .series;
+        assert_eq!(packed.len(), plain.len(), "{query}");
+        let mut unpacked = Vec::new();
+        for (mut p, s) in packed.into_iter().zip(&plain) {
+            assert!(p.points.is_empty(), "{query}: points in a packed answer");
+            assert_eq!(p.timestamps_ms.len(), s.points.len(), "{query}");
+            assert_eq!(p.values.len(), s.points.len(), "{query}");
+            assert!(s.timestamps_ms.is_empty() && s.values.is_empty());
+            p.unpack();
+            unpacked.push(p);
+        }
+        assert_eq!(
+            &unpacked, &plain,
+            "{query}: packed and plain answers differ"
+        );
+        Ok(to_result(plain))
     }
 
     fn instant(&self, query: &str, t: i64) -> std::result::Result<Result, tonic::Status> {
