@@ -209,8 +209,8 @@ enum Command {
     #[command(verbatim_doc_comment)]
     Top {
         /// Time between refreshes, e.g. 2s, 500ms (at least 200ms).
-        #[arg(long, default_value = "2s")]
-        interval: String,
+        #[arg(long, default_value = "2s", value_parser = top::parse_interval)]
+        interval: std::time::Duration,
     },
     /// Hold back notifications for alerts that match, for a while.
     Silence {
@@ -577,10 +577,8 @@ fn main() -> ExitCode {
         Command::Alerts { all, state, json } => with_client(cli.config, |cfg| async move {
             alerts::alerts(&cfg, all, state, json).await
         }),
-        Command::Top { interval } => top::parse_interval(&interval).and_then(|interval| {
-            let cfg = client::load(cli.config.as_deref())?;
-            runtime()?.block_on(top::run(&cfg, interval))
-        }),
+        Command::Top { interval } => client::load(cli.config.as_deref())
+            .and_then(|cfg| runtime()?.block_on(top::run(&cfg, interval))),
         Command::Watch { json } => client::load(cli.config.as_deref())
             .and_then(|cfg| runtime()?.block_on(alerts::watch(&cfg, json, std::io::stdout()))),
         Command::Series {

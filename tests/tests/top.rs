@@ -229,6 +229,12 @@ fn top_shows_the_fleet_in_tmux_and_follows_keys() {
     );
 
     let cli = env.cli_config(port);
+    // Not on a terminal: a plain error, nothing drawn.
+    let out = env.vitals(&["--config", cli.to_str().unwrap(), "top"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("vitals top needs a terminal"), "{err}");
+    assert!(out.stdout.is_empty(), "drew on a pipe: {:?}", out.stdout);
     let tmux = Tmux {
         bin: tmux_bin,
         socket: format!("vitals-top-{}", std::process::id()),

@@ -29,15 +29,15 @@ use crate::commands::status_error;
 /// The shortest refresh interval accepted.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(200);
 
-/// Parses `--interval`.
-pub fn parse_interval(s: &str) -> Result<Duration> {
+/// Parses `--interval` (a clap value parser: a bad one is a usage error).
+pub fn parse_interval(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s)
-        .with_context(|| format!("--interval {s:?} is not a duration (e.g. 2s, 500ms)"))?;
+        .map_err(|e| format!("{s:?} is not a duration (e.g. 2s, 500ms): {e}"))?;
     if d < MIN_INTERVAL {
-        bail!(
-            "--interval must be at least {}",
+        return Err(format!(
+            "at least {}",
             humantime::format_duration(MIN_INTERVAL)
-        );
+        ));
     }
     Ok(d)
 }
@@ -192,4 +192,17 @@ pub async fn run(cfg: &CliConfig, interval: Duration) -> Result<()> {
     };
     fetcher.abort();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interval_is_a_duration_of_at_least_200ms() {
+        assert_eq!(parse_interval("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_interval("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_interval("100ms").is_err_and(|e| e.contains("at least 200ms")));
+        assert!(parse_interval("soon").is_err());
+    }
 }
