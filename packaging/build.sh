@@ -2,7 +2,8 @@
 # Builds the Vitals packages into target/packages/:
 #   vitals-agent      the agent, its unit, /etc/vitals/agent.toml
 #   vitals-collector  the collector, its unit, /etc/vitals/collector.toml,
-#                     and the `vitals` CLI
+#                     the `vitals` CLI and the Grafana dashboard
+#                     (/usr/share/vitals/grafana/vitals-fleet.json)
 # each as .deb (cargo-deb) and .rpm (cargo-generate-rpm), both installed
 # here first if missing. Their metadata is in agent/Cargo.toml and
 # collector/Cargo.toml; the files they ship are in packaging/ and systemd/.

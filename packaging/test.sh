@@ -83,7 +83,7 @@ for pkg in vitals-agent vitals-collector; do
     conf=/etc/vitals/${pkg#vitals-}.toml
     want=("/usr/bin/$pkg" "/usr/lib/systemd/system/$pkg.service" "$conf"
         "/usr/lib/$pkg/maint" "/usr/lib/sysusers.d/$pkg.conf" "/usr/share/doc/$pkg/INSTALL.md")
-    [ "$pkg" = vitals-collector ] && want+=(/usr/bin/vitals)
+    [ "$pkg" = vitals-collector ] && want+=(/usr/bin/vitals /usr/share/vitals/grafana/vitals-fleet.json)
     for w in "${want[@]}"; do
         grep -qx "$w" <<<"$listing" || fail "$f does not list $w"
     done
@@ -115,7 +115,8 @@ for f in /usr/bin/vitals-agent /usr/bin/vitals-collector /usr/bin/vitals \
     /usr/lib/systemd/system/vitals-agent.service /usr/lib/systemd/system/vitals-collector.service \
     /usr/lib/vitals-agent/maint /usr/lib/vitals-collector/maint \
     /etc/vitals/agent.toml /etc/vitals/collector.toml \
-    /usr/share/doc/vitals-agent/INSTALL.md /usr/share/doc/vitals-collector/README.md; do
+    /usr/share/doc/vitals-agent/INSTALL.md /usr/share/doc/vitals-collector/README.md \
+    /usr/share/vitals/grafana/vitals-fleet.json; do
     [ -e "$f" ] || fail "$f not installed"
 done
 for pkg in vitals-agent vitals-collector; do

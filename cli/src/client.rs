@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 use vitals_common::tls::TlsFiles;
+use vitals_proto::v1::alerts_client::AlertsClient;
 use vitals_proto::v1::query_client::QueryClient;
 
 /// `cli.toml`.
@@ -76,17 +77,22 @@ pub fn load(explicit: Option<&Path>) -> Result<CliConfig> {
 
 /// Connects with the operator certificate (the Query service).
 pub async fn connect(cfg: &CliConfig) -> Result<QueryClient<Channel>> {
-    Ok(QueryClient::new(channel(cfg).await?).max_decoding_message_size(256 << 20))
+    Ok(query_client(channel(cfg).await?))
 }
 
 /// Connects with the operator certificate (the Alerts service).
-pub async fn alerts(
-    cfg: &CliConfig,
-) -> Result<vitals_proto::v1::alerts_client::AlertsClient<Channel>> {
-    Ok(
-        vitals_proto::v1::alerts_client::AlertsClient::new(channel(cfg).await?)
-            .max_decoding_message_size(256 << 20),
-    )
+pub async fn alerts(cfg: &CliConfig) -> Result<AlertsClient<Channel>> {
+    Ok(alerts_client(channel(cfg).await?))
+}
+
+/// A Query client over a [`channel`], taking answers as large as a query may give.
+pub fn query_client(channel: Channel) -> QueryClient<Channel> {
+    QueryClient::new(channel).max_decoding_message_size(256 << 20)
+}
+
+/// An Alerts client over a [`channel`] (one channel can carry both).
+pub fn alerts_client(channel: Channel) -> AlertsClient<Channel> {
+    AlertsClient::new(channel).max_decoding_message_size(256 << 20)
 }
 
 /// A mutual-TLS channel to the collector.

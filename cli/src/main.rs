@@ -11,6 +11,7 @@ mod client;
 mod commands;
 mod detect;
 mod dev;
+mod top;
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -32,6 +33,7 @@ static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;
 /// Query a series:                vitals --config vitals-dev/cli.toml query 'node_load1{node="train-01"}' --since 1h
 /// Functions and aggregations:    vitals query 'avg by (node) (rate(node_cpu_seconds_total{mode="user"}[5m]))' --since 6h
 /// Series, events, alerts:        vitals series 'gpu_gfx_activity{node=~"train-.*"}'; vitals events --since 1d; vitals watch
+/// The fleet, live:               vitals top [--interval 5s]
 /// Machine-readable output:       add --json to any command
 /// Make certificates:             vitals certs init --dir /etc/vitals/tls
 ///                                vitals certs issue --dir /etc/vitals/tls --name train-01 --role agent
@@ -190,6 +192,25 @@ enum Command {
         /// Print {"alerts":[{"rule","state","severity","labels","annotations","evidence","related",...}]}.
         #[arg(long)]
         json: bool,
+    },
+    /// A live full-screen view of the fleet, refreshed every interval: per
+    /// node its GPUs (utilisation, VRAM, temperature, power) as bars, NICs
+    /// (throughput of link speed, errors), NFS mounts (ops/s, round trip per
+    /// operation), ZFS (ARC/L2ARC hit ratio, pool state), running SLURM jobs
+    /// and firing alerts. Reads the Query and Alerts services with the
+    /// operator certificate, as the other commands do.
+    ///
+    /// Keys: up/down or j/k select a node, s cycles the sort (name, GPU
+    /// utilisation, firing alerts), q (or Esc, Ctrl-C) quits.
+    ///
+    /// Examples:
+    ///   vitals top
+    ///   vitals --config vitals-dev/cli.toml top --interval 5s
+    #[command(verbatim_doc_comment)]
+    Top {
+        /// Time between refreshes, e.g. 2s, 500ms (at least 200ms).
+        #[arg(long, default_value = "2s", value_parser = top::parse_interval)]
+        interval: std::time::Duration,
     },
     /// Hold back notifications for alerts that match, for a while.
     Silence {
@@ -556,6 +577,8 @@ fn main() -> ExitCode {
         Command::Alerts { all, state, json } => with_client(cli.config, |cfg| async move {
             alerts::alerts(&cfg, all, state, json).await
         }),
+        Command::Top { interval } => client::load(cli.config.as_deref())
+            .and_then(|cfg| runtime()?.block_on(top::run(&cfg, interval))),
         Command::Watch { json } => client::load(cli.config.as_deref())
             .and_then(|cfg| runtime()?.block_on(alerts::watch(&cfg, json, std::io::stdout()))),
         Command::Series {

@@ -949,3 +949,167 @@ fn http_listener_serves_the_certificate_a_reload_brought() {
         "the old certificate is still served"
     );
 }
+
+/// Every target of every panel of the shipped dashboard, with its title.
+fn dashboard_targets(dash: &Value) -> Vec<(String, String)> {
+    fn walk(panels: &Value, out: &mut Vec<(String, String)>) {
+        for p in panels.as_array().into_iter().flatten() {
+            for t in p["targets"].as_array().into_iter().flatten() {
+                let expr = t["expr"].as_str().unwrap_or_default();
+                assert!(
+                    !expr.is_empty(),
+                    "panel {:?} has a target without expr",
+                    p["title"]
+                );
+                out.push((p["title"].as_str().unwrap_or("").to_string(), expr.into()));
+            }
+            walk(&p["panels"], out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&dash["panels"], &mut out);
+    out
+}
+
+/// What Grafana puts in place of the dashboard's variables: `$node` as
+/// "All" (`allValue`) or as a multi-value regex.
+fn substitute(expr: &str, node: &str) -> String {
+    let out = expr
+        .replace("${node}", node)
+        .replace("$node", node)
+        .replace("$__rate_interval", "1m")
+        .replace("$__interval", "15s")
+        .replace("$__range", "1h");
+    assert!(!out.contains('$'), "a variable left in {out:?}");
+    out
+}
+
+#[test]
+fn grafana_dashboard_expressions_all_run_on_the_http_api() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/grafana/vitals-fleet.json"
+    );
+    let dash: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert!(
+        dash["schemaVersion"].as_u64().unwrap() >= 36,
+        "schemaVersion"
+    );
+    let vars = dash["templating"]["list"].as_array().unwrap();
+    let var = |name: &str| vars.iter().find(|v| v["name"] == name).unwrap().clone();
+    assert_eq!(var("datasource")["type"], "datasource");
+    assert_eq!(var("datasource")["query"], "prometheus");
+    let node_var = var("node");
+    assert_eq!(node_var["allValue"], ".*");
+    // Every panel and target reads the data source variable.
+    for p in dash["panels"].as_array().unwrap() {
+        if p["type"] != "row" {
+            assert_eq!(p["datasource"]["uid"], "${datasource}", "{}", p["title"]);
+        }
+    }
+    let targets = dashboard_targets(&dash);
+    assert!(targets.len() >= 30, "only {} targets", targets.len());
+
+    let env = Env::new();
+    env.issue("train-01", "agent", &[]);
+    let (_collector, port, addr) = start(&env);
+    // A little of what the panels chart, so some answers are not empty.
+    let now = vitals_common::now_ms() / 1000 * 1000;
+    let series = [
+        ("vitals_agent_cycles_total", vec![], 1.0),
+        ("gpu_gfx_activity", vec![("gpu", "0")], 0.0),
+        (
+            "node_network_receive_bytes_total",
+            vec![("device", "ib0")],
+            1e6,
+        ),
+    ];
+    let mut b = Batch {
+        seq: 1,
+        ..Default::default()
+    };
+    for (id, (name, extra, step)) in series.iter().enumerate() {
+        let mut labels = vec![Label {
+            name: "node".into(),
+            value: "train-01".into(),
+        }];
+        labels.extend(extra.iter().map(|(k, v)| Label {
+            name: k.to_string(),
+            value: v.to_string(),
+        }));
+        b.series.push(SeriesDef {
+            id: id as u32,
+            name: name.to_string(),
+            labels,
+        });
+        for k in 0..60i64 {
+            b.series_ids.push(id as u32);
+            b.timestamps_ms.push(now - (60 - k) * 15_000);
+            b.values
+                .push(if *step == 0.0 { 42.0 } else { k as f64 * step });
+        }
+    }
+    ingest(&env, port, "train-01", "inst-1", vec![b]).expect("stored");
+
+    let op = operator(&env);
+    // The node variable's query: label_values(METRIC, node).
+    let def = node_var["definition"].as_str().unwrap();
+    let metric = def
+        .strip_prefix("label_values(")
+        .and_then(|r| r.strip_suffix(", node)"))
+        .unwrap();
+    let (s, v) = json(
+        request(
+            &addr,
+            Some(&op),
+            "GET",
+            &format!("/api/v1/label/node/values?{}", form(&[("match[]", metric)])),
+            None,
+        )
+        .unwrap(),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"], serde_json::json!(["train-01"]), "{v}");
+
+    let start = (now / 1000 - 3600).to_string();
+    let end = (now / 1000).to_string();
+    let mut failed = Vec::new();
+    let mut with_data = Vec::new();
+    for node in [".*", "(train-01|nas-01)"] {
+        for (title, expr) in &targets {
+            let q = substitute(expr, node);
+            let body = form(&[
+                ("query", &q),
+                ("start", &start),
+                ("end", &end),
+                ("step", "60"),
+            ]);
+            let (s, v) = json(
+                request(&addr, Some(&op), "POST", "/api/v1/query_range", Some(&body)).unwrap(),
+            );
+            if s != 200 || v["status"] != "success" {
+                failed.push(format!("{title}: {q}: {s} {v}"));
+            } else if v["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+            {
+                with_data.push(q);
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "expressions the engine refused:\n{}",
+        failed.join("\n")
+    );
+    for want in [
+        r#"gpu_gfx_activity{node=~".*"}"#,
+        r#"avg by (node) (gpu_gfx_activity{node=~"(train-01|nas-01)"})"#,
+        r#"sum by (node, device) (rate(node_network_receive_bytes_total{node=~".*"}[1m]))"#,
+    ] {
+        assert!(
+            with_data.iter().any(|q| q == want),
+            "no data for {want}: {with_data:?}"
+        );
+    }
+}
