@@ -41,7 +41,7 @@ pub enum AggOp {
 }
 
 impl AggOp {
-    fn by_name(name: &str) -> Option<AggOp> {
+    pub(crate) fn by_name(name: &str) -> Option<AggOp> {
         Some(match name {
             "sum" => AggOp::Sum,
             "avg" => AggOp::Avg,
@@ -152,7 +152,7 @@ pub fn parse(text: &str) -> Result<Query, String> {
 }
 
 /// `by (a, b)`, if there.
-fn by_clause(p: &mut P<'_>) -> Result<Option<Vec<String>>, String> {
+pub(crate) fn by_clause(p: &mut P<'_>) -> Result<Option<Vec<String>>, String> {
     p.ws();
     let save = p.i;
     let word = p.ident();

@@ -3,12 +3,13 @@
 //! Every result is one label set (the series' labels, no metric name), a
 //! value, and the evidence: the series read and their recent points.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use vitals_common::model::{Labels, series_text};
 use vitals_common::selector::{Matcher, Op, Selector};
 
-use super::expr::{Expr, INSTANT_LOOKBACK, Term};
+use super::expr::{AggOp, Expr, INSTANT_LOOKBACK, Term};
 use super::rules::Condition;
 use crate::store::{QueryLimits, SeriesPoints, Store};
 
@@ -106,6 +107,52 @@ fn join(left: Vec<Value>, right: &[Value], f: impl Fn(f64, f64) -> Option<f64>) 
     out
 }
 
+/// Most evidence series one aggregated value keeps.
+pub const AGG_EVIDENCE: usize = 8;
+
+/// One value per group of values with the same `by` labels (an absent or
+/// empty label is left out of the group's labels, as in PromQL).
+fn aggregate(op: AggOp, by: &[String], values: Vec<Value>) -> Vec<Value> {
+    let mut groups: BTreeMap<Labels, (Vec<f64>, Vec<Evidence>)> = BTreeMap::new();
+    for v in values {
+        let key: Labels = by
+            .iter()
+            .filter_map(|l| {
+                v.labels
+                    .get(l)
+                    .filter(|x| !x.is_empty())
+                    .map(|x| (l.clone(), x.clone()))
+            })
+            .collect();
+        let g = groups.entry(key).or_default();
+        g.0.push(v.value);
+        for e in v.evidence {
+            if g.1.len() < AGG_EVIDENCE && !g.1.contains(&e) {
+                g.1.push(e);
+            }
+        }
+    }
+    groups
+        .into_iter()
+        .filter_map(|(labels, (vals, evidence))| {
+            let n = vals.len() as f64;
+            let value = match op {
+                AggOp::Sum => vals.iter().sum(),
+                AggOp::Avg => vals.iter().sum::<f64>() / n,
+                // f64::min/max skip NaN, as PromQL's min/max do.
+                AggOp::Min => vals.iter().copied().reduce(f64::min)?,
+                AggOp::Max => vals.iter().copied().reduce(f64::max)?,
+                AggOp::Count => n,
+            };
+            Some(Value {
+                labels,
+                value,
+                evidence,
+            })
+        })
+        .collect()
+}
+
 /// Values of a term at `now`. `started_ms`: when evaluation began (this
 /// process); a series is not silent for longer than we have been looking.
 pub fn term(t: &Term, data: &dyn Data, now: i64, started_ms: i64) -> Result<Vec<Value>, String> {
@@ -144,6 +191,7 @@ pub fn term(t: &Term, data: &dyn Data, now: i64, started_ms: i64) -> Result<Vec<
             let right = term(b, data, now, started_ms)?;
             join(term(a, data, now, started_ms)?, &right, |x, y| Some(x - y))
         }
+        Term::Agg { op, by, term: t } => aggregate(*op, by, term(t, data, now, started_ms)?),
         Term::Anomaly(sel) => {
             let mut matchers: Vec<Matcher> = sel
                 .matchers

@@ -14,6 +14,9 @@
 //!        | silent(selector[d], n)        seconds since the last sample, for series
 //!                                        seen in the last d that missed n of their
 //!                                        own intervals
+//!        | AGG by (l, ...) (term)        AGG: sum avg min max count, over the values
+//!        | AGG (term) by (l, ...)        of the term with the same listed labels
+//!                                        (none listed: one value for all)
 //! ```
 //!
 //! An expression without a comparison is true where its value is non-zero.
@@ -23,6 +26,8 @@ use std::fmt;
 use std::time::Duration;
 
 use vitals_common::selector::{self, Selector};
+
+pub use crate::promql::AggOp;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cmp {
@@ -136,6 +141,12 @@ pub enum Term {
         lookback: Duration,
         intervals: f64,
     },
+    /// `sum|avg|min|max|count by (labels) (term)`.
+    Agg {
+        op: AggOp,
+        by: Vec<String>,
+        term: Box<Term>,
+    },
 }
 
 /// How far back an instant selector looks for its latest sample.
@@ -166,6 +177,7 @@ impl Term {
                 a.reads(out);
                 b.reads(out);
             }
+            Term::Agg { term, .. } => term.reads(out),
         }
     }
 
@@ -214,7 +226,7 @@ pub(crate) struct P<'a> {
     pub(crate) i: usize,
 }
 
-const FUNCTIONS: &str = "rate, increase, delta, changes, max_over_time, min_over_time, avg_over_time, ratio, diff, anomaly, silent";
+const FUNCTIONS: &str = "rate, increase, delta, changes, max_over_time, min_over_time, avg_over_time, ratio, diff, anomaly, silent; aggregations sum, avg, min, max, count";
 
 impl<'a> P<'a> {
     pub(crate) fn new(text: &'a str) -> P<'a> {
@@ -347,6 +359,26 @@ impl<'a> P<'a> {
         self.ws();
         let save = self.i;
         let name = self.ident();
+        if let Some(op) = AggOp::by_name(&name) {
+            let after = self.i;
+            let mut by = crate::promql::by_clause(self)?;
+            self.ws();
+            if self.peek() == Some(b'(') {
+                self.i += 1;
+                let term = self.term()?;
+                self.expect(b')')?;
+                if by.is_none() {
+                    by = crate::promql::by_clause(self)?;
+                }
+                return Ok(Term::Agg {
+                    op,
+                    by: by.unwrap_or_default(),
+                    term: Box::new(term),
+                });
+            }
+            // A metric that happens to be named like an aggregation.
+            self.i = after;
+        }
         self.ws();
         if self.peek() != Some(b'(') {
             // A plain selector.
@@ -429,6 +461,42 @@ mod tests {
         parse(r#"x{a=~"b{2}"} > 1"#).unwrap();
         // An escape at the very end is an error, not a panic.
         assert!(parse("x{a=\"\\").is_err());
+    }
+
+    #[test]
+    fn aggregations_take_by_before_or_after_and_nest() {
+        let e = parse(
+            r#"diff(avg by (job_id, node) (gpu_gfx_activity{job_id!=""}), max by (job_id) (avg(gpu_gfx_activity{job_id!=""}) by (job_id, node))) < -40"#,
+        )
+        .unwrap();
+        let Term::Diff(a, b) = &e.term else {
+            panic!("{:?}", e.term)
+        };
+        match &**a {
+            Term::Agg { op, by, term } => {
+                assert_eq!(*op, AggOp::Avg);
+                assert_eq!(by, &["job_id", "node"]);
+                assert!(matches!(**term, Term::Instant(_)));
+            }
+            other => panic!("{other:?}"),
+        }
+        match &**b {
+            Term::Agg { op, by, term } => {
+                assert_eq!(*op, AggOp::Max);
+                assert_eq!(by, &["job_id"]);
+                assert!(
+                    matches!(&**term, Term::Agg { op: AggOp::Avg, by, .. } if by == &["job_id", "node"])
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(e.term.metrics(), ["gpu_gfx_activity", "gpu_gfx_activity"]);
+        let e = parse("count(rate(x[5m])) > 2").unwrap();
+        assert!(matches!(&e.term, Term::Agg { op: AggOp::Count, by, .. } if by.is_empty()));
+        // A metric named like an aggregation is still a selector.
+        assert!(matches!(parse("sum > 1").unwrap().term, Term::Instant(_)));
+        assert!(parse("sum by (a (x)").is_err());
+        assert!(parse("avg without (a) (x)").is_err());
     }
 
     #[test]

@@ -1,0 +1,296 @@
+//! The built-in training-job rules over synthetic samples stored through
+//! the real store: a two-node job whose second node straggles, a job
+//! whose GPUs went idle, a job whose throughput fell, a job near its time
+//! limit whose step stopped — and, next to each, a healthy job that must
+//! not fire.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vitals_collector::alert::engine::{Alert, Change, Engine};
+use vitals_collector::alert::rules;
+use vitals_collector::store::{self, CleanBatch, SeriesKey, StoreOptions};
+use vitals_common::model::Labels;
+
+const STEP_MS: i64 = 15_000;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[derive(Default)]
+struct Batch {
+    keys: Vec<Arc<SeriesKey>>,
+    idx: Vec<u32>,
+    ts: Vec<i64>,
+    vals: Vec<f64>,
+}
+
+impl Batch {
+    fn put(&mut self, name: &str, l: &Labels, t: i64, v: f64) {
+        let pos = match self
+            .keys
+            .iter()
+            .position(|k| k.name == name && &k.labels == l)
+        {
+            Some(p) => p,
+            None => {
+                self.keys
+                    .push(Arc::new(SeriesKey::new(name.to_string(), l.clone())));
+                self.keys.len() - 1
+            }
+        };
+        self.idx.push(pos as u32);
+        self.ts.push(t);
+        self.vals.push(v);
+    }
+    fn into_clean(self, seq: u64) -> CleanBatch {
+        CleanBatch {
+            seq,
+            series: self.keys,
+            series_idx: self.idx,
+            timestamps_ms: self.ts,
+            values: self.vals,
+            events: Vec::new(),
+        }
+    }
+}
+
+/// GPU utilisation of `gpus` GPUs of `node` used by a job.
+fn gpus(b: &mut Batch, node: &str, job: &str, user: &str, n: usize, t: i64, util: f64) {
+    for g in 0..n {
+        let gs = g.to_string();
+        let l = labels(&[
+            ("node", node),
+            ("gpu", &gs),
+            ("card", &format!("card{g}")),
+            ("job_id", job),
+            ("user", user),
+        ]);
+        // A little spread between GPUs, as real ones have.
+        b.put("gpu_gfx_activity", &l, t, util - g as f64);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_rules_name_the_straggler_the_idle_job_the_slow_pipeline_and_the_doomed_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.db");
+    let (w, store, handle) =
+        store::spawn_writer(store::open(&path).unwrap(), &path, StoreOptions::default()).unwrap();
+    let nodes = ["gpu-01", "gpu-02", "gpu-03", "gpu-04", "slurm-ctl"];
+    for n in nodes {
+        w.hello(n, "i", "test").await.unwrap();
+    }
+    let now = vitals_common::now_ms();
+    // Two hours of history, then 20 minutes in which things go wrong.
+    let t0 = (now - 3 * 3_600_000) / STEP_MS * STEP_MS;
+    let trouble = t0 + 2 * 3_600_000;
+    let end = trouble + 20 * 60_000;
+    let mut per_node: Vec<Batch> = nodes.iter().map(|_| Batch::default()).collect();
+    let mut t = t0;
+    let mut step = 0.0;
+    while t <= end {
+        let bad = t >= trouble;
+        step += 1.0;
+        // Job 4242 (bob) on gpu-01 and gpu-02: gpu-02 falls to 30% while
+        // gpu-01 stays at 95%.
+        gpus(&mut per_node[0], "gpu-01", "4242", "bob", 4, t, 95.0);
+        gpus(
+            &mut per_node[1],
+            "gpu-02",
+            "4242",
+            "bob",
+            4,
+            t,
+            if bad { 30.0 } else { 94.0 },
+        );
+        // Job 4300 (carol) on gpu-03, two GPUs: both go idle. One GPU of
+        // job 4301 (dave) on the same node idles on purpose next to a busy
+        // one: one node, so no straggler, and not all its GPUs are idle.
+        gpus(
+            &mut per_node[2],
+            "gpu-03",
+            "4300",
+            "carol",
+            2,
+            t,
+            if bad { 1.5 } else { 88.0 },
+        );
+        for (g, util) in [("2", 90.0), ("3", 0.0)] {
+            let l = labels(&[
+                ("node", "gpu-03"),
+                ("gpu", g),
+                ("card", "card9"),
+                ("job_id", "4301"),
+                ("user", "dave"),
+            ]);
+            per_node[2].put("gpu_gfx_activity", &l, t, util);
+        }
+        // Job 4400 (erin) on gpu-04: throughput falls to a third, and its
+        // step counter stops near the end of its time limit.
+        let j = labels(&[
+            ("node", "gpu-04"),
+            ("job_id", "4400"),
+            ("user", "erin"),
+            ("name", "llama-ft"),
+        ]);
+        let tput = if bad { 400.0 } else { 1200.0 } + (step % 7.0);
+        per_node[3].put("vitals_job_throughput", &j, t, tput);
+        let frozen = t >= trouble + 5 * 60_000;
+        per_node[3].put(
+            "vitals_job_step",
+            &j,
+            t,
+            if frozen {
+                ((trouble + 5 * 60_000 - t0) / STEP_MS) as f64
+            } else {
+                step
+            },
+        );
+        gpus(&mut per_node[3], "gpu-04", "4400", "erin", 1, t, 80.0);
+        // Job 4500 (frank), healthy, also on gpu-04: steady throughput,
+        // advancing step, far from its limit.
+        let k = labels(&[
+            ("node", "gpu-04"),
+            ("job_id", "4500"),
+            ("user", "frank"),
+            ("name", "vit"),
+        ]);
+        per_node[3].put("vitals_job_throughput", &k, t, 900.0 + (step % 5.0));
+        per_node[3].put("vitals_job_step", &k, t, step * 3.0);
+        // The controller's view: runtime and limit of 4400 and 4500.
+        let c = |id| labels(&[("node", "slurm-ctl"), ("job_id", id)]);
+        let run_s = ((t - t0) / 1000) as f64;
+        per_node[4].put("vitals_slurm_job_runtime_seconds", &c("4400"), t, run_s);
+        per_node[4].put(
+            "vitals_slurm_job_time_limit_seconds",
+            &c("4400"),
+            t,
+            2.4 * 3600.0,
+        );
+        per_node[4].put("vitals_slurm_job_runtime_seconds", &c("4500"), t, run_s);
+        per_node[4].put(
+            "vitals_slurm_job_time_limit_seconds",
+            &c("4500"),
+            t,
+            48.0 * 3600.0,
+        );
+        t += STEP_MS;
+    }
+    for (seq, (node, b)) in nodes.iter().zip(per_node).enumerate() {
+        let r = w
+            .write(node, "i", b.into_clean(seq as u64 + 1))
+            .await
+            .unwrap();
+        r.await.unwrap().unwrap();
+    }
+
+    let wanted = [
+        "JobStraggler",
+        "JobGpusIdle",
+        "JobThroughputDrop",
+        "JobNoProgressNearTimeLimit",
+    ];
+    let mut rules = rules::builtin().unwrap();
+    rules.retain(|r| wanted.contains(&r.name.as_str()));
+    assert_eq!(rules.len(), wanted.len(), "job rules missing from the pack");
+    let mut engine = Engine::new(rules, Duration::from_secs(60), Vec::new());
+    let store2 = store.clone();
+    let fired: Vec<(i64, Alert)> = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        // From an hour in (the throughput rule compares with the last hour).
+        let mut t = t0 + 3_600_000;
+        while t <= end {
+            for c in engine.step(&store2, t) {
+                if let Change::Fired(a) = c {
+                    out.push((t, a));
+                }
+            }
+            t += STEP_MS;
+        }
+        out
+    })
+    .await
+    .unwrap();
+    let show = |f: &[(i64, Alert)]| {
+        f.iter()
+            .map(|(t, a)| format!("+{}s {} {:?}", (t - trouble) / 1000, a.rule, a.labels))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let by_rule = |name: &str| -> Vec<&(i64, Alert)> {
+        fired.iter().filter(|(_, a)| a.rule == name).collect()
+    };
+    for name in wanted {
+        assert_eq!(by_rule(name).len(), 1, "{name}:\n{}", show(&fired));
+    }
+    assert_eq!(fired.len(), wanted.len(), "{}", show(&fired));
+
+    // The straggler: gpu-02 of job 4242, owner and team on the alert,
+    // after its 10 minutes.
+    let (at, a) = by_rule("JobStraggler")[0];
+    assert_eq!(a.labels["node"], "gpu-02");
+    assert_eq!(a.labels["job_id"], "4242");
+    assert_eq!(a.labels["user"], "bob");
+    assert_eq!(a.labels["team"], "ml");
+    assert!(
+        (10 * 60_000..=11 * 60_000).contains(&(at - trouble)),
+        "fired {} s in",
+        (at - trouble) / 1000
+    );
+    let summary = &a.annotations["summary"];
+    assert!(summary.contains("gpu-02 is a straggler"), "{summary}");
+    // Its GPUs averaged 28.5 against gpu-01's 93.5.
+    assert!((a.value + 65.0).abs() < 1e-9, "{}", a.value);
+    assert!(
+        a.evidence.iter().any(|e| e.series.contains("gpu-02"))
+            && a.evidence.iter().any(|e| e.series.contains("gpu-01")),
+        "{:?}",
+        a.evidence
+    );
+
+    // Idle: job 4300 only (4301 keeps one busy GPU).
+    let (at, a) = by_rule("JobGpusIdle")[0];
+    assert_eq!(
+        (a.labels["job_id"].as_str(), a.labels["user"].as_str()),
+        ("4300", "carol")
+    );
+    assert!(
+        (10 * 60_000..=11 * 60_000).contains(&(at - trouble)),
+        "fired {} s in",
+        (at - trouble) / 1000
+    );
+
+    // Throughput: 4400 on gpu-04, at about a third of its hour (after 5m
+    // of the 5m average under half, and the `for` of 5m).
+    let (_, a) = by_rule("JobThroughputDrop")[0];
+    assert_eq!(a.labels["job_id"], "4400");
+    assert_eq!(a.labels["node"], "gpu-04");
+    assert!(a.value < 0.5 && a.value > 0.3, "{}", a.value);
+
+    // Near the limit without progress: 4400's step last advanced at
+    // +4m45s, and its runtime (2 h at +0) passed 90% of its 2.4 h limit at
+    // +9.6m: 10 minutes without a step, at +14m45s.
+    let (at, a) = by_rule("JobNoProgressNearTimeLimit")[0];
+    assert_eq!(a.labels["job_id"], "4400");
+    assert_eq!(a.labels["name"], "llama-ft");
+    assert!(
+        (885_000..=900_000).contains(&(at - trouble)),
+        "fired {} s in",
+        (at - trouble) / 1000
+    );
+    assert!(
+        a.evidence
+            .iter()
+            .any(|e| e.series.contains("vitals_slurm_job_runtime_seconds")),
+        "{:?}",
+        a.evidence
+    );
+    drop(w);
+    let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+}
