@@ -5,6 +5,7 @@
 
 pub mod prometheus;
 pub mod receivers;
+pub mod slurm;
 
 use std::fs::File;
 use std::net::TcpStream;
