@@ -26,12 +26,18 @@
 //! `vitals_slurm_command_{success,duration_seconds,timeouts_total,hung,
 //! text_fallback}{command}`.
 //!
+//! The logs of the jobs running on this node are followed by [`joblog`]
+//! (`[sources.joblog]`), which adds its samples and `job_log` events.
+//!
 //! Events: `slurm_job_state` when a job seen in the last cycle is in
 //! another state now (not on first sight), labelled `job_id`, `user`,
 //! `name`, `partition`, `old_state`, `new_state` and `reason`.
 
 pub mod hostlist;
+pub mod joblog;
 pub mod parse;
+pub mod patterns;
+pub mod tail;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -116,11 +122,32 @@ pub struct Slurm {
     events: Vec<SourceEvent>,
     /// The last failure logged per command, so each is logged once.
     logged: HashMap<&'static str, String>,
+    /// The logs of this node's running jobs; None when turned off.
+    logs: Option<joblog::JobLogs>,
 }
 
 pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
     let s = &cfg.sources.slurm;
+    let jl = &cfg.sources.joblog;
+    let logs = if jl.enabled.unwrap_or(true) {
+        // Checked when the config was validated.
+        match jl.patterns() {
+            Ok(p) => Some(joblog::JobLogs::new(
+                p,
+                jl.slurm_node.clone().unwrap_or_else(joblog::short_hostname),
+                jl.max_read_bytes,
+                jl.max_events,
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "sources.joblog: bad pattern; job logs are not followed");
+                None
+            }
+        }
+    } else {
+        None
+    };
     Box::new(Slurm {
+        logs,
         squeue: s.squeue.clone(),
         sinfo: s.sinfo.clone(),
         timeout: s.command_timeout,
@@ -275,6 +302,9 @@ impl Source for Slurm {
             .map_err(|e| SourceError::Failed(format!("`squeue` output: {e}")))?;
             job_samples(&jobs, unix_now(), out);
             self.job_events(&jobs);
+            if let Some(logs) = self.logs.as_mut() {
+                logs.update(&jobs, out, &mut self.events);
+            }
         }
         if let Some((variant, text)) = &ok[SINFO] {
             let nodes = if *variant == 0 {
