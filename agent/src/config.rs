@@ -248,6 +248,11 @@ pub struct GpuConfig {
     /// Whether the processes using each GPU (PID, memory) are reported.
     #[serde(default = "default_true")]
     pub processes: bool,
+    /// Whether a GPU's series carry `job_id` and `user` while a SLURM
+    /// job's process uses it (from the process's cgroup or environment
+    /// under `paths.procfs`; needs `processes`).
+    #[serde(default = "default_true")]
+    pub job_labels: bool,
 }
 
 impl Default for GpuConfig {
@@ -258,6 +263,7 @@ impl Default for GpuConfig {
             library: None,
             timeout: default_gpu_timeout(),
             processes: true,
+            job_labels: true,
         }
     }
 }

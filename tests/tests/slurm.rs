@@ -194,3 +194,91 @@ fn slurm_job_state_changes_arrive_as_events_and_job_series_are_queryable() {
     let _ = &s.collector;
     agent.proc.term(Duration::from_secs(20));
 }
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures");
+
+/// The MI100 capture with one more process: `pid` using GPU 0 (1 GiB).
+fn capture_with_process(dir: &Path, pid: u32) -> PathBuf {
+    let text =
+        std::fs::read_to_string(Path::new(FIXTURES).join("rocm-smi/mi100_rocm571.json")).unwrap();
+    let mut j: serde_json::Value = serde_json::from_str(&text).unwrap();
+    j["system"][format!("PID{pid}")] = "python, 1, 1073741824, 0, 50".into();
+    let p = dir.join("capture.json");
+    std::fs::write(&p, j.to_string()).unwrap();
+    p
+}
+
+#[test]
+fn slurm_job_processes_label_their_gpus_series_with_job_and_user() {
+    let Some(s) = setup("slurm job <-> gpu", "") else {
+        return;
+    };
+    let dir = s.env.path().to_path_buf();
+    let job = script(&dir, "gpujob", "sleep 300");
+    let out = dir.join("gpujob-%j.out");
+    let id = s
+        .cluster
+        .sbatch(&job, &["-J", "gpujob", "-o", out.to_str().unwrap()]);
+    let job_id = id.to_string();
+    assert!(
+        wait_until(Duration::from_secs(30), || !s.cluster.pids(id).is_empty()),
+        "the job runs: {}",
+        s.cluster.logs()
+    );
+    let pid = s.cluster.pids(id)[0];
+    let capture = capture_with_process(&dir, pid);
+    let lib = bin("libfake_rocm_smi.so");
+    let mut agent = s.agent(
+        &format!("[sources.gpu]\nbackend = \"rocm\"\nlibrary = {lib:?}\n"),
+        &[("VITALS_FAKE_ROCM_SMI_JSON", capture.to_str().unwrap())],
+    );
+    let labelled = || {
+        s.reader.series(
+            "gpu_used_vram",
+            &[
+                ("job_id", MatchOp::Equal, &job_id),
+                ("user", MatchOp::Equal, "root"),
+            ],
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || !labelled().is_empty()),
+        "GPU 0's series carry the job; agent log:\n{}",
+        agent.proc.log_text()
+    );
+    let l = labelled();
+    assert_eq!(l.len(), 1, "only the GPU the process uses");
+    assert_eq!(labels(&l[0])["gpu"], "0");
+    assert_eq!(labels(&l[0])["node"], NODE);
+    assert!(
+        !s.reader
+            .series(
+                "gpu_junction_temperature",
+                &[
+                    ("gpu", MatchOp::Equal, "0"),
+                    ("job_id", MatchOp::Equal, &job_id)
+                ]
+            )
+            .is_empty(),
+        "every series of that GPU"
+    );
+    let gpu1 = s
+        .reader
+        .series("gpu_used_vram", &[("gpu", MatchOp::Equal, "1")]);
+    assert!(gpu1.iter().all(|x| !labels(x).contains_key("job_id")));
+
+    // The job ends: GPU 0's series go on without the job's labels.
+    s.cluster.scancel(id);
+    let unlabelled_now = || {
+        s.reader
+            .series("gpu_used_vram", &[("gpu", MatchOp::Equal, "0")])
+            .iter()
+            .any(|x| !labels(x).contains_key("job_id") && !x.points.is_empty())
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), unlabelled_now),
+        "after the job, GPU 0 without job labels; agent log:\n{}",
+        agent.proc.log_text()
+    );
+    agent.proc.term(Duration::from_secs(20));
+}
