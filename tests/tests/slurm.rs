@@ -30,11 +30,13 @@ struct Setup {
     cli: PathBuf,
 }
 
-/// A cluster, and a collector with `collector_extra` in its config; None
-/// when the test is skipped.
-fn setup(test: &str, collector_extra: &str) -> Option<Setup> {
+/// A cluster, and a collector with `collector_extra` in its config and
+/// `rules` as its `rules.toml`; None when the test is skipped.
+fn setup(test: &str, collector_extra: &str, rules: &str) -> Option<Setup> {
     required(test, "VITALS_TEST_SLURM", slurm_binaries())?;
     let env = Env::new();
+    std::fs::create_dir_all(env.path().join("collector")).unwrap();
+    std::fs::write(env.path().join("collector/rules.toml"), rules).unwrap();
     env.issue(NODE, "agent", &[]);
     let cluster = Cluster::start(&env.path().join("slurm"));
     let port = free_port();
@@ -98,9 +100,8 @@ impl Setup {
         j["events"].as_array().unwrap().clone()
     }
 
-    #[allow(dead_code)]
     fn alerts(&self) -> Vec<serde_json::Value> {
-        let j = self.json(&["alerts", "--json"]);
+        let j = self.json(&["alerts", "--all", "--json"]);
         j["alerts"].as_array().unwrap().clone()
     }
 }
@@ -114,7 +115,7 @@ fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
 
 #[test]
 fn slurm_job_state_changes_arrive_as_events_and_job_series_are_queryable() {
-    let Some(s) = setup("slurm job states", "") else {
+    let Some(s) = setup("slurm job states", "", "") else {
         return;
     };
     let mut agent = s.agent("", &[]);
@@ -210,7 +211,7 @@ fn capture_with_process(dir: &Path, pid: u32) -> PathBuf {
 
 #[test]
 fn slurm_job_processes_label_their_gpus_series_with_job_and_user() {
-    let Some(s) = setup("slurm job <-> gpu", "") else {
+    let Some(s) = setup("slurm job <-> gpu", "", "") else {
         return;
     };
     let dir = s.env.path().to_path_buf();
@@ -279,6 +280,200 @@ fn slurm_job_processes_label_their_gpus_series_with_job_and_user() {
         wait_until(Duration::from_secs(30), unlabelled_now),
         "after the job, GPU 0 without job labels; agent log:\n{}",
         agent.proc.log_text()
+    );
+    agent.proc.term(Duration::from_secs(20));
+}
+
+/// The job stall window of the test (the pack's is 15 minutes); the other
+/// job rules run as shipped.
+const STALL_WINDOW_MS: i64 = 4000;
+const JOB_RULES: &str = r#"
+[[rules]]
+name = "JobStalled"
+stalled = "vitals_job_step"
+while = 'vitals_slurm_job_state{state="RUNNING"} == 1'
+window = "4s"
+severity = "warning"
+labels = { team = "ml" }
+summary = "Job {{job_id}} ({{name}}) of {{user}} on {{node}} is stalled at step {{last}} ({{value}} s without progress)"
+"#;
+const EVAL_MS: i64 = 500;
+const AGENT_MS: i64 = 500;
+
+/// The alert of `rule` for `job`, if any (newest first).
+fn alert_of(alerts: &[serde_json::Value], rule: &str, job: &str) -> Option<serde_json::Value> {
+    alerts
+        .iter()
+        .find(|a| a["rule"] == rule && a["labels"]["job_id"] == job)
+        .cloned()
+}
+
+#[test]
+fn slurm_training_jobs_that_stall_run_out_of_memory_or_diverge_alert_and_resolve_when_cancelled() {
+    let collector_extra = format!(
+        "[alerting]\neval_interval = \"{EVAL_MS}ms\"\nkeep_firing_for = \"1s\"\nrule_files = [\"rules.toml\"]\n"
+    );
+    let Some(s) = setup("slurm job alerts", &collector_extra, JOB_RULES) else {
+        return;
+    };
+    let dir = s.env.path().to_path_buf();
+    let mut agent = s.agent(
+        &format!("[sources.joblog]\nslurm_node = {:?}\n", s.cluster.node),
+        &[],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || !s
+            .reader
+            .samples("vitals_agent_cycles_total", NODE)
+            .is_empty()),
+        "the agent ships; log:\n{}",
+        agent.proc.log_text()
+    );
+    // A: progress, then stuck while still running.
+    let stall = script(
+        &dir,
+        "stall",
+        "sleep 1\nfor i in 1 2 3 4 5 6; do echo \"step $((i*10)) loss 0.$((60-i)) samples/s 123\"; sleep 0.5; done\necho 'waiting for an all-reduce that never completes'\nsleep 600",
+    );
+    // B: progress, a HIP OOM on stderr, then a NaN loss while stepping on.
+    let oom = script(
+        &dir,
+        "diverge",
+        "sleep 1\nfor i in 1 2 3; do echo \"step $i loss 0.9 samples/s 100\"; sleep 0.5; done\necho 'torch.OutOfMemoryError: HIP out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 31.98 GiB' >&2\ni=4; while true; do echo \"step $i loss nan samples/s 100\"; i=$((i+1)); sleep 0.5; done",
+    );
+    let out = |name: &str, ext: &str| dir.join(format!("{name}-%j.{ext}"));
+    let a = s.cluster.sbatch(
+        &stall,
+        &["-J", "stall", "-o", out("stall", "out").to_str().unwrap()],
+    );
+    let b = s.cluster.sbatch(
+        &oom,
+        &[
+            "-J",
+            "diverge",
+            "-o",
+            out("diverge", "out").to_str().unwrap(),
+            "-e",
+            out("diverge", "err").to_str().unwrap(),
+        ],
+    );
+    let (ja, jb) = (a.to_string(), b.to_string());
+    let firing =
+        |rule: &str, job: &str| alert_of(&s.alerts(), rule, job).filter(|a| a["state"] == "firing");
+    let all_fired = wait_until(Duration::from_secs(60), || {
+        firing("JobStalled", &ja).is_some()
+            && firing("JobGpuOutOfMemory", &jb).is_some()
+            && firing("JobLossNotFinite", &jb).is_some()
+    });
+    assert!(
+        all_fired,
+        "alerts: {:#?}\nagent log:\n{}\n{}",
+        s.alerts(),
+        agent.proc.log_text(),
+        s.cluster.logs()
+    );
+
+    // Stalled: within the window plus one interval of the last step.
+    let stalled = firing("JobStalled", &ja).unwrap();
+    let steps = s
+        .reader
+        .series("vitals_job_step", &[("job_id", MatchOp::Equal, &ja)]);
+    assert_eq!(steps.len(), 1);
+    assert_eq!(labels(&steps[0])["user"], "root");
+    assert_eq!(labels(&steps[0])["name"], "stall");
+    let last_step_at = steps[0]
+        .points
+        .iter()
+        .find(|p| p.value == 60.0)
+        .expect("step 60 stored")
+        .timestamp_ms;
+    let fired = stalled["fired_ms"].as_i64().unwrap();
+    let late = fired - last_step_at;
+    assert!(
+        (STALL_WINDOW_MS..=STALL_WINDOW_MS + AGENT_MS + EVAL_MS + 1000).contains(&late),
+        "fired {late} ms after the last step"
+    );
+    let summary = stalled["annotations"]["summary"].as_str().unwrap();
+    assert!(
+        summary.contains(&format!("Job {ja} (stall) of root"))
+            && summary.contains("stalled at step 60"),
+        "{summary}"
+    );
+    assert_eq!(stalled["labels"]["team"], "ml");
+    assert!(
+        firing("JobStalled", &jb).is_none(),
+        "the diverging job still steps"
+    );
+
+    // Out of memory, with the line as evidence.
+    let oom_alert = firing("JobGpuOutOfMemory", &jb).unwrap();
+    let line = "torch.OutOfMemoryError: HIP out of memory. Tried to allocate 2.00 GiB";
+    assert!(
+        oom_alert["annotations"]["log"]
+            .as_str()
+            .is_some_and(|l| l.contains(line)),
+        "{oom_alert:#}"
+    );
+    assert!(
+        oom_alert["related"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["kind"] == "log" && r["what"].as_str().unwrap().contains(line)),
+        "{oom_alert:#}"
+    );
+    assert_eq!(oom_alert["labels"]["user"], "root");
+    assert_eq!(oom_alert["labels"]["class"], "gpu_oom");
+    let summary = oom_alert["annotations"]["summary"].as_str().unwrap();
+    assert!(
+        summary.contains(&format!("Job {jb} of root")) && !summary.contains("last step unknown"),
+        "{summary}"
+    );
+    let ev = s.events("job_log");
+    let e = ev
+        .iter()
+        .find(|e| e["labels"]["job_id"] == jb.as_str())
+        .expect("a job_log event");
+    assert_eq!(e["labels"]["class"], "gpu_oom");
+    assert!(e["labels"]["line"].as_str().unwrap().starts_with(line));
+    assert!(
+        e["labels"]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("diverge-{jb}.err"))
+    );
+
+    // NaN loss: stored as NaN, and the convergence alert.
+    let loss = s
+        .reader
+        .series("vitals_job_loss", &[("job_id", MatchOp::Equal, &jb)]);
+    assert!(loss[0].points.last().unwrap().value.is_nan());
+    let nan = firing("JobLossNotFinite", &jb).unwrap();
+    let summary = nan["annotations"]["summary"].as_str().unwrap();
+    assert!(
+        summary.contains(&format!("Job {jb} (diverge) of root"))
+            && summary.contains("NaN/Inf at step "),
+        "{summary}"
+    );
+
+    // The jobs end: every one of their alerts resolves.
+    s.cluster.scancel(a);
+    s.cluster.scancel(b);
+    let resolved = wait_until(Duration::from_secs(30), || {
+        let list = s.alerts();
+        [
+            ("JobStalled", &ja),
+            ("JobGpuOutOfMemory", &jb),
+            ("JobLossNotFinite", &jb),
+        ]
+        .iter()
+        .all(|(rule, job)| alert_of(&list, rule, job).is_some_and(|a| a["state"] == "resolved"))
+    });
+    assert!(
+        resolved,
+        "alerts after scancel: {:#?}\n{}",
+        s.alerts(),
+        s.collector.log_text()
     );
     agent.proc.term(Duration::from_secs(20));
 }
