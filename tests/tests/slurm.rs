@@ -477,3 +477,56 @@ fn slurm_training_jobs_that_stall_run_out_of_memory_or_diverge_alert_and_resolve
     );
     agent.proc.term(Duration::from_secs(20));
 }
+
+#[test]
+fn slurm_without_json_finds_job_logs_through_scontrol() {
+    let Some(s) = setup("slurm text fallback", "", "") else {
+        return;
+    };
+    let dir = s.env.path().to_path_buf();
+    // An squeue without the JSON plugin.
+    let bin_dir = dir.join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let squeue = bin_dir.join("squeue");
+    std::fs::write(
+        &squeue,
+        "#!/bin/bash\nfor a in \"$@\"; do if [ \"$a\" = --json ]; then echo \"squeue: unrecognized option '--json'\" >&2; exit 1; fi; done\nexec squeue \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&squeue, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut agent = s.agent(
+        &format!(
+            "[sources.slurm]\nsqueue = {squeue:?}\n[sources.joblog]\nslurm_node = {:?}\n",
+            s.cluster.node
+        ),
+        &[],
+    );
+    let job = script(
+        &dir,
+        "textjob",
+        "i=1; while true; do echo \"step $i loss 0.5\"; i=$((i+1)); sleep 0.3; done",
+    );
+    let out = dir.join("text-%x-%j.log");
+    let id = s
+        .cluster
+        .sbatch(&job, &["-J", "textjob", "-o", out.to_str().unwrap()]);
+    let job_id = id.to_string();
+    let stepping = || {
+        s.reader
+            .series("vitals_job_step", &[("job_id", MatchOp::Equal, &job_id)])
+            .first()
+            .is_some_and(|x| x.points.len() >= 2 && x.points.last().unwrap().value > 1.0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), stepping),
+        "the job's steps through scontrol's StdOut=; agent log:\n{}",
+        agent.proc.log_text()
+    );
+    let fallback = s.reader.series(
+        "vitals_slurm_command_text_fallback",
+        &[("command", MatchOp::Equal, "squeue")],
+    );
+    assert_eq!(fallback[0].points.last().unwrap().value, 1.0);
+    s.cluster.scancel(id);
+    agent.proc.term(Duration::from_secs(20));
+}

@@ -17,6 +17,9 @@
 //!
 //! A job that started after the source did is read from the start of its
 //! files; one already running when the agent started, from their end.
+//! Where squeue does not say where a job writes (its text form), the
+//! paths come from `scontrol -o show job <id>` (`StdOut=`, `StdErr=`),
+//! run once per job off the collection thread like squeue itself.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -28,6 +31,7 @@ use super::parse::Job;
 use super::patterns::{Patterns, Values};
 use super::tail::Tail;
 use crate::sources::SourceEvent;
+use crate::sources::command::{CommandSpec, Runner};
 
 /// Longest matched line kept in an event.
 const MAX_EVENT_LINE: usize = 1000;
@@ -43,6 +47,12 @@ pub struct JobLogs {
     jobs: HashMap<u64, Followed>,
     /// Read errors already logged, per file.
     logged: HashSet<PathBuf>,
+    /// `scontrol`, for jobs whose paths squeue does not give; None: such
+    /// jobs' logs are not followed.
+    scontrol: Option<PathBuf>,
+    timeout: std::time::Duration,
+    /// `scontrol show job` runs in flight, per job.
+    lookups: HashMap<u64, Runner>,
 }
 
 struct Followed {
@@ -132,6 +142,35 @@ pub fn log_files(job: &Job) -> Vec<PathBuf> {
     out
 }
 
+/// `StdOut=`, `StdErr=` and `WorkDir=` of `scontrol -o show job` (one
+/// line of `Key=Value` fields; a value runs to the next ` Key=`).
+pub fn parse_scontrol_job(text: &str) -> (Option<String>, Option<String>, Option<String>) {
+    let line = text.lines().next().unwrap_or("");
+    let field = |key: &str| -> Option<String> {
+        let start = line
+            .match_indices(&format!("{key}="))
+            .find(|(i, _)| *i == 0 || line.as_bytes()[i - 1] == b' ')
+            .map(|(i, _)| i + key.len() + 1)?;
+        let rest = &line[start..];
+        // The value ends where the next ` Word=` begins.
+        let end = rest
+            .match_indices(' ')
+            .map(|(i, _)| i)
+            .find(|&i| {
+                let next = &rest[i + 1..];
+                let word: String = next
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == ':' || *c == '/')
+                    .collect();
+                !word.is_empty() && next[word.len()..].starts_with('=')
+            })
+            .unwrap_or(rest.len());
+        let v = rest[..end].trim();
+        (!v.is_empty() && v != "(null)").then(|| v.to_string())
+    };
+    (field("StdOut"), field("StdErr"), field("WorkDir"))
+}
+
 impl JobLogs {
     pub fn new(patterns: Patterns, node: String, max_read: usize, max_events: usize) -> JobLogs {
         JobLogs {
@@ -142,6 +181,65 @@ impl JobLogs {
             started: super::unix_now(),
             jobs: HashMap::new(),
             logged: HashSet::new(),
+            scontrol: None,
+            timeout: std::time::Duration::from_secs(10),
+            lookups: HashMap::new(),
+        }
+    }
+
+    /// Where `scontrol` is, for jobs without paths in squeue's output.
+    pub fn with_scontrol(
+        mut self,
+        scontrol: Option<PathBuf>,
+        timeout: std::time::Duration,
+    ) -> Self {
+        self.scontrol = scontrol;
+        self.timeout = timeout;
+        self
+    }
+
+    /// The files of a job squeue gave no paths for: None until `scontrol`
+    /// answered (it runs on its own thread; each cycle only looks).
+    fn files_from_scontrol(&mut self, j: &Job) -> Option<Vec<PathBuf>> {
+        let Some(program) = self.scontrol.clone() else {
+            return Some(Vec::new());
+        };
+        let timeout = self.timeout;
+        let r = self.lookups.entry(j.id).or_insert_with(|| {
+            let mut r = Runner::new(
+                CommandSpec {
+                    label: "scontrol",
+                    program,
+                    variants: vec![vec![
+                        "-o".into(),
+                        "show".into(),
+                        "job".into(),
+                        j.id.to_string(),
+                    ]],
+                    fallback_on: &[],
+                    env: Vec::new(),
+                },
+                timeout,
+            );
+            r.start();
+            r
+        });
+        r.receive(None);
+        let outcome = r.last.take()?;
+        self.lookups.remove(&j.id);
+        match outcome.success() {
+            Some((_, text)) => {
+                let (stdout, stderr, cwd) = parse_scontrol_job(text);
+                let mut with = j.clone();
+                with.stdout = stdout;
+                with.stderr = stderr;
+                with.cwd = cwd.or(with.cwd);
+                Some(log_files(&with))
+            }
+            None => {
+                tracing::warn!(job_id = j.id, error = %outcome.failure().unwrap_or_default(), "scontrol show job failed; this job's log is not followed");
+                Some(Vec::new())
+            }
         }
     }
 
@@ -154,19 +252,33 @@ impl JobLogs {
             .collect();
         let ids: HashSet<u64> = running.iter().map(|j| j.id).collect();
         self.jobs.retain(|id, _| ids.contains(id));
+        self.lookups.retain(|id, _| ids.contains(id));
         for j in running {
-            let from_start = j.start_time.is_some_and(|t| t >= self.started);
-            let f = self.jobs.entry(j.id).or_insert_with(|| Followed {
-                user: j.user.clone(),
-                name: j.name.clone(),
-                tails: log_files(j)
-                    .iter()
-                    .map(|p| Tail::new(p, from_start))
-                    .collect(),
-                values: Values::default(),
-                lines: 0,
-                errors: BTreeMap::new(),
-            });
+            if !self.jobs.contains_key(&j.id) {
+                let files = if j.stdout.is_some() || j.stderr.is_some() {
+                    log_files(j)
+                } else {
+                    match self.files_from_scontrol(j) {
+                        Some(f) => f,
+                        None => continue,
+                    }
+                };
+                let from_start = j.start_time.is_some_and(|t| t >= self.started);
+                self.jobs.insert(
+                    j.id,
+                    Followed {
+                        user: j.user.clone(),
+                        name: j.name.clone(),
+                        tails: files.iter().map(|p| Tail::new(p, from_start)).collect(),
+                        values: Values::default(),
+                        lines: 0,
+                        errors: BTreeMap::new(),
+                    },
+                );
+            }
+            let Some(f) = self.jobs.get_mut(&j.id) else {
+                continue;
+            };
             let mut sent = 0;
             for t in f.tails.iter_mut() {
                 let polled = match t.poll(self.max_read) {
@@ -275,6 +387,20 @@ mod tests {
             cwd: Some("/home/alice/run".into()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn scontrol_show_job_gives_the_paths() {
+        let text = "JobId=12 JobName=train run UserId=root(0) GroupId=root(0) JobState=RUNNING Reason=None WorkDir=/home/a b/run StdErr=/tmp/x/err-12.log StdIn=/dev/null StdOut=/tmp/x/out 12.log Power=\n";
+        assert_eq!(
+            parse_scontrol_job(text),
+            (
+                Some("/tmp/x/out 12.log".into()),
+                Some("/tmp/x/err-12.log".into()),
+                Some("/home/a b/run".into())
+            )
+        );
+        assert_eq!(parse_scontrol_job("JobId=1 StdOut=(null)\n").0, None);
     }
 
     #[test]

@@ -132,12 +132,25 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
     let logs = if jl.enabled.unwrap_or(true) {
         // Checked when the config was validated.
         match jl.patterns() {
-            Ok(p) => Some(joblog::JobLogs::new(
-                p,
-                jl.slurm_node.clone().unwrap_or_else(joblog::short_hostname),
-                jl.max_read_bytes,
-                jl.max_events,
-            )),
+            Ok(p) => {
+                // Beside a configured squeue, else on PATH.
+                let scontrol = s
+                    .squeue
+                    .as_ref()
+                    .and_then(|q| q.parent())
+                    .map(|d| d.join("scontrol"))
+                    .filter(|p| p.is_file())
+                    .or_else(|| on_path("scontrol"));
+                Some(
+                    joblog::JobLogs::new(
+                        p,
+                        jl.slurm_node.clone().unwrap_or_else(joblog::short_hostname),
+                        jl.max_read_bytes,
+                        jl.max_events,
+                    )
+                    .with_scontrol(scontrol, s.command_timeout),
+                )
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "sources.joblog: bad pattern; job logs are not followed");
                 None
