@@ -56,6 +56,11 @@ fn setup(test: &str, collector_extra: &str, rules: &str) -> Option<Setup> {
 impl Setup {
     /// An agent on this cluster: the slurm source (and `extra`).
     fn agent(&self, extra: &str, vars: &[(&str, &str)]) -> Agent {
+        let extra = if extra.contains("[sources.slurm]") {
+            extra.to_string()
+        } else {
+            format!("[sources.slurm]\n{extra}")
+        };
         let opts = AgentOpts {
             cert: self.env.cert(NODE),
             ca: None,
@@ -63,7 +68,7 @@ impl Setup {
             interval: "500ms",
             spool_max_bytes: 64 << 20,
         };
-        let cfg = agent_config(&self.env, NODE, self.port, &opts, extra);
+        let cfg = agent_config(&self.env, NODE, self.port, &opts, &extra);
         let mut all = vec![self.cluster.env()];
         all.extend_from_slice(vars);
         restart_agent_env(&cfg, &all)
