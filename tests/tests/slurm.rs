@@ -4,10 +4,9 @@
 //! rules) the job alerts.
 //!
 //! Skipped without slurmctld/slurmd/munge unless `VITALS_TEST_SLURM=1`
-//! (`.ci/run` sets it), which makes a missing component a failure. Every
-//! test name contains `slurm`: nextest runs them one at a time
-//! (`.config/nextest.toml`), and the cluster's lock keeps other processes
-//! out.
+//! (`.ci/run` sets it), which makes a missing component a failure.
+//! nextest runs this binary's tests one at a time (`.config/nextest.toml`),
+//! and the cluster's lock keeps other processes out.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
