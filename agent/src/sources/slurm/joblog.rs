@@ -20,6 +20,12 @@
 //! Where squeue does not say where a job writes (its text form), the
 //! paths come from `scontrol -o show job <id>` (`StdOut=`, `StdErr=`),
 //! run once per job off the collection thread like squeue itself.
+//!
+//! The files are read on a thread of their own ([`Worker`]): a log on a
+//! hung NFS mount must not hold up the cycle. A cycle waits for that
+//! thread at most as long as for squeue; a read still running then is
+//! reported (`vitals_job_log_read_hung 1`), later cycles do not wait for
+//! it, and what it read is sent when it returns.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -140,6 +146,97 @@ pub fn log_files(job: &Job) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+type Found = (Vec<Sample>, Vec<SourceEvent>);
+
+/// [`JobLogs`] on its own thread.
+pub struct Worker {
+    jobs: Option<std::sync::mpsc::SyncSender<Vec<Job>>>,
+    found: std::sync::mpsc::Receiver<Found>,
+    /// A job list was sent and its answer has not come back.
+    busy: bool,
+    /// The last answer did not come back in time.
+    hung: bool,
+}
+
+impl Worker {
+    pub fn start(mut logs: JobLogs) -> std::io::Result<Worker> {
+        let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel::<Vec<Job>>(1);
+        let (found_tx, found_rx) = std::sync::mpsc::sync_channel::<Found>(1);
+        std::thread::Builder::new()
+            .name("vitals-joblog".into())
+            .spawn(move || {
+                while let Ok(jobs) = jobs_rx.recv() {
+                    let (mut out, mut events) = (Vec::new(), Vec::new());
+                    logs.update(&jobs, &mut out, &mut events);
+                    if found_tx.send((out, events)).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Worker {
+            jobs: Some(jobs_tx),
+            found: found_rx,
+            busy: false,
+            hung: false,
+        })
+    }
+
+    /// Hands this cycle's jobs to the thread (unless it is still on the
+    /// last ones) and appends what it found, waiting until `deadline` at
+    /// most (not at all while a read is hung).
+    pub fn cycle(
+        &mut self,
+        jobs: Vec<Job>,
+        deadline: std::time::Instant,
+        out: &mut Vec<Sample>,
+        events: &mut Vec<SourceEvent>,
+    ) {
+        use std::sync::mpsc::RecvTimeoutError;
+        if !self.busy {
+            match self.jobs.as_ref().map(|tx| tx.try_send(jobs)) {
+                Some(Ok(())) => self.busy = true,
+                _ => {
+                    tracing::warn!("the job log thread has stopped; job logs are not followed");
+                    self.jobs = None;
+                }
+            }
+        }
+        if self.busy {
+            let wait = if self.hung {
+                std::time::Duration::ZERO
+            } else {
+                deadline.saturating_duration_since(std::time::Instant::now())
+            };
+            match self.found.recv_timeout(wait) {
+                Ok((o, e)) => {
+                    out.extend(o);
+                    events.extend(e);
+                    if std::mem::take(&mut self.hung) {
+                        tracing::info!("job logs: the hung read returned");
+                    }
+                    self.busy = false;
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if !self.hung {
+                        tracing::warn!(
+                            "job logs: a read has not returned in time (a hung NFS mount?); cycles go on without waiting for it"
+                        );
+                    }
+                    self.hung = true;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.busy = false;
+                    self.jobs = None;
+                }
+            }
+        }
+        out.push(Sample::new(
+            "vitals_job_log_read_hung",
+            if self.hung { 1.0 } else { 0.0 },
+        ));
+    }
 }
 
 /// `StdOut=`, `StdErr=` and `WorkDir=` of `scontrol -o show job` (one
@@ -495,6 +592,66 @@ mod tests {
         let (mut out, mut ev) = (Vec::new(), Vec::new());
         logs.update(&jobs, &mut out, &mut ev);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn the_worker_thread_answers_within_the_cycle() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("w.out");
+        let j = job(3, file.to_str().unwrap());
+        let mut w = Worker::start(JobLogs::new(
+            Patterns::defaults(),
+            "gpu01".into(),
+            1 << 20,
+            20,
+        ))
+        .unwrap();
+        std::fs::write(&file, "step 5 loss 0.1\n").unwrap();
+        let (mut out, mut ev) = (Vec::new(), Vec::new());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        w.cycle(vec![j], deadline, &mut out, &mut ev);
+        assert_eq!(value(&out, "vitals_job_step"), Some(5.0));
+        assert_eq!(value(&out, "vitals_job_log_read_hung"), Some(0.0));
+    }
+
+    #[test]
+    fn a_read_that_hangs_holds_up_one_cycle_at_most() {
+        let dir = tempfile::tempdir().unwrap();
+        // Opening a FIFO without a writer blocks, as a hung NFS read does.
+        let fifo = dir.path().join("hung.out");
+        let st = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let mut w = Worker::start(JobLogs::new(
+            Patterns::defaults(),
+            "gpu01".into(),
+            1 << 20,
+            20,
+        ))
+        .unwrap();
+        let j = job(4, fifo.to_str().unwrap());
+        let wait = std::time::Duration::from_millis(300);
+        let cycle = |w: &mut Worker| {
+            let (mut out, mut ev) = (Vec::new(), Vec::new());
+            let t = std::time::Instant::now();
+            w.cycle(vec![j.clone()], t + wait, &mut out, &mut ev);
+            (t.elapsed(), value(&out, "vitals_job_log_read_hung"))
+        };
+        let (took, hung) = cycle(&mut w);
+        assert!(took >= wait && took < wait * 3, "{took:?}");
+        assert_eq!(hung, Some(1.0));
+        let (took, hung) = cycle(&mut w);
+        assert!(took < wait, "no second wait: {took:?}");
+        assert_eq!(hung, Some(1.0));
+        // A writer appears: the read returns, and the next cycle says so.
+        let _writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        let back = (0..50).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            cycle(&mut w).1 == Some(0.0)
+        });
+        assert!(back, "the hung read came back");
     }
 
     #[test]

@@ -122,8 +122,9 @@ pub struct Slurm {
     events: Vec<SourceEvent>,
     /// The last failure logged per command, so each is logged once.
     logged: HashMap<&'static str, String>,
-    /// The logs of this node's running jobs; None when turned off.
-    logs: Option<joblog::JobLogs>,
+    /// The logs of this node's running jobs, read on their own thread;
+    /// None when turned off.
+    logs: Option<joblog::Worker>,
 }
 
 pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
@@ -141,15 +142,20 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
                     .map(|d| d.join("scontrol"))
                     .filter(|p| p.is_file())
                     .or_else(|| on_path("scontrol"));
-                Some(
-                    joblog::JobLogs::new(
-                        p,
-                        jl.slurm_node.clone().unwrap_or_else(joblog::short_hostname),
-                        jl.max_read_bytes,
-                        jl.max_events,
-                    )
-                    .with_scontrol(scontrol, s.command_timeout),
+                let logs = joblog::JobLogs::new(
+                    p,
+                    jl.slurm_node.clone().unwrap_or_else(joblog::short_hostname),
+                    jl.max_read_bytes,
+                    jl.max_events,
                 )
+                .with_scontrol(scontrol, s.command_timeout);
+                match joblog::Worker::start(logs) {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot start the job log thread; job logs are not followed");
+                        None
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "sources.joblog: bad pattern; job logs are not followed");
@@ -316,7 +322,8 @@ impl Source for Slurm {
             job_samples(&jobs, unix_now(), out);
             self.job_events(&jobs);
             if let Some(logs) = self.logs.as_mut() {
-                logs.update(&jobs, out, &mut self.events);
+                // As long again as the commands could take, from now.
+                logs.cycle(jobs, Instant::now() + self.wait, out, &mut self.events);
             }
         }
         if let Some((variant, text)) = &ok[SINFO] {
