@@ -339,6 +339,18 @@ mod tests {
     }
 
     #[test]
+    fn a_hung_nfs_mount_is_the_probable_cause_of_unreadable_training_data() {
+        let data = Mem(Vec::new());
+        let mut a = alert("JobDataUnreadable", "gpu-01", 5_000);
+        a.labels.insert("job_id".into(), "7".into());
+        let nfs = alert("NfsMountHung", "gpu-01", 2_000);
+        let gpu = alert("GpuTemperatureHigh", "gpu-01", 1_000);
+        let (rel, cause) = related(&a, &[], &[&a, &gpu, &nfs], &data, 0, 6_000);
+        assert!(rel[0].what.starts_with("NfsMountHung"), "{rel:?}");
+        assert!(cause.unwrap().contains("NfsMountHung"));
+    }
+
+    #[test]
     fn a_job_alert_carries_that_jobs_log_lines_of_its_class() {
         let data = WithEvents(
             Mem(Vec::new()),
