@@ -93,6 +93,104 @@ pub struct SourcesConfig {
     /// `[sources.slurm]`: SLURM jobs and nodes through squeue and sinfo.
     #[serde(default)]
     pub slurm: SlurmConfig,
+    /// `[sources.joblog]`: the logs of the SLURM jobs running on this node
+    /// (read by the slurm source, which knows the jobs).
+    #[serde(default)]
+    pub joblog: JobLogConfig,
+}
+
+/// `[sources.joblog]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobLogConfig {
+    /// Whether the slurm source follows job logs (default: yes).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// This host's SLURM node name: the logs of running jobs with this
+    /// node in their node list are followed. Default: the short host name
+    /// (slurmd's own default).
+    #[serde(default)]
+    pub slurm_node: Option<String>,
+    /// Most bytes read from one log file per cycle; the rest waits.
+    #[serde(default = "default_joblog_read")]
+    pub max_read_bytes: usize,
+    /// Most `job_log` events per job per cycle (the error counters count
+    /// every line).
+    #[serde(default = "default_joblog_events")]
+    pub max_events: usize,
+    /// Whether the built-in patterns (PyTorch, Hugging Face Trainer,
+    /// Lightning, DeepSpeed) are used after the configured ones.
+    #[serde(default = "default_true")]
+    pub default_patterns: bool,
+    /// Error patterns, tried before the built-in ones: `{ class = "gpu_oom",
+    /// regex = "..." }`. The class becomes the `class` label.
+    #[serde(default)]
+    pub errors: Vec<ErrorPattern>,
+    /// Progress patterns: regexes with one capture group, the value. In
+    /// them `NUM` stands for a number and `LOSS` for a loss value (NaN and
+    /// Inf included).
+    #[serde(default)]
+    pub step: Vec<String>,
+    #[serde(default)]
+    pub epoch: Vec<String>,
+    #[serde(default)]
+    pub loss: Vec<String>,
+    #[serde(default)]
+    pub throughput: Vec<String>,
+}
+
+/// One configured error pattern.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorPattern {
+    pub class: String,
+    pub regex: String,
+}
+
+impl Default for JobLogConfig {
+    fn default() -> Self {
+        JobLogConfig {
+            enabled: None,
+            slurm_node: None,
+            max_read_bytes: default_joblog_read(),
+            max_events: default_joblog_events(),
+            default_patterns: true,
+            errors: Vec::new(),
+            step: Vec::new(),
+            epoch: Vec::new(),
+            loss: Vec::new(),
+            throughput: Vec::new(),
+        }
+    }
+}
+
+impl JobLogConfig {
+    /// The compiled patterns, or why one does not compile.
+    pub fn patterns(&self) -> Result<crate::sources::slurm::patterns::Patterns, String> {
+        let errors: Vec<(String, String)> = self
+            .errors
+            .iter()
+            .map(|e| (e.class.clone(), e.regex.clone()))
+            .collect();
+        crate::sources::slurm::patterns::Patterns::new(
+            &errors,
+            &crate::sources::slurm::patterns::Progress {
+                step: self.step.clone(),
+                epoch: self.epoch.clone(),
+                loss: self.loss.clone(),
+                throughput: self.throughput.clone(),
+            },
+            self.default_patterns,
+        )
+    }
+}
+
+fn default_joblog_read() -> usize {
+    256 * 1024
+}
+
+fn default_joblog_events() -> usize {
+    20
 }
 
 /// `[sources.slurm]`.
@@ -150,6 +248,11 @@ pub struct GpuConfig {
     /// Whether the processes using each GPU (PID, memory) are reported.
     #[serde(default = "default_true")]
     pub processes: bool,
+    /// Whether a GPU's series carry `job_id` and `user` while a SLURM
+    /// job's process uses it (from the process's cgroup or environment
+    /// under `paths.procfs`; needs `processes`).
+    #[serde(default = "default_true")]
+    pub job_labels: bool,
 }
 
 impl Default for GpuConfig {
@@ -160,6 +263,7 @@ impl Default for GpuConfig {
             library: None,
             timeout: default_gpu_timeout(),
             processes: true,
+            job_labels: true,
         }
     }
 }
@@ -412,6 +516,33 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
             path,
             "sources.slurm.command_timeout",
             "must be at least 10ms",
+        ));
+    }
+    if let Err(e) = raw.sources.joblog.patterns() {
+        return Err(ConfigError::invalid(
+            path,
+            "sources.joblog",
+            format!("bad pattern {e}"),
+        ));
+    }
+    if let Some(c) = raw
+        .sources
+        .joblog
+        .errors
+        .iter()
+        .find(|e| e.class.trim().is_empty())
+    {
+        return Err(ConfigError::invalid(
+            path,
+            "sources.joblog.errors",
+            format!("class {:?} must not be empty", c.class),
+        ));
+    }
+    if raw.sources.joblog.max_read_bytes < 1024 {
+        return Err(ConfigError::invalid(
+            path,
+            "sources.joblog.max_read_bytes",
+            "must be at least 1024",
         ));
     }
     if let Some(lib) = &raw.sources.gpu.library

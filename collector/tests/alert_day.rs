@@ -105,8 +105,17 @@ fn gpu_node(day: &mut Day, rng: &mut Rng, t: i64, cycle: f64, counters: &mut [f6
     );
     for g in 0..4 {
         let gs = g.to_string();
-        let l = labels(&[("node", node), ("gpu", &gs), ("card", &format!("card{g}"))]);
+        let mut l = labels(&[("node", node), ("gpu", &gs), ("card", &format!("card{g}"))]);
         let run = job_running(g, t);
+        if run {
+            // While a job's process uses the GPU its series carry the job.
+            let h = t as f64 / 3_600_000.0 + g as f64 * 1.3;
+            l.insert(
+                "job_id".into(),
+                format!("{}", 1000 + 100 * g + (h / 6.0) as usize),
+            );
+            l.insert("user".into(), "alice".into());
+        }
         let used = if run {
             32752.0 * (0.78 + rng.noise(0.08))
         } else {
@@ -135,6 +144,47 @@ fn gpu_node(day: &mut Day, rng: &mut Rng, t: i64, cycle: f64, counters: &mut [f6
             },
         );
         day.put("gpu_ecc_uncorrect_total", &l, t, 0.0);
+        if run {
+            // The job's SLURM state and its log's progress, as the
+            // agent's slurm source reports them.
+            let h = t as f64 / 3_600_000.0 + g as f64 * 1.3;
+            let job = format!("{}", 1000 + 100 * g + (h / 6.0) as usize);
+            let jl = labels(&[("node", node), ("job_id", &job), ("state", "RUNNING")]);
+            day.put("vitals_slurm_job_state", &jl, t, 1.0);
+            let jl = labels(&[
+                ("node", node),
+                ("job_id", &job),
+                ("user", "alice"),
+                ("name", "train"),
+            ]);
+            let step = ((h % 6.0) * 3600.0 * 2.0).floor();
+            day.put("vitals_job_step", &jl, t, step);
+            day.put("vitals_job_loss", &jl, t, 2.0 / (1.0 + step / 1000.0));
+            day.put("vitals_job_loss_nonfinite", &jl, t, 0.0);
+            day.put(
+                "vitals_job_throughput",
+                &jl,
+                t,
+                1500.0 * (1.0 + 0.05 * diurnal(t)) + rng.noise(120.0),
+            );
+            let sl = labels(&[("node", node), ("job_id", &job)]);
+            day.put(
+                "vitals_slurm_job_runtime_seconds",
+                &sl,
+                t,
+                ((h % 6.0) * 3600.0).floor(),
+            );
+            day.put("vitals_slurm_job_time_limit_seconds", &sl, t, 6.0 * 3600.0);
+            for class in ["gpu_oom", "data_io"] {
+                let el = labels(&[
+                    ("node", node),
+                    ("job_id", &job),
+                    ("user", "alice"),
+                    ("class", class),
+                ]);
+                day.put("vitals_job_log_errors_total", &el, t, 0.0);
+            }
+        }
     }
     // 100GbE to the storage box, at its expected speed.
     let nic = labels(&[("node", node), ("device", "ens1f0")]);
@@ -378,7 +428,9 @@ async fn a_healthy_day_fires_nothing_and_a_real_failure_fires() {
     // included.
     for r in &rules {
         let values = match &r.condition {
-            Condition::Expr(e) => eval::term(&e.term, &store, end, i64::MIN).unwrap(),
+            Condition::Expr(e) | Condition::Gated { expr: e, .. } => {
+                eval::term(&e.term, &store, end, i64::MIN).unwrap()
+            }
             Condition::Stall { series, .. } => store
                 .range(series, end - 60_000, end)
                 .unwrap()

@@ -5,6 +5,7 @@
 
 pub mod prometheus;
 pub mod receivers;
+pub mod slurm;
 
 use std::fs::File;
 use std::net::TcpStream;
@@ -320,13 +321,19 @@ pub fn agent_config(
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("agent.toml");
     // These tests are about delivery, and size their spools for small
-    // batches: only the host source runs, whatever this machine has.
+    // batches: only the host source runs, whatever this machine has (a
+    // SLURM client without a cluster, say), unless `extra` has the table.
     let only_host = format!(
-        "[sources.net]\nenabled = false\n[sources.nfs]\nenabled = false\n[sources.nfsd]\nenabled = false\n[sources.zfs]\nenabled = false\n{}{extra}",
+        "[sources.net]\nenabled = false\n[sources.nfs]\nenabled = false\n[sources.nfsd]\nenabled = false\n[sources.zfs]\nenabled = false\n{}{}{extra}",
         if extra.contains("[sources.gpu]") {
             ""
         } else {
             "[sources.gpu]\nenabled = false\n"
+        },
+        if extra.contains("[sources.slurm]") {
+            ""
+        } else {
+            "[sources.slurm]\nenabled = false\n"
         }
     );
     let node = opts

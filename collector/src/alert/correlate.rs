@@ -146,12 +146,48 @@ pub fn related(
     (found.into_iter().map(|(_, r)| r).collect(), cause)
 }
 
+/// Most log lines attached to a job alert.
+pub const MAX_LOG_LINES: usize = 5;
+
+/// For an alert on a job (a `job_id` label): the job's recent `job_log`
+/// events on the alert's node between `since` and `now`, of the alert's
+/// `class` if it has one, oldest first, as related signals of kind `log`
+/// (`what` is the matched line).
+pub fn job_log(alert: &Alert, data: &dyn Data, since: i64, now: i64) -> Vec<Related> {
+    let (Some(node), Some(job)) = (alert.labels.get("node"), alert.labels.get("job_id")) else {
+        return Vec::new();
+    };
+    let class = alert.labels.get("class");
+    let Ok(events) = data.events(node, "job_log", since, now, 1000) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Related> = events
+        .into_iter()
+        .filter(|e| e.labels.get("job_id") == Some(job))
+        .filter(|e| class.is_none_or(|c| e.labels.get("class") == Some(c)))
+        .take(MAX_LOG_LINES)
+        .map(|e| Related {
+            kind: "log".into(),
+            what: e
+                .labels
+                .get("line")
+                .cloned()
+                .unwrap_or_else(|| e.message.clone()),
+            score: 1.0,
+            since_ms: e.timestamp_ms,
+        })
+        .collect();
+    out.reverse();
+    out
+}
+
 /// One line for a related signal.
 pub fn describe(r: &Related) -> String {
     let when = humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.since_ms.max(0) as u64),
     );
     match r.kind.as_str() {
+        "log" => format!("log at {when}: {}", r.what),
         "anomaly" => format!("{} anomalous (score {:.2}) since {when}", r.what, r.score),
         _ => format!("alert {} since {when}", r.what),
     }
@@ -247,5 +283,108 @@ mod tests {
         let (rel, cause) = related(&b, &[], &[], &data, 0, 3_000);
         assert_eq!(rel.len(), 1);
         assert_eq!(cause, None, "it started after the alert");
+    }
+
+    /// Samples and events in memory.
+    struct WithEvents(Mem, Vec<crate::store::EventRow>);
+
+    impl Data for WithEvents {
+        fn range(
+            &self,
+            sel: &Selector,
+            start: i64,
+            end: i64,
+        ) -> Result<Vec<crate::store::SeriesPoints>, String> {
+            self.0.range(sel, start, end)
+        }
+        fn events(
+            &self,
+            node: &str,
+            kind: &str,
+            start: i64,
+            end: i64,
+            limit: usize,
+        ) -> Result<Vec<crate::store::EventRow>, String> {
+            let mut v: Vec<_> = self
+                .1
+                .iter()
+                .filter(|e| e.node == node && e.kind == kind)
+                .filter(|e| e.timestamp_ms >= start && e.timestamp_ms <= end)
+                .cloned()
+                .collect();
+            v.sort_by_key(|e| std::cmp::Reverse(e.timestamp_ms));
+            v.truncate(limit);
+            Ok(v)
+        }
+    }
+
+    fn log_event(
+        ts: i64,
+        node: &str,
+        job: &str,
+        class: &str,
+        line: &str,
+    ) -> crate::store::EventRow {
+        crate::store::EventRow {
+            timestamp_ms: ts,
+            node: node.into(),
+            kind: "job_log".into(),
+            severity: 2,
+            message: format!("job {job}: {class}: {line}"),
+            labels: [("job_id", job), ("class", class), ("line", line)]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_hung_nfs_mount_is_the_probable_cause_of_unreadable_training_data() {
+        let data = Mem(Vec::new());
+        let mut a = alert("JobDataUnreadable", "gpu-01", 5_000);
+        a.labels.insert("job_id".into(), "7".into());
+        let nfs = alert("NfsMountHung", "gpu-01", 2_000);
+        let gpu = alert("GpuTemperatureHigh", "gpu-01", 1_000);
+        let (rel, cause) = related(&a, &[], &[&a, &gpu, &nfs], &data, 0, 6_000);
+        assert!(rel[0].what.starts_with("NfsMountHung"), "{rel:?}");
+        assert!(cause.unwrap().contains("NfsMountHung"));
+    }
+
+    #[test]
+    fn a_job_alert_carries_that_jobs_log_lines_of_its_class() {
+        let data = WithEvents(
+            Mem(Vec::new()),
+            vec![
+                log_event(1_000, "n", "7", "gpu_oom", "HIP out of memory (first)"),
+                log_event(
+                    2_000,
+                    "n",
+                    "7",
+                    "traceback",
+                    "Traceback (most recent call last):",
+                ),
+                log_event(3_000, "n", "8", "gpu_oom", "another job's OOM"),
+                log_event(3_500, "other", "7", "gpu_oom", "another node"),
+                log_event(4_000, "n", "7", "gpu_oom", "HIP out of memory (second)"),
+            ],
+        );
+        let mut a = alert("JobGpuOutOfMemory", "n", 4_500);
+        a.labels.insert("job_id".into(), "7".into());
+        a.labels.insert("class".into(), "gpu_oom".into());
+        let log = job_log(&a, &data, 0, 5_000);
+        let lines: Vec<&str> = log.iter().map(|r| r.what.as_str()).collect();
+        assert_eq!(
+            lines,
+            ["HIP out of memory (first)", "HIP out of memory (second)"]
+        );
+        assert!(
+            describe(&log[0]).starts_with("log at "),
+            "{}",
+            describe(&log[0])
+        );
+        a.labels.remove("class");
+        assert_eq!(job_log(&a, &data, 0, 5_000).len(), 3, "every class");
+        let b = alert("NodeDown", "n", 4_500);
+        assert!(job_log(&b, &data, 0, 5_000).is_empty(), "not a job's alert");
     }
 }

@@ -42,7 +42,7 @@ impl Phase {
 /// Another signal on the same node near the alert's start.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Related {
-    /// "alert" or "anomaly".
+    /// "alert", "anomaly" or "log" (a job's log line; `what` is the line).
     pub kind: String,
     pub what: String,
     pub score: f64,
@@ -95,6 +95,50 @@ impl Change {
             | Change::Dropped(a) => a,
         }
     }
+}
+
+/// Names a template can use besides labels and `value`: `last` (the last
+/// value of the alert's first series: a stalled counter's value) and, for
+/// an alert with a `job_id` label, `last_step` (the job's latest
+/// `vitals_job_step` on the same node, else `unknown`).
+fn template_vars(
+    data: &dyn Data,
+    labels: &Labels,
+    v: &eval::Value,
+    now: i64,
+) -> BTreeMap<&'static str, String> {
+    use vitals_common::selector::{Matcher, Op, Selector};
+    let fmt = |x: f64| vitals_common::model::format_value((x * 1000.0).round() / 1000.0);
+    let mut vars = BTreeMap::new();
+    if let Some(last) = v.evidence.first().and_then(|e| e.points.last()) {
+        vars.insert("last", fmt(last.1));
+    }
+    if let Some(job) = labels.get("job_id") {
+        let mut sel = Selector {
+            metric: "vitals_job_step".into(),
+            matchers: Vec::new(),
+        };
+        for (k, val) in [("job_id", Some(job)), ("node", labels.get("node"))] {
+            if let Some(val) = val
+                && let Ok(m) = Matcher::new(k, Op::Equal, val)
+            {
+                sel.matchers.push(m);
+            }
+        }
+        let lookback = super::expr::INSTANT_LOOKBACK.as_millis() as i64;
+        let step = data
+            .range(&sel, now - lookback, now)
+            .ok()
+            .and_then(|series| {
+                series
+                    .iter()
+                    .filter_map(|s| s.points.last())
+                    .max_by_key(|p| p.0)
+                    .map(|p| fmt(p.1))
+            });
+        vars.insert("last_step", step.unwrap_or_else(|| "unknown".into()));
+    }
+    vars
 }
 
 /// The stable key of an alert: FNV-1a over its sorted labels, in hex.
@@ -167,27 +211,32 @@ impl Engine {
                 let fp = fingerprint(&labels);
                 seen.insert(fp.clone());
                 let mut annotations = BTreeMap::new();
-                annotations.insert("summary".into(), render(&rule.summary, &labels, v.value));
+                let vars = template_vars(data, &labels, &v, now);
+                annotations.insert(
+                    "summary".into(),
+                    render(&rule.summary, &labels, v.value, &vars),
+                );
                 if !rule.description.is_empty() {
                     annotations.insert(
                         "description".into(),
-                        render(&rule.description, &labels, v.value),
+                        render(&rule.description, &labels, v.value, &vars),
                     );
+                }
+                if let Some(step) = vars.get("last_step").filter(|s| *s != "unknown") {
+                    annotations.insert("last_step".into(), step.clone());
                 }
                 match self.open.get_mut(&fp) {
                     Some(a) => {
                         a.last_true_ms = now;
                         a.value = v.value;
                         a.evidence = v.evidence;
-                        let related = a.annotations.get("related").cloned();
-                        let cause = a.annotations.get("probable_cause").cloned();
+                        // What was attached when it fired stays.
+                        let kept: Vec<(String, String)> = ["related", "probable_cause", "log"]
+                            .iter()
+                            .filter_map(|k| Some((k.to_string(), a.annotations.get(*k)?.clone())))
+                            .collect();
                         a.annotations = annotations;
-                        if let Some(r) = related {
-                            a.annotations.insert("related".into(), r);
-                        }
-                        if let Some(c) = cause {
-                            a.annotations.insert("probable_cause".into(), c);
-                        }
+                        a.annotations.extend(kept);
                         if a.phase == Phase::Pending && now - a.active_since_ms >= ms(rule.for_) {
                             a.phase = Phase::Firing;
                             a.fired_ms = Some(now);

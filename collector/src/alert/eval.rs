@@ -21,6 +21,19 @@ pub trait Data {
         start_ms: i64,
         end_ms: i64,
     ) -> Result<Vec<SeriesPoints>, String>;
+
+    /// Events of `node` and `kind` in [start, end], newest first, at most
+    /// `limit`. Sources without events have none.
+    fn events(
+        &self,
+        _node: &str,
+        _kind: &str,
+        _start_ms: i64,
+        _end_ms: i64,
+        _limit: usize,
+    ) -> Result<Vec<crate::store::EventRow>, String> {
+        Ok(Vec::new())
+    }
 }
 
 impl Data for Store {
@@ -39,6 +52,24 @@ impl Data for Store {
                 max_points: 20_000_000,
             },
         )
+        .map_err(|e| e.to_string())
+    }
+
+    fn events(
+        &self,
+        node: &str,
+        kind: &str,
+        start_ms: i64,
+        end_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<crate::store::EventRow>, String> {
+        self.list_events(&crate::store::EventFilter {
+            node: node.into(),
+            kind: kind.into(),
+            start_ms,
+            end_ms,
+            limit,
+        })
         .map_err(|e| e.to_string())
     }
 }
@@ -73,7 +104,7 @@ fn ms(d: Duration) -> i64 {
 }
 
 /// Labels equal on every name both have.
-fn compatible(a: &Labels, b: &Labels) -> bool {
+pub fn compatible(a: &Labels, b: &Labels) -> bool {
     a.iter().all(|(k, v)| b.get(k).is_none_or(|w| w == v))
 }
 
@@ -275,6 +306,17 @@ pub fn condition(
 ) -> Result<Vec<Value>, String> {
     match c {
         Condition::Expr(e) => expr(e, data, now, started_ms),
+        Condition::Gated { expr: e, while_ } => {
+            let gate = expr(while_, data, now, started_ms)?;
+            Ok(expr(e, data, now, started_ms)?
+                .into_iter()
+                .filter_map(|mut v| {
+                    let g = gate.iter().find(|g| compatible(&v.labels, &g.labels))?;
+                    v.evidence.extend(g.evidence.iter().cloned());
+                    Some(v)
+                })
+                .collect())
+        }
         Condition::Stall {
             series,
             window,
@@ -394,6 +436,41 @@ pub mod tests {
         assert_eq!(v[0].labels["gpu"], "0");
         assert_eq!(v[0].value, 0.96);
         assert_eq!(v[0].evidence.len(), 2);
+    }
+
+    #[test]
+    fn a_gate_keeps_only_the_label_sets_where_it_holds() {
+        let data = Mem(vec![
+            series(
+                "errs",
+                &[("node", "a"), ("job_id", "1"), ("class", "gpu_oom")],
+                &[(1000, 0.0), (2000, 2.0)],
+            ),
+            series(
+                "errs",
+                &[("node", "a"), ("job_id", "2"), ("class", "gpu_oom")],
+                &[(1000, 0.0), (2000, 1.0)],
+            ),
+            series(
+                "state",
+                &[("node", "a"), ("job_id", "1"), ("state", "RUNNING")],
+                &[(2000, 1.0)],
+            ),
+            series(
+                "state",
+                &[("node", "a"), ("job_id", "2"), ("state", "RUNNING")],
+                &[(2000, 0.0)],
+            ),
+        ]);
+        let c = Condition::Gated {
+            expr: expr::parse("increase(errs[10s]) > 0").unwrap(),
+            while_: expr::parse(r#"state{state="RUNNING"} == 1"#).unwrap(),
+        };
+        let v = condition(&c, &data, 2500, i64::MIN).unwrap();
+        assert_eq!(v.len(), 1, "job 2 no longer runs");
+        assert_eq!(v[0].labels["job_id"], "1");
+        assert_eq!(v[0].value, 2.0);
+        assert_eq!(v[0].evidence.len(), 2, "the gate's series too");
     }
 
     #[test]

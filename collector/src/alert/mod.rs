@@ -384,8 +384,20 @@ fn evaluate_locked(
                 .map(|r| r.metrics())
                 .unwrap_or_default();
             let open: Vec<&Alert> = st.engine.open.values().collect();
-            let (related, cause) =
+            let (mut related, cause) =
                 correlate::related(a, &own, &open, data, a.active_since_ms - window, now);
+            // A job's alert carries the log lines behind it (the OOM line).
+            let log = correlate::job_log(a, data, a.active_since_ms - window, now);
+            if !log.is_empty() {
+                a.annotations.insert(
+                    "log".into(),
+                    log.iter()
+                        .map(|r| r.what.clone())
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                );
+                related.splice(0..0, log);
+            }
             if !related.is_empty() {
                 a.annotations.insert(
                     "related".into(),

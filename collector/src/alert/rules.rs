@@ -1,8 +1,9 @@
 //! Alert rules: how they are written (TOML), checked, and compiled.
 //!
 //! A rule is either a condition (`expr`, see [`super::expr`]) or a stall
-//! (`stalled`: a series that should advance; `window`: how long it may not;
-//! optional `while`: only while this expression holds for the same labels).
+//! (`stalled`: a series that should advance; `window`: how long it may not).
+//! Either may have `while`: it only holds where this expression holds too
+//! for the same labels (e.g. only while the job is RUNNING).
 //! Either holds for `for` before the alert fires. Errors name the file, the
 //! line and the rule.
 
@@ -50,7 +51,8 @@ pub struct RawRule {
     /// A stall: the selector of series that should keep advancing.
     #[serde(default)]
     pub stalled: Option<Spanned<String>>,
-    /// A stall only counts while this expression holds (same labels).
+    /// The condition (or stall) only counts while this expression holds
+    /// for the same labels.
     #[serde(default, rename = "while")]
     pub while_: Option<Spanned<String>>,
     /// How long a stalled series may stay unchanged.
@@ -89,6 +91,11 @@ pub struct RulesFile {
 #[derive(Debug, Clone)]
 pub enum Condition {
     Expr(Expr),
+    /// `expr` with `while`: only where the gate holds for the same labels.
+    Gated {
+        expr: Expr,
+        while_: Expr,
+    },
     Stall {
         series: Selector,
         window: Duration,
@@ -116,6 +123,11 @@ impl Rule {
     pub fn metrics(&self) -> Vec<String> {
         match &self.condition {
             Condition::Expr(e) => e.term.metrics(),
+            Condition::Gated { expr, while_ } => {
+                let mut m = expr.term.metrics();
+                m.extend(while_.term.metrics());
+                m
+            }
             Condition::Stall { series, while_, .. } => {
                 let mut m = vec![series.metric.clone()];
                 if let Some(w) = while_ {
@@ -187,19 +199,25 @@ pub fn compile(path: &Path, text: &str, raw: &RawRule, builtin: bool) -> Result<
     }
     let condition = match (&raw.expr, &raw.stalled) {
         (Some(e), None) => {
-            if raw.while_.is_some() || raw.window.is_some() {
+            if raw.window.is_some() {
                 return Err(err_at(
                     path,
                     text,
                     e.span(),
                     &key("expr"),
-                    "`while` and `window` belong to stall rules (`stalled = ...`), not to `expr` rules".into(),
+                    "`window` belongs to stall rules (`stalled = ...`), not to `expr` rules".into(),
                 ));
             }
-            Condition::Expr(
-                expr::parse(e.get_ref())
-                    .map_err(|m| err_at(path, text, e.span(), &key("expr"), m))?,
-            )
+            let expr = expr::parse(e.get_ref())
+                .map_err(|m| err_at(path, text, e.span(), &key("expr"), m))?;
+            match &raw.while_ {
+                Some(w) => Condition::Gated {
+                    expr,
+                    while_: expr::parse(w.get_ref())
+                        .map_err(|m| err_at(path, text, w.span(), &key("while"), m))?,
+                },
+                None => Condition::Expr(expr),
+            }
         }
         (None, Some(s)) => {
             let series = selector::parse(s.get_ref()).map_err(|m| {
@@ -415,7 +433,15 @@ pub fn load_file(path: &Path) -> Result<(String, Vec<RawRule>), ConfigError> {
 }
 
 /// Fills `{{name}}` from the labels, `{{value}}` and `{{value_pct}}`.
-pub fn render(template: &str, labels: &Labels, value: f64) -> String {
+/// Fills `{{value}}`, `{{value_pct}}`, the names in `vars` (e.g.
+/// `{{last}}`, `{{last_step}}`) and labels into a template; an unknown
+/// name stays as written.
+pub fn render(
+    template: &str,
+    labels: &Labels,
+    value: f64,
+    vars: &BTreeMap<&str, String>,
+) -> String {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(start) = rest.find("{{") {
@@ -430,6 +456,7 @@ pub fn render(template: &str, labels: &Labels, value: f64) -> String {
                 (value * 1000.0).round() / 1000.0,
             )),
             "value_pct" => out.push_str(&format!("{:.1}%", value * 100.0)),
+            k if vars.contains_key(k) => out.push_str(&vars[k]),
             k => match labels.get(k) {
                 Some(v) => out.push_str(v),
                 None => out.push_str(&rest[start..start + end + 2]),
@@ -459,6 +486,36 @@ mod tests {
         ] {
             assert!(rules.iter().any(|r| r.name == name), "{name} missing");
         }
+        // The job rules go to ML creators and end with the job.
+        for name in [
+            "JobStalled",
+            "JobGpuOutOfMemory",
+            "JobDataUnreadable",
+            "JobLossNotFinite",
+        ] {
+            let r = rules.iter().find(|r| r.name == name).unwrap();
+            assert_eq!(r.labels["team"], "ml", "{name}");
+            assert!(
+                r.metrics().contains(&"vitals_slurm_job_state".to_string()),
+                "{name} is gated on the job running"
+            );
+            assert!(r.summary.contains("{{job_id}}") && r.summary.contains("{{user}}"));
+            assert!(r.summary.contains("step {{last"), "{name}: the last step");
+        }
+    }
+
+    #[test]
+    fn while_gates_expr_rules_and_window_stays_with_stalls() {
+        let ok = "[[rules]]\nname = \"A\"\nexpr = \"x > 1\"\nwhile = \"y == 1\"\n";
+        let rules = parse_file(Path::new("r.toml"), ok).unwrap();
+        let r = &rules[0].1;
+        assert!(matches!(r.condition, Condition::Gated { .. }));
+        assert_eq!(r.metrics(), ["x", "y"]);
+        let bad = "[[rules]]\nname = \"A\"\nexpr = \"x > 1\"\nwindow = \"1m\"\n";
+        let e = parse_file(Path::new("r.toml"), bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`window` belongs to stall rules"), "{e}");
     }
 
     #[test]
@@ -533,11 +590,12 @@ mod tests {
         l.insert("gpu".into(), "3".into());
         assert_eq!(
             render(
-                "GPU {{gpu}} on {{node}} at {{value_pct}} ({{value}}), {{nope}}",
+                "GPU {{gpu}} on {{node}} at {{value_pct}} ({{value}}), {{nope}}, {{last}}",
                 &l,
-                0.9712
+                0.9712,
+                &BTreeMap::from([("last", "42".to_string())])
             ),
-            "GPU 3 on gpu-01 at 97.1% (0.971), {{nope}}"
+            "GPU 3 on gpu-01 at 97.1% (0.971), {{nope}}, 42"
         );
     }
 }

@@ -22,6 +22,7 @@
 //! `vitals_gpu_read_timeouts_total`) and no new read is started until it
 //! returns, so hung calls never pile up and the other sources never wait.
 
+pub mod jobs;
 pub mod nvml;
 pub mod nvml_sys;
 pub mod rocm;
@@ -575,6 +576,9 @@ pub struct Gpu {
     closed_until: Option<(Instant, String)>,
     /// The last read error logged.
     read_logged: Option<String>,
+    /// Where each GPU's processes are looked up (`/proc`); None: GPU
+    /// series carry no job labels.
+    job_procfs: Option<PathBuf>,
 }
 
 pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
@@ -597,7 +601,28 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
         open_logged: None,
         closed_until: None,
         read_logged: None,
+        job_procfs: (g.processes && g.job_labels).then(|| cfg.paths.procfs.clone()),
     })
+}
+
+/// Adds `job_id` and `user` to the samples of each GPU that runs a job's
+/// process (labels `gpu` of `samples`, keyed by GPU index).
+pub fn label_jobs(samples: &mut [Sample], jobs: &std::collections::BTreeMap<u32, jobs::JobOf>) {
+    if jobs.is_empty() {
+        return;
+    }
+    for s in samples {
+        let Some(j) = s
+            .labels
+            .get("gpu")
+            .and_then(|g| g.parse::<u32>().ok())
+            .and_then(|g| jobs.get(&g))
+        else {
+            continue;
+        };
+        s.labels.insert("job_id".into(), j.job_id.clone());
+        s.labels.insert("user".into(), j.user.clone());
+    }
 }
 
 impl Gpu {
@@ -726,8 +751,18 @@ impl Source for Gpu {
                     return match r {
                         Ok(gpus) => {
                             self.read_logged = None;
+                            let first = out.len();
                             for g in &gpus {
                                 push_samples(g, out);
+                            }
+                            if let Some(procfs) = &self.job_procfs {
+                                let by_gpu = jobs::jobs_by_gpu(
+                                    procfs,
+                                    gpus.iter().filter_map(|g| {
+                                        Some((g.id.index, g.processes.as_deref()?))
+                                    }),
+                                );
+                                label_jobs(&mut out[first..], &by_gpu);
                             }
                             out.push(Sample::new("gpu_count", gpus.len() as f64));
                             self.self_metrics(false, out);

@@ -26,12 +26,18 @@
 //! `vitals_slurm_command_{success,duration_seconds,timeouts_total,hung,
 //! text_fallback}{command}`.
 //!
+//! The logs of the jobs running on this node are followed by [`joblog`]
+//! (`[sources.joblog]`), which adds its samples and `job_log` events.
+//!
 //! Events: `slurm_job_state` when a job seen in the last cycle is in
 //! another state now (not on first sight), labelled `job_id`, `user`,
 //! `name`, `partition`, `old_state`, `new_state` and `reason`.
 
 pub mod hostlist;
+pub mod joblog;
 pub mod parse;
+pub mod patterns;
+pub mod tail;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -116,11 +122,51 @@ pub struct Slurm {
     events: Vec<SourceEvent>,
     /// The last failure logged per command, so each is logged once.
     logged: HashMap<&'static str, String>,
+    /// The logs of this node's running jobs, read on their own thread;
+    /// None when turned off.
+    logs: Option<joblog::Worker>,
 }
 
 pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
     let s = &cfg.sources.slurm;
+    let jl = &cfg.sources.joblog;
+    let logs = if jl.enabled.unwrap_or(true) {
+        // Checked when the config was validated.
+        match jl.patterns() {
+            Ok(p) => {
+                // Beside a configured squeue, else on PATH.
+                let scontrol = s
+                    .squeue
+                    .as_ref()
+                    .and_then(|q| q.parent())
+                    .map(|d| d.join("scontrol"))
+                    .filter(|p| p.is_file())
+                    .or_else(|| on_path("scontrol"));
+                let logs = joblog::JobLogs::new(
+                    p,
+                    jl.slurm_node.clone().unwrap_or_else(joblog::short_hostname),
+                    jl.max_read_bytes,
+                    jl.max_events,
+                )
+                .with_scontrol(scontrol, s.command_timeout);
+                match joblog::Worker::start(logs) {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot start the job log thread; job logs are not followed");
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "sources.joblog: bad pattern; job logs are not followed");
+                None
+            }
+        }
+    } else {
+        None
+    };
     Box::new(Slurm {
+        logs,
         squeue: s.squeue.clone(),
         sinfo: s.sinfo.clone(),
         timeout: s.command_timeout,
@@ -275,6 +321,10 @@ impl Source for Slurm {
             .map_err(|e| SourceError::Failed(format!("`squeue` output: {e}")))?;
             job_samples(&jobs, unix_now(), out);
             self.job_events(&jobs);
+            if let Some(logs) = self.logs.as_mut() {
+                // As long again as the commands could take, from now.
+                logs.cycle(jobs, Instant::now() + self.wait, out, &mut self.events);
+            }
         }
         if let Some((variant, text)) = &ok[SINFO] {
             let nodes = if *variant == 0 {

@@ -56,8 +56,14 @@ pub struct Job {
     pub start_time: Option<i64>,
     /// None: unlimited or not given.
     pub time_limit_seconds: Option<u64>,
+    /// Where the job writes its output, as submitted: sbatch's filename
+    /// patterns (`%j`, `%x`...) may be left unexpanded (≤ 22.05), and a
+    /// relative path is relative to `cwd`. None for "not said"; an
+    /// absent `stderr` goes to `stdout`.
     pub stdout: Option<String>,
     pub stderr: Option<String>,
+    /// The job's working directory.
+    pub cwd: Option<String>,
 }
 
 /// One node as sinfo reports it.
@@ -233,6 +239,7 @@ pub fn parse_squeue_json(text_in: &str) -> Result<Vec<Job>, ParseError> {
             time_limit_seconds: number(j.get("time_limit")).map(|m| m as u64 * 60),
             stdout: text(j.get("standard_output")),
             stderr: text(j.get("standard_error")),
+            cwd: text(j.get("current_working_directory")),
         });
     }
     Ok(jobs)
@@ -478,6 +485,7 @@ pub fn parse_squeue_text(text_in: &str) -> Result<Vec<Job>, ParseError> {
                 .map_err(|e| ParseError::new(n, format!("time limit: {e}")))?,
             stdout: None,
             stderr: None,
+            cwd: None,
         });
     }
     Ok(jobs)

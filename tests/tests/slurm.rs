@@ -1,0 +1,536 @@
+//! The job side of the agent against a real one-node SLURM cluster
+//! (tests/src/slurm.rs) and a real collector, over mTLS on 127.0.0.1:
+//! job state changes as events, job series, and (with the collector's
+//! rules) the job alerts.
+//!
+//! Skipped without slurmctld/slurmd/munge unless `VITALS_TEST_SLURM=1`
+//! (`.ci/run` sets it), which makes a missing component a failure.
+//! nextest runs this binary's tests one at a time (`.config/nextest.toml`),
+//! and the cluster's lock keeps other processes out.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use vitals_e2e::receivers::required;
+use vitals_e2e::slurm::{Cluster, slurm_binaries};
+use vitals_e2e::*;
+use vitals_proto::v1::MatchOp;
+
+const NODE: &str = "train-01";
+
+/// Dropped in field order: the cluster stops before its directory goes.
+struct Setup {
+    cluster: Cluster,
+    env: Env,
+    port: u16,
+    collector: Proc,
+    reader: Reader,
+    cli: PathBuf,
+}
+
+/// A cluster, and a collector with `collector_extra` in its config and
+/// `rules` as its `rules.toml`; None when the test is skipped.
+fn setup(test: &str, collector_extra: &str, rules: &str) -> Option<Setup> {
+    required(test, "VITALS_TEST_SLURM", slurm_binaries())?;
+    let env = Env::new();
+    std::fs::create_dir_all(env.path().join("collector")).unwrap();
+    std::fs::write(env.path().join("collector/rules.toml"), rules).unwrap();
+    env.issue(NODE, "agent", &[]);
+    let cluster = Cluster::start(&env.path().join("slurm"));
+    let port = free_port();
+    let collector = start_collector_with(&env, port, collector_extra);
+    let reader = Reader::new(&env, port);
+    let cli = env.cli_config(port);
+    Some(Setup {
+        env,
+        port,
+        collector,
+        reader,
+        cluster,
+        cli,
+    })
+}
+
+impl Setup {
+    /// An agent on this cluster: the slurm source (and `extra`).
+    fn agent(&self, extra: &str, vars: &[(&str, &str)]) -> Agent {
+        let extra = if extra.contains("[sources.slurm]") {
+            extra.to_string()
+        } else {
+            format!("[sources.slurm]\n{extra}")
+        };
+        let opts = AgentOpts {
+            cert: self.env.cert(NODE),
+            ca: None,
+            node: None,
+            interval: "500ms",
+            spool_max_bytes: 64 << 20,
+        };
+        let cfg = agent_config(&self.env, NODE, self.port, &opts, &extra);
+        let mut all = vec![self.cluster.env()];
+        all.extend_from_slice(vars);
+        restart_agent_env(&cfg, &all)
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--config", self.cli.to_str().unwrap()];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.env.vitals_ok(&all)).unwrap()
+    }
+
+    /// `slurm_job_state` events of one job as (old, new) states.
+    fn state_events(&self, job: u64) -> Vec<(String, String)> {
+        let j = self.json(&["events", "--kind", "slurm_job_state", "--json"]);
+        let mut out: Vec<(i64, String, String)> = j["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["labels"]["job_id"] == job.to_string().as_str())
+            .map(|e| {
+                (
+                    e["timestamp_ms"].as_i64().unwrap(),
+                    e["labels"]["old_state"].as_str().unwrap().to_string(),
+                    e["labels"]["new_state"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        out.sort();
+        out.into_iter().map(|(_, a, b)| (a, b)).collect()
+    }
+
+    fn events(&self, kind: &str) -> Vec<serde_json::Value> {
+        let j = self.json(&["events", "--kind", kind, "--json"]);
+        j["events"].as_array().unwrap().clone()
+    }
+
+    fn alerts(&self) -> Vec<serde_json::Value> {
+        let j = self.json(&["alerts", "--all", "--json"]);
+        j["alerts"].as_array().unwrap().clone()
+    }
+}
+
+/// A job script in `dir` that runs `body` (bash).
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(format!("{name}.sh"));
+    std::fs::write(&p, format!("#!/bin/bash\n{body}\n")).unwrap();
+    p
+}
+
+#[test]
+fn slurm_job_state_changes_arrive_as_events_and_job_series_are_queryable() {
+    let Some(s) = setup("slurm job states", "", "") else {
+        return;
+    };
+    let mut agent = s.agent("", &[]);
+    let dir = s.env.path().to_path_buf();
+    let job = script(&dir, "short", "echo started; sleep 3; echo done");
+    // Held, so the agent sees it PENDING before it runs.
+    let out = dir.join("short-%j.out");
+    let id = s.cluster.sbatch(
+        &job,
+        &["--hold", "-J", "short", "-o", out.to_str().unwrap()],
+    );
+    let job_id = id.to_string();
+    let pending = || {
+        s.reader
+            .series(
+                "vitals_slurm_job_state",
+                &[
+                    ("job_id", MatchOp::Equal, &job_id),
+                    ("state", MatchOp::Equal, "PENDING"),
+                ],
+            )
+            .iter()
+            .any(|x| x.points.last().is_some_and(|p| p.value == 1.0))
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), pending),
+        "the held job is stored as PENDING; agent log:\n{}",
+        agent.proc.log_text()
+    );
+    s.cluster.run("scontrol", &["release", &job_id]);
+    let want = [
+        ("PENDING".to_string(), "RUNNING".to_string()),
+        ("RUNNING".to_string(), "COMPLETED".to_string()),
+    ];
+    let seen = wait_until(Duration::from_secs(60), || {
+        let ev = s.state_events(id);
+        want.iter().all(|w| ev.contains(w))
+    });
+    assert!(
+        seen,
+        "PENDING -> RUNNING -> COMPLETED events; got {:?}\nagent log:\n{}\n{}",
+        s.state_events(id),
+        agent.proc.log_text(),
+        s.cluster.logs()
+    );
+    let ev = s.events("slurm_job_state");
+    let e = ev
+        .iter()
+        .find(|e| e["labels"]["job_id"] == job_id.as_str())
+        .unwrap();
+    assert_eq!(e["node"], NODE);
+    assert_eq!(e["labels"]["name"], "short");
+    assert_eq!(e["labels"]["user"], "root");
+    assert_eq!(e["labels"]["partition"], "debug");
+
+    let info = s.reader.series(
+        "vitals_slurm_job_info",
+        &[("job_id", MatchOp::Equal, &job_id)],
+    );
+    assert!(!info.is_empty());
+    let l = labels(&info[0]);
+    assert_eq!(l["name"], "short");
+    assert_eq!(l["user"], "root");
+    let node = s.reader.series(
+        "vitals_slurm_job_node",
+        &[("job_id", MatchOp::Equal, &job_id)],
+    );
+    assert_eq!(labels(&node[0])["slurm_node"], s.cluster.node);
+    assert!(
+        !s.reader
+            .series(
+                "vitals_slurm_job_start_time_seconds",
+                &[("job_id", MatchOp::Equal, &job_id)]
+            )
+            .is_empty()
+    );
+    let _ = &s.collector;
+    agent.proc.term(Duration::from_secs(20));
+}
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures");
+
+/// The MI100 capture with one more process: `pid` using GPU 0 (1 GiB).
+fn capture_with_process(dir: &Path, pid: u32) -> PathBuf {
+    let text =
+        std::fs::read_to_string(Path::new(FIXTURES).join("rocm-smi/mi100_rocm571.json")).unwrap();
+    let mut j: serde_json::Value = serde_json::from_str(&text).unwrap();
+    j["system"][format!("PID{pid}")] = "python, 1, 1073741824, 0, 50".into();
+    let p = dir.join("capture.json");
+    std::fs::write(&p, j.to_string()).unwrap();
+    p
+}
+
+#[test]
+fn slurm_job_processes_label_their_gpus_series_with_job_and_user() {
+    let Some(s) = setup("slurm job <-> gpu", "", "") else {
+        return;
+    };
+    let dir = s.env.path().to_path_buf();
+    let job = script(&dir, "gpujob", "sleep 300");
+    let out = dir.join("gpujob-%j.out");
+    let id = s
+        .cluster
+        .sbatch(&job, &["-J", "gpujob", "-o", out.to_str().unwrap()]);
+    let job_id = id.to_string();
+    assert!(
+        wait_until(Duration::from_secs(30), || !s.cluster.pids(id).is_empty()),
+        "the job runs: {}",
+        s.cluster.logs()
+    );
+    let pid = s.cluster.pids(id)[0];
+    let capture = capture_with_process(&dir, pid);
+    let lib = bin("libfake_rocm_smi.so");
+    let mut agent = s.agent(
+        &format!("[sources.gpu]\nbackend = \"rocm\"\nlibrary = {lib:?}\n"),
+        &[("VITALS_FAKE_ROCM_SMI_JSON", capture.to_str().unwrap())],
+    );
+    let labelled = || {
+        s.reader.series(
+            "gpu_used_vram",
+            &[
+                ("job_id", MatchOp::Equal, &job_id),
+                ("user", MatchOp::Equal, "root"),
+            ],
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || !labelled().is_empty()),
+        "GPU 0's series carry the job; agent log:\n{}",
+        agent.proc.log_text()
+    );
+    let l = labelled();
+    assert_eq!(l.len(), 1, "only the GPU the process uses");
+    assert_eq!(labels(&l[0])["gpu"], "0");
+    assert_eq!(labels(&l[0])["node"], NODE);
+    assert!(
+        !s.reader
+            .series(
+                "gpu_junction_temperature",
+                &[
+                    ("gpu", MatchOp::Equal, "0"),
+                    ("job_id", MatchOp::Equal, &job_id)
+                ]
+            )
+            .is_empty(),
+        "every series of that GPU"
+    );
+    let gpu1 = s
+        .reader
+        .series("gpu_used_vram", &[("gpu", MatchOp::Equal, "1")]);
+    assert!(gpu1.iter().all(|x| !labels(x).contains_key("job_id")));
+
+    // The job ends: GPU 0's series go on without the job's labels.
+    s.cluster.scancel(id);
+    let unlabelled_now = || {
+        s.reader
+            .series("gpu_used_vram", &[("gpu", MatchOp::Equal, "0")])
+            .iter()
+            .any(|x| !labels(x).contains_key("job_id") && !x.points.is_empty())
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), unlabelled_now),
+        "after the job, GPU 0 without job labels; agent log:\n{}",
+        agent.proc.log_text()
+    );
+    agent.proc.term(Duration::from_secs(20));
+}
+
+/// The job stall window of the test (the pack's is 15 minutes); the other
+/// job rules run as shipped.
+const STALL_WINDOW_MS: i64 = 4000;
+const JOB_RULES: &str = r#"
+[[rules]]
+name = "JobStalled"
+stalled = "vitals_job_step"
+while = 'vitals_slurm_job_state{state="RUNNING"} == 1'
+window = "4s"
+severity = "warning"
+labels = { team = "ml" }
+summary = "Job {{job_id}} ({{name}}) of {{user}} on {{node}} is stalled at step {{last}} ({{value}} s without progress)"
+"#;
+const EVAL_MS: i64 = 500;
+const AGENT_MS: i64 = 500;
+
+/// The alert of `rule` for `job`, if any (newest first).
+fn alert_of(alerts: &[serde_json::Value], rule: &str, job: &str) -> Option<serde_json::Value> {
+    alerts
+        .iter()
+        .find(|a| a["rule"] == rule && a["labels"]["job_id"] == job)
+        .cloned()
+}
+
+#[test]
+fn slurm_training_jobs_that_stall_run_out_of_memory_or_diverge_alert_and_resolve_when_cancelled() {
+    let collector_extra = format!(
+        "[alerting]\neval_interval = \"{EVAL_MS}ms\"\nkeep_firing_for = \"1s\"\nrule_files = [\"rules.toml\"]\n"
+    );
+    let Some(s) = setup("slurm job alerts", &collector_extra, JOB_RULES) else {
+        return;
+    };
+    let dir = s.env.path().to_path_buf();
+    let mut agent = s.agent(
+        &format!("[sources.joblog]\nslurm_node = {:?}\n", s.cluster.node),
+        &[],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || !s
+            .reader
+            .samples("vitals_agent_cycles_total", NODE)
+            .is_empty()),
+        "the agent ships; log:\n{}",
+        agent.proc.log_text()
+    );
+    // A: progress, then stuck while still running.
+    let stall = script(
+        &dir,
+        "stall",
+        "sleep 1\nfor i in 1 2 3 4 5 6; do echo \"step $((i*10)) loss 0.$((60-i)) samples/s 123\"; sleep 0.5; done\necho 'waiting for an all-reduce that never completes'\nsleep 600",
+    );
+    // B: progress, a HIP OOM on stderr, then a NaN loss while stepping on.
+    let oom = script(
+        &dir,
+        "diverge",
+        "sleep 1\nfor i in 1 2 3; do echo \"step $i loss 0.9 samples/s 100\"; sleep 0.5; done\necho 'torch.OutOfMemoryError: HIP out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 31.98 GiB' >&2\ni=4; while true; do echo \"step $i loss nan samples/s 100\"; i=$((i+1)); sleep 0.5; done",
+    );
+    let out = |name: &str, ext: &str| dir.join(format!("{name}-%j.{ext}"));
+    let a = s.cluster.sbatch(
+        &stall,
+        &["-J", "stall", "-o", out("stall", "out").to_str().unwrap()],
+    );
+    let b = s.cluster.sbatch(
+        &oom,
+        &[
+            "-J",
+            "diverge",
+            "-o",
+            out("diverge", "out").to_str().unwrap(),
+            "-e",
+            out("diverge", "err").to_str().unwrap(),
+        ],
+    );
+    let (ja, jb) = (a.to_string(), b.to_string());
+    let firing =
+        |rule: &str, job: &str| alert_of(&s.alerts(), rule, job).filter(|a| a["state"] == "firing");
+    let all_fired = wait_until(Duration::from_secs(60), || {
+        firing("JobStalled", &ja).is_some()
+            && firing("JobGpuOutOfMemory", &jb).is_some()
+            && firing("JobLossNotFinite", &jb).is_some()
+    });
+    assert!(
+        all_fired,
+        "alerts: {:#?}\nagent log:\n{}\n{}",
+        s.alerts(),
+        agent.proc.log_text(),
+        s.cluster.logs()
+    );
+
+    // Stalled: within the window plus one interval of the last step.
+    let stalled = firing("JobStalled", &ja).unwrap();
+    let steps = s
+        .reader
+        .series("vitals_job_step", &[("job_id", MatchOp::Equal, &ja)]);
+    assert_eq!(steps.len(), 1);
+    assert_eq!(labels(&steps[0])["user"], "root");
+    assert_eq!(labels(&steps[0])["name"], "stall");
+    let last_step_at = steps[0]
+        .points
+        .iter()
+        .find(|p| p.value == 60.0)
+        .expect("step 60 stored")
+        .timestamp_ms;
+    let fired = stalled["fired_ms"].as_i64().unwrap();
+    let late = fired - last_step_at;
+    assert!(
+        (STALL_WINDOW_MS..=STALL_WINDOW_MS + AGENT_MS + EVAL_MS + 1000).contains(&late),
+        "fired {late} ms after the last step"
+    );
+    let summary = stalled["annotations"]["summary"].as_str().unwrap();
+    assert!(
+        summary.contains(&format!("Job {ja} (stall) of root"))
+            && summary.contains("stalled at step 60"),
+        "{summary}"
+    );
+    assert_eq!(stalled["labels"]["team"], "ml");
+    assert!(
+        firing("JobStalled", &jb).is_none(),
+        "the diverging job still steps"
+    );
+
+    // Out of memory, with the line as evidence.
+    let oom_alert = firing("JobGpuOutOfMemory", &jb).unwrap();
+    let line = "torch.OutOfMemoryError: HIP out of memory. Tried to allocate 2.00 GiB";
+    assert!(
+        oom_alert["annotations"]["log"]
+            .as_str()
+            .is_some_and(|l| l.contains(line)),
+        "{oom_alert:#}"
+    );
+    assert!(
+        oom_alert["related"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["kind"] == "log" && r["what"].as_str().unwrap().contains(line)),
+        "{oom_alert:#}"
+    );
+    assert_eq!(oom_alert["labels"]["user"], "root");
+    assert_eq!(oom_alert["labels"]["class"], "gpu_oom");
+    let summary = oom_alert["annotations"]["summary"].as_str().unwrap();
+    assert!(
+        summary.contains(&format!("Job {jb} of root")) && !summary.contains("last step unknown"),
+        "{summary}"
+    );
+    let ev = s.events("job_log");
+    let e = ev
+        .iter()
+        .find(|e| e["labels"]["job_id"] == jb.as_str())
+        .expect("a job_log event");
+    assert_eq!(e["labels"]["class"], "gpu_oom");
+    assert!(e["labels"]["line"].as_str().unwrap().starts_with(line));
+    assert!(
+        e["labels"]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("diverge-{jb}.err"))
+    );
+
+    // NaN loss: stored as NaN, and the convergence alert.
+    let loss = s
+        .reader
+        .series("vitals_job_loss", &[("job_id", MatchOp::Equal, &jb)]);
+    assert!(loss[0].points.last().unwrap().value.is_nan());
+    let nan = firing("JobLossNotFinite", &jb).unwrap();
+    let summary = nan["annotations"]["summary"].as_str().unwrap();
+    assert!(
+        summary.contains(&format!("Job {jb} (diverge) of root"))
+            && summary.contains("NaN/Inf at step "),
+        "{summary}"
+    );
+
+    // The jobs end: every one of their alerts resolves.
+    s.cluster.scancel(a);
+    s.cluster.scancel(b);
+    let resolved = wait_until(Duration::from_secs(30), || {
+        let list = s.alerts();
+        [
+            ("JobStalled", &ja),
+            ("JobGpuOutOfMemory", &jb),
+            ("JobLossNotFinite", &jb),
+        ]
+        .iter()
+        .all(|(rule, job)| alert_of(&list, rule, job).is_some_and(|a| a["state"] == "resolved"))
+    });
+    assert!(
+        resolved,
+        "alerts after scancel: {:#?}\n{}",
+        s.alerts(),
+        s.collector.log_text()
+    );
+    agent.proc.term(Duration::from_secs(20));
+}
+
+#[test]
+fn slurm_without_json_finds_job_logs_through_scontrol() {
+    let Some(s) = setup("slurm text fallback", "", "") else {
+        return;
+    };
+    let dir = s.env.path().to_path_buf();
+    // An squeue without the JSON plugin.
+    let bin_dir = dir.join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let squeue = bin_dir.join("squeue");
+    std::fs::write(
+        &squeue,
+        "#!/bin/bash\nfor a in \"$@\"; do if [ \"$a\" = --json ]; then echo \"squeue: unrecognized option '--json'\" >&2; exit 1; fi; done\nexec squeue \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&squeue, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut agent = s.agent(
+        &format!(
+            "[sources.slurm]\nsqueue = {squeue:?}\n[sources.joblog]\nslurm_node = {:?}\n",
+            s.cluster.node
+        ),
+        &[],
+    );
+    let job = script(
+        &dir,
+        "textjob",
+        "i=1; while true; do echo \"step $i loss 0.5\"; i=$((i+1)); sleep 0.3; done",
+    );
+    let out = dir.join("text-%x-%j.log");
+    let id = s
+        .cluster
+        .sbatch(&job, &["-J", "textjob", "-o", out.to_str().unwrap()]);
+    let job_id = id.to_string();
+    let stepping = || {
+        s.reader
+            .series("vitals_job_step", &[("job_id", MatchOp::Equal, &job_id)])
+            .first()
+            .is_some_and(|x| x.points.len() >= 2 && x.points.last().unwrap().value > 1.0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), stepping),
+        "the job's steps through scontrol's StdOut=; agent log:\n{}",
+        agent.proc.log_text()
+    );
+    let fallback = s.reader.series(
+        "vitals_slurm_command_text_fallback",
+        &[("command", MatchOp::Equal, "squeue")],
+    );
+    assert_eq!(fallback[0].points.last().unwrap().value, 1.0);
+    s.cluster.scancel(id);
+    agent.proc.term(Duration::from_secs(20));
+}
