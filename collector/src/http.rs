@@ -219,6 +219,7 @@ fn eval_error(e: EvalError) -> ApiError {
         EvalError::Invalid(m) => bad_data(m),
         EvalError::Limit(m) => execution(m),
         EvalError::Store(e) => internal(e),
+        EvalError::Internal(m) => internal(m),
     }
 }
 

@@ -22,6 +22,7 @@
 //! and aggregations drop the metric name; `by` keeps only the listed labels.
 
 use std::collections::BTreeMap;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use vitals_common::model::Labels;
@@ -352,6 +353,9 @@ pub enum EvalError {
     Limit(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A fault of the engine itself: INTERNAL.
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// The evaluation times start, start + step, ..., up to end.
@@ -451,15 +455,42 @@ pub fn eval_range(
             out
         }
         Some(agg) => {
-            // Series by series as the store reads them: an aggregation
-            // over many series never holds all their samples.
-            let mut acc = Aggregator::new(agg, &query.inner, steps, limits);
-            store
-                .each_series_points(sel, read_from, steps.end, read_limits, |name, labels, p| {
-                    acc.add(name, labels, p)
-                })
-                .map_err(read_error)?;
-            acc.finish()?
+            // Series by series as the store reads them, so an aggregation
+            // over many series never holds all their samples; reading and
+            // decoding (this thread) overlap with evaluating (a second
+            // one), a few series in flight between them.
+            let (tx, rx) = mpsc::sync_channel::<(String, Labels, Vec<(i64, f64)>)>(4);
+            let (spare_tx, spare_rx) = mpsc::channel::<Vec<(i64, f64)>>();
+            let inner = &query.inner;
+            let (read, acc) = std::thread::scope(|s| {
+                let worker = s.spawn(move || {
+                    let mut acc = Aggregator::new(agg, inner, steps, limits);
+                    for (name, labels, points) in rx {
+                        acc.add(&name, &labels, &points);
+                        // Err: the reader is done; the buffer just goes.
+                        let _ = spare_tx.send(points);
+                    }
+                    acc
+                });
+                let read = store.each_series_points(
+                    sel,
+                    read_from,
+                    steps.end,
+                    read_limits,
+                    |name, labels, p| {
+                        let mut buf = spare_rx.try_recv().unwrap_or_default();
+                        buf.clear();
+                        buf.extend_from_slice(p);
+                        // Err: the worker is gone (it panicked); join says so.
+                        let _ = tx.send((name.to_string(), labels.clone(), buf));
+                    },
+                );
+                drop(tx);
+                (read, worker.join())
+            });
+            read.map_err(read_error)?;
+            acc.map_err(|_| EvalError::Internal("the aggregation thread panicked".into()))?
+                .finish()?
         }
     };
     Ok(out)
@@ -506,12 +537,11 @@ fn eval_series(
     }
 }
 
-/// Per group and step: count, sum, min, max.
+/// Per group and step: how many values, and the one running figure the
+/// operator needs (sum for sum and avg, min, max; none for count).
 struct Acc {
     count: Vec<u32>,
-    sum: Vec<f64>,
-    min: Vec<f64>,
-    max: Vec<f64>,
+    val: Vec<f64>,
 }
 
 /// An aggregation fed one series at a time.
@@ -561,26 +591,40 @@ impl<'a> Aggregator<'a> {
                 self.over = true;
                 return;
             }
+            let val = match self.agg.op {
+                AggOp::Sum | AggOp::Avg => vec![0.0; n],
+                AggOp::Min | AggOp::Max => vec![f64::NAN; n],
+                AggOp::Count => Vec::new(),
+            };
             self.groups.insert(
                 key.clone(),
                 Acc {
                     count: vec![0; n],
-                    sum: vec![0.0; n],
-                    min: vec![f64::NAN; n],
-                    max: vec![f64::NAN; n],
+                    val,
                 },
             );
         }
         let Some(acc) = self.groups.get_mut(&key) else {
             return;
         };
-        eval_series(self.inner, points, self.steps, |i, v| {
-            acc.count[i] += 1;
-            acc.sum[i] += v;
+        // One loop per operator, each touching only what it needs.
+        let (count, val) = (&mut acc.count[..], &mut acc.val[..]);
+        match self.agg.op {
+            AggOp::Sum | AggOp::Avg => eval_series(self.inner, points, self.steps, |i, v| {
+                count[i] += 1;
+                val[i] += v;
+            }),
             // f64::min/max skip NaN, as Prometheus' min/max do.
-            acc.min[i] = acc.min[i].min(v);
-            acc.max[i] = acc.max[i].max(v);
-        });
+            AggOp::Min => eval_series(self.inner, points, self.steps, |i, v| {
+                count[i] += 1;
+                val[i] = val[i].min(v);
+            }),
+            AggOp::Max => eval_series(self.inner, points, self.steps, |i, v| {
+                count[i] += 1;
+                val[i] = val[i].max(v);
+            }),
+            AggOp::Count => eval_series(self.inner, points, self.steps, |i, _| count[i] += 1),
+        }
     }
 
     fn finish(self) -> Result<Vec<SeriesPoints>, EvalError> {
@@ -603,10 +647,8 @@ fn finish_groups(
             .filter(|&i| acc.count[i] > 0)
             .map(|i| {
                 let v = match agg.op {
-                    AggOp::Sum => acc.sum[i],
-                    AggOp::Avg => acc.sum[i] / f64::from(acc.count[i]),
-                    AggOp::Min => acc.min[i],
-                    AggOp::Max => acc.max[i],
+                    AggOp::Avg => acc.val[i] / f64::from(acc.count[i]),
+                    AggOp::Sum | AggOp::Min | AggOp::Max => acc.val[i],
                     AggOp::Count => f64::from(acc.count[i]),
                 };
                 (steps.at(i), v)

@@ -42,6 +42,7 @@ fn eval_status(e: EvalError) -> Status {
         EvalError::Invalid(m) => Status::invalid_argument(m),
         EvalError::Limit(m) => Status::resource_exhausted(m),
         EvalError::Store(e) => internal(e),
+        EvalError::Internal(m) => internal(m),
     }
 }
 

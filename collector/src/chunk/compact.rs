@@ -383,16 +383,12 @@ pub(super) fn decode_into(
     }
     let n = count as usize;
     let first_ts = unzigzag(get_varint(bytes, &mut pos)?);
-    let mut ts = Vec::with_capacity(n);
+    // A regular tick is computed as samples are handed out; only the
+    // delta-of-delta form is decoded into a list first.
+    let mut interval = 0i64;
+    let mut ts = Vec::new();
     match byte(bytes, &mut pos)? {
-        TS_REGULAR => {
-            let interval = unzigzag(get_varint(bytes, &mut pos)?);
-            let mut t = first_ts;
-            for _ in 0..n {
-                ts.push(t);
-                t = t.wrapping_add(interval);
-            }
-        }
+        TS_REGULAR => interval = unzigzag(get_varint(bytes, &mut pos)?),
         TS_DOD => {
             let len = get_varint(bytes, &mut pos)?;
             let end = pos
@@ -403,6 +399,7 @@ pub(super) fn decode_into(
                 bytes: &bytes[pos..end],
                 pos: 0,
             };
+            ts.reserve(n);
             let (mut t, mut delta) = (first_ts, 0i64);
             for k in 0..n {
                 if k > 0 {
@@ -415,6 +412,14 @@ pub(super) fn decode_into(
         }
         _ => return Err(CorruptChunk("unknown timestamp mode")),
     }
+    let regular = ts.is_empty();
+    let ts_at = |k: usize| {
+        if regular {
+            first_ts.wrapping_add(interval.wrapping_mul(k as i64))
+        } else {
+            ts[k]
+        }
+    };
     let mode = byte(bytes, &mut pos)?;
     if mode == VAL_FLOAT {
         let mut r = BitReader {
@@ -422,8 +427,8 @@ pub(super) fn decode_into(
             pos: 0,
         };
         let mut xor = XorDecoder::default();
-        for t in ts {
-            if !f(t, f64::from_bits(xor.get(&mut r)?)) {
+        for k in 0..n {
+            if !f(ts_at(k), f64::from_bits(xor.get(&mut r)?)) {
                 break;
             }
         }
@@ -459,53 +464,82 @@ pub(super) fn decode_into(
         bytes: &bytes[pos..],
         pos: 0,
     };
+    // The leading terms: the first value, then the first delta.
     let mut delta = 0i64;
-    // Runs mode: zeros still to give out, and whether a value follows them.
-    let (mut zeros_left, mut value_next) = (0u64, false);
-    for k in 0..n {
-        let v = if k < heads {
-            if k == 0 {
-                first[0]
-            } else {
-                delta = first[1];
-                x[0].wrapping_add(delta)
-            }
-        } else {
-            let y = if mode == VAL_PACKED {
-                if width == 0 {
-                    lo
-                } else {
-                    lo.wrapping_add(r.read_bits(width)? as i64)
-                }
-            } else if mode == VAL_RUNS {
+    if heads >= 1 {
+        x.push(first[0]);
+    }
+    if heads >= 2 {
+        delta = first[1];
+        x.push(first[0].wrapping_add(delta));
+    }
+    // The rest, one loop per value mode (and transform, in `fill`).
+    match mode {
+        VAL_PACKED if width == 0 => fill(&mut x, n, t, delta, || Ok(lo))?,
+        VAL_PACKED => fill(&mut x, n, t, delta, || {
+            Ok(lo.wrapping_add(r.read_bits(width)? as i64))
+        })?,
+        VAL_RUNS => {
+            // Zeros still to give out, and whether a value follows them.
+            let (mut zeros_left, mut value_next) = (0u64, false);
+            fill(&mut x, n, t, delta, || {
                 if zeros_left == 0 && !value_next {
                     zeros_left = read_gamma(&mut r)? - 1;
                     value_next = true;
                 }
                 if zeros_left > 0 {
                     zeros_left -= 1;
-                    0
+                    Ok(0)
                 } else {
                     value_next = false;
-                    read_dod(&mut r, table)?
+                    read_dod(&mut r, table)
                 }
-            } else {
-                read_dod(&mut r, table)?
-            };
-            match t {
-                0 => y,
-                1 => x[k - 1].wrapping_add(y),
-                _ => {
-                    delta = delta.wrapping_add(y);
-                    x[k - 1].wrapping_add(delta)
-                }
-            }
-        };
-        x.push(v);
+            })?
+        }
+        _ => fill(&mut x, n, t, delta, || read_dod(&mut r, table))?,
     }
-    for (t, i) in ts.into_iter().zip(x) {
-        if !f(t, i as f64 / div) {
+    // Integers as they were written: i / 10^scale (10^0 = 1 divides exactly).
+    let integral = scale == 0;
+    for (k, i) in x.into_iter().enumerate() {
+        let v = if integral { i as f64 } else { i as f64 / div };
+        if !f(ts_at(k), v) {
             break;
+        }
+    }
+    Ok(())
+}
+
+/// Appends values up to `n` from `next`'s stream of terms, undoing the
+/// transform `t` (0: the values, 1: deltas, 2: deltas of deltas, `delta`
+/// the last delta so far).
+#[inline]
+fn fill(
+    x: &mut Vec<i64>,
+    n: usize,
+    t: u8,
+    mut delta: i64,
+    mut next: impl FnMut() -> Result<i64, CorruptChunk>,
+) -> Result<(), CorruptChunk> {
+    let mut prev = x.last().copied().unwrap_or(0);
+    let todo = n.saturating_sub(x.len());
+    match t {
+        0 => {
+            for _ in 0..todo {
+                x.push(next()?);
+            }
+        }
+        1 => {
+            for _ in 0..todo {
+                prev = prev.wrapping_add(next()?);
+                x.push(prev);
+            }
+        }
+        _ => {
+            for _ in 0..todo {
+                delta = delta.wrapping_add(next()?);
+                prev = prev.wrapping_add(delta);
+                x.push(prev);
+            }
         }
     }
     Ok(())

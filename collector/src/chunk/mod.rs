@@ -108,7 +108,32 @@ impl BitReader<'_> {
         Ok(bit)
     }
 
+    /// The 64 bits from the byte holding `pos`, when 8 bytes remain there.
+    #[inline]
+    fn window(&self) -> Option<u64> {
+        let at = self.pos / 8;
+        let b = self.bytes.get(at..at.checked_add(8)?)?;
+        let w: [u8; 8] = b.try_into().ok()?;
+        Some(u64::from_be_bytes(w) << (self.pos % 8))
+    }
+
+    #[inline]
     fn read_bits(&mut self, n: u32) -> Result<u64, CorruptChunk> {
+        // Fast path: the bits lie in one 8-byte window (n ≤ 56 always
+        // does, the offset in the first byte being at most 7).
+        if n == 0 {
+            return Ok(0);
+        }
+        if n <= 56
+            && let Some(w) = self.window()
+        {
+            self.pos += n as usize;
+            return Ok(w >> (64 - n));
+        }
+        self.read_bits_slow(n)
+    }
+
+    fn read_bits_slow(&mut self, n: u32) -> Result<u64, CorruptChunk> {
         let mut v = 0u64;
         let mut n = n;
         while n > 0 {
@@ -127,8 +152,19 @@ impl BitReader<'_> {
         Ok(v)
     }
 
-    /// Counts leading one bits, up to `max`.
+    /// Counts leading one bits, up to `max` (and takes the zero after them
+    /// when there are fewer).
+    #[inline]
     fn read_prefix(&mut self, max: u32) -> Result<u32, CorruptChunk> {
+        if let Some(w) = self.window() {
+            let ones = (!w).leading_zeros();
+            // The window holds at least 57 bits: decided inside it.
+            if ones < 57 || max < 57 {
+                let n = ones.min(max);
+                self.pos += n as usize + usize::from(n < max);
+                return Ok(n);
+            }
+        }
         let mut n = 0;
         while n < max && self.read_bit()? {
             n += 1;
