@@ -11,6 +11,7 @@ mod client;
 mod commands;
 mod detect;
 mod dev;
+mod jobs;
 mod top;
 
 use std::io::Write;
@@ -190,6 +191,21 @@ enum Command {
         #[arg(long)]
         state: Option<String>,
         /// Print {"alerts":[{"rule","state","severity","labels","annotations","evidence","related",...}]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The running SLURM jobs: nodes, GPUs in use of those allocated, their
+    /// average utilisation, the step, loss and throughput the job's log
+    /// reports, runtime against the time limit, and the job's open alerts.
+    ///
+    /// Examples:
+    ///   vitals jobs
+    ///   vitals jobs --json | jq '.jobs[] | select(.alerts != []) | .job_id'
+    #[command(verbatim_doc_comment)]
+    Jobs {
+        /// Print {"jobs":[{"job_id","name","user","account","partition","nodes",
+        /// "gpus_allocated","gpus_in_use","gpu_util_percent","step","loss",
+        /// "throughput","runtime_seconds","time_limit_seconds","alerts"}]}.
         #[arg(long)]
         json: bool,
     },
@@ -577,6 +593,12 @@ fn main() -> ExitCode {
         Command::Alerts { all, state, json } => with_client(cli.config, |cfg| async move {
             alerts::alerts(&cfg, all, state, json).await
         }),
+        Command::Jobs { json } => {
+            with_client(
+                cli.config,
+                |cfg| async move { jobs::jobs(&cfg, json).await },
+            )
+        }
         Command::Top { interval } => client::load(cli.config.as_deref())
             .and_then(|cfg| runtime()?.block_on(top::run(&cfg, interval))),
         Command::Watch { json } => client::load(cli.config.as_deref())

@@ -272,6 +272,39 @@ fn slurm_job_processes_label_their_gpus_series_with_job_and_user() {
         .series("gpu_used_vram", &[("gpu", MatchOp::Equal, "1")]);
     assert!(gpu1.iter().all(|x| !labels(x).contains_key("job_id")));
 
+    // `vitals jobs`: the job, SLURM's fields, its one GPU in use and that
+    // GPU's utilisation as stored.
+    let util = s
+        .reader
+        .series("gpu_gfx_activity", &[("job_id", MatchOp::Equal, &job_id)]);
+    assert_eq!(util.len(), 1);
+    let util = util[0].points.last().unwrap().value;
+    let j = s.json(&["jobs", "--json"]);
+    let row = j["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["job_id"] == job_id.as_str())
+        .unwrap_or_else(|| panic!("job {job_id} not in {j}"))
+        .clone();
+    assert_eq!(row["user"], "root", "{row}");
+    assert_eq!(row["name"], "gpujob", "{row}");
+    assert_eq!(row["gpus_in_use"], 1.0, "{row}");
+    assert_eq!(row["gpu_util_percent"].as_f64(), Some(util), "{row}");
+    assert_eq!(row["nodes"].as_array().map(Vec::len), Some(1), "{row}");
+    assert!(row["runtime_seconds"].as_f64().is_some(), "{row}");
+    let table = s
+        .env
+        .vitals_ok(&["--config", s.cli.to_str().unwrap(), "jobs"]);
+    let line = table
+        .lines()
+        .find(|l| l.starts_with(&job_id))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        line.contains("gpujob") && line.contains("root") && line.contains("1/"),
+        "{line}"
+    );
+
     // The job ends: GPU 0's series go on without the job's labels.
     s.cluster.scancel(id);
     let unlabelled_now = || {

@@ -491,6 +491,7 @@ mod tests {
                 timestamp_ms: 1,
                 value: v,
             }],
+            ..Default::default()
         }
     }
 
