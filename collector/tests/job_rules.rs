@@ -90,7 +90,7 @@ async fn job_rules_name_the_straggler_the_idle_job_the_slow_pipeline_and_the_doo
     // Two hours of history, then 20 minutes in which things go wrong.
     let t0 = (now - 3 * 3_600_000) / STEP_MS * STEP_MS;
     let trouble = t0 + 2 * 3_600_000;
-    let end = trouble + 20 * 60_000;
+    let end = trouble + 25 * 60_000;
     let mut per_node: Vec<Batch> = nodes.iter().map(|_| Batch::default()).collect();
     let mut t = t0;
     let mut step = 0.0;
@@ -163,6 +163,22 @@ async fn job_rules_name_the_straggler_the_idle_job_the_slow_pipeline_and_the_doo
         ]);
         per_node[3].put("vitals_job_throughput", &k, t, 900.0 + (step % 5.0));
         per_node[3].put("vitals_job_step", &k, t, step * 3.0);
+        // 4400's loss falls, then climbs from +0 (4x in 20 minutes): its
+        // last 10 minutes pass 1.5x its last 2 hours at +9m45s; 4500's
+        // keeps falling, with noise.
+        let base = 1.0 + 1.0 / (1.0 + step / 50.0);
+        let climb = if bad {
+            1.0 + 3.0 * ((t - trouble) as f64 / (20.0 * 60_000.0))
+        } else {
+            1.0
+        };
+        per_node[3].put("vitals_job_loss", &j, t, base * climb);
+        per_node[3].put(
+            "vitals_job_loss",
+            &k,
+            t,
+            base * (1.0 + 0.05 * ((step * 0.7).sin())),
+        );
         // The controller's view: runtime and limit of 4400 and 4500.
         let c = |id| labels(&[("node", "slurm-ctl"), ("job_id", id)]);
         let run_s = ((t - t0) / 1000) as f64;
@@ -194,6 +210,7 @@ async fn job_rules_name_the_straggler_the_idle_job_the_slow_pipeline_and_the_doo
         "JobStraggler",
         "JobGpusIdle",
         "JobThroughputDrop",
+        "JobLossRising",
         "JobNoProgressNearTimeLimit",
     ];
     let mut rules = rules::builtin().unwrap();
@@ -272,6 +289,17 @@ async fn job_rules_name_the_straggler_the_idle_job_the_slow_pipeline_and_the_doo
     assert_eq!(a.labels["job_id"], "4400");
     assert_eq!(a.labels["node"], "gpu-04");
     assert!(a.value < 0.5 && a.value > 0.3, "{}", a.value);
+
+    // Loss rising: 4400 only, once its last 10 minutes average 1.5x its
+    // last 2 hours, for 10 minutes.
+    let (at, a) = by_rule("JobLossRising")[0];
+    assert_eq!(a.labels["job_id"], "4400");
+    assert!(a.value > 1.5, "{}", a.value);
+    assert!(
+        (1_185_000..=1_200_000).contains(&(at - trouble)),
+        "fired {} s in",
+        (at - trouble) / 1000
+    );
 
     // Near the limit without progress: 4400's step last advanced at
     // +4m45s, and its runtime (2 h at +0) passed 90% of its 2.4 h limit at
