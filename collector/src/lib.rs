@@ -147,6 +147,7 @@ pub async fn run_reloadable(
             settings.alerting.eval_interval,
             sink,
             stop_rx.clone(),
+            Some(writer.clone()),
         ))
     });
     let (limits_tx, limits_rx) = watch::channel(settings.query_limits());

@@ -313,6 +313,10 @@ enum Command {
         instance_id: String,
         batch: CleanBatch,
         reply: oneshot::Sender<Result<Outcome, String>>,
+        /// From an agent: scored by the detector, counted as the node's
+        /// activity (last seen) and its acknowledged sequence. The
+        /// collector's own series about a node (`ALERTS`) are neither.
+        from_agent: bool,
     },
     Checkpoint {
         reply: oneshot::Sender<Result<(), String>>,
@@ -361,6 +365,31 @@ impl Writer {
                 instance_id: instance_id.into(),
                 batch,
                 reply,
+                from_agent: true,
+            })
+            .await
+            .map_err(|_| StoreError::Closed.to_string())?;
+        Ok(rx)
+    }
+
+    /// Stores series the collector makes about `node` (its alerts as
+    /// `ALERTS`), durably like an agent's batch, but without touching the
+    /// node's last-seen time, its agents' sequences or the detector.
+    /// `batch.seq` must grow from one call to the next for a `source`.
+    pub async fn write_own(
+        &self,
+        node: &str,
+        source: &str,
+        batch: CleanBatch,
+    ) -> Result<oneshot::Receiver<Result<Outcome, String>>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Write {
+                node: node.into(),
+                instance_id: source.into(),
+                batch,
+                reply,
+                from_agent: false,
             })
             .await
             .map_err(|_| StoreError::Closed.to_string())?;
@@ -777,6 +806,7 @@ impl WriterState {
                         node,
                         instance_id,
                         batch,
+                        from_agent,
                         ..
                     } => {
                         let key = (node.clone(), instance_id.clone());
@@ -788,7 +818,8 @@ impl WriterState {
                         if batch.seq <= last {
                             CommandResult::Write(Outcome::Duplicate)
                         } else {
-                            let mut detect = self.opts.detect.as_ref().map(|sel| Detection {
+                            let detector = self.opts.detect.as_ref().filter(|_| *from_agent);
+                            let mut detect = detector.map(|sel| Detection {
                                 selector: sel,
                                 detectors: &mut self.detectors,
                                 alarms: &mut self.alarms,
@@ -811,16 +842,18 @@ impl WriterState {
                                 scored += d.scored;
                                 alarmed += d.alarmed;
                             }
-                            tx.prepare_cached(
-                                "INSERT INTO agent_instances (node, instance_id, acked_seq, updated_ms)
-                                 VALUES (?1, ?2, ?3, ?4)
-                                 ON CONFLICT (node, instance_id) DO UPDATE SET acked_seq = ?3, updated_ms = ?4",
-                            )?
-                            .execute(params![node, instance_id, batch.seq as i64, now])?;
-                            tx.prepare_cached(
-                                "UPDATE nodes SET last_seen_ms = ?2 WHERE name = ?1",
-                            )?
-                            .execute(params![node, now])?;
+                            if *from_agent {
+                                tx.prepare_cached(
+                                    "INSERT INTO agent_instances (node, instance_id, acked_seq, updated_ms)
+                                     VALUES (?1, ?2, ?3, ?4)
+                                     ON CONFLICT (node, instance_id) DO UPDATE SET acked_seq = ?3, updated_ms = ?4",
+                                )?
+                                .execute(params![node, instance_id, batch.seq as i64, now])?;
+                                tx.prepare_cached(
+                                    "UPDATE nodes SET last_seen_ms = ?2 WHERE name = ?1",
+                                )?
+                                .execute(params![node, now])?;
+                            }
                             staged_acked.insert(key, batch.seq);
                             CommandResult::Write(Outcome::Stored)
                         }

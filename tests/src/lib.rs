@@ -402,8 +402,9 @@ pub fn spool_batches(spool_dir: &Path) -> Vec<(u64, Batch)> {
     .unwrap()
 }
 
-/// Series the collector derives from what it stores (anomaly scores, alarms).
-pub const DERIVED: &str = "vitals_anomaly_.*";
+/// Series the collector derives from what it stores (anomaly scores,
+/// alarms) and its open alerts (`ALERTS`).
+pub const DERIVED: &str = "vitals_anomaly_.*|ALERTS";
 
 /// Reads what the collector stored through its query API (operator certificate).
 pub struct Reader {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use vitals_e2e::receivers::*;
 use vitals_e2e::*;
+use vitals_proto::v1::MatchOp;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures");
 const EVAL: &str = "500ms";
@@ -411,6 +412,29 @@ sentry = {{ dsn = "{dsn}" }}
     assert_eq!(pool["labels"]["zpool"], "pool1");
     assert_eq!(pool["labels"]["state"], "degraded");
 
+    // The open alerts are series too, as Prometheus' ALERTS: one per
+    // alert, its labels and alertstate, 1 at each evaluation.
+    let alerts_series = reader.series(
+        "ALERTS",
+        &[
+            ("alertname", MatchOp::Equal, "GpuMemoryOverload"),
+            ("alertstate", MatchOp::Equal, "firing"),
+        ],
+    );
+    assert_eq!(alerts_series.len(), 1, "{alerts_series:?}");
+    let l: std::collections::BTreeMap<_, _> = alerts_series[0]
+        .labels
+        .iter()
+        .map(|l| (l.name.as_str(), l.value.as_str()))
+        .collect();
+    assert_eq!(
+        (l["node"], l["gpu"], l["severity"], l["team"]),
+        ("train-01", "0", "critical", "ml"),
+        "{l:?}"
+    );
+    assert!(alerts_series[0].points.iter().all(|p| p.value == 1.0));
+    assert!(!alerts_series[0].points.is_empty());
+
     // Alertmanager holds each, once.
     assert!(
         wait_until(Duration::from_secs(20), || {
@@ -446,6 +470,7 @@ sentry = {{ dsn = "{dsn}" }}
 
     // (e) The agent killed: node down; back: resolved.
     agent.proc.kill();
+    let killed_ms = vitals_common::now_ms();
     assert!(
         wait_until(Duration::from_secs(30), || count(
             &webhook_alerts(&hook),
@@ -454,6 +479,29 @@ sentry = {{ dsn = "{dsn}" }}
         ) == 1),
         "NodeDown did not fire; collector log:\n{}",
         collector.log_text()
+    );
+    // The ALERTS series written about the node since do not make it look
+    // alive: its last-seen time is still from before the kill.
+    assert!(
+        !reader
+            .series(
+                "ALERTS",
+                &[
+                    ("alertname", MatchOp::Equal, "NodeDown"),
+                    ("node", MatchOp::Equal, "train-01")
+                ]
+            )
+            .is_empty()
+    );
+    let seen = reader
+        .nodes()
+        .into_iter()
+        .find(|n| n.name == "train-01")
+        .unwrap()
+        .last_seen_ms;
+    assert!(
+        seen <= killed_ms,
+        "last seen {seen} after the kill at {killed_ms}"
     );
     let mut agent = restart_agent_env(&cfg, &vars);
     assert!(

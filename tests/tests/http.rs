@@ -1012,7 +1012,11 @@ fn grafana_dashboard_expressions_all_run_on_the_http_api() {
 
     let env = Env::new();
     env.issue("train-01", "agent", &[]);
-    let (_collector, port, addr) = start(&env);
+    // A rule the samples below fire, for the alerts panels (ALERTS).
+    let (_collector, port, addr) = start_with(
+        &env,
+        "[alerting]\nbuiltin = false\neval_interval = \"200ms\"\n[[alerting.rules]]\nname = \"GpuBusy\"\nexpr = \"gpu_gfx_activity > 40\"\nseverity = \"warning\"\n",
+    );
     // A little of what the panels chart, so some answers are not empty.
     let now = vitals_common::now_ms() / 1000 * 1000;
     let series = [
@@ -1071,8 +1075,28 @@ fn grafana_dashboard_expressions_all_run_on_the_http_api() {
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["data"], serde_json::json!(["train-01"]), "{v}");
 
+    // The rule has fired and been stored as ALERTS.
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            let (_, v) = json(
+                request(
+                    &addr,
+                    Some(&op),
+                    "GET",
+                    &format!("/api/v1/query?{}", form(&[("query", "ALERTS")])),
+                    None,
+                )
+                .unwrap(),
+            );
+            v["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+        }),
+        "no ALERTS series"
+    );
     let start = (now / 1000 - 3600).to_string();
-    let end = (now / 1000).to_string();
+    // A step (60 s) past the alert, so the last evaluation sees it.
+    let end = (vitals_common::now_ms() / 1000 + 60).to_string();
     let mut failed = Vec::new();
     let mut with_data = Vec::new();
     for node in [".*", "(train-01|nas-01)"] {
@@ -1106,6 +1130,8 @@ fn grafana_dashboard_expressions_all_run_on_the_http_api() {
         r#"gpu_gfx_activity{node=~".*"}"#,
         r#"avg by (node) (gpu_gfx_activity{node=~"(train-01|nas-01)"})"#,
         r#"sum by (node, device) (rate(node_network_receive_bytes_total{node=~".*"}[1m]))"#,
+        r#"ALERTS{alertstate="firing", node=~".*"}"#,
+        r#"count by (alertname, severity) (ALERTS{alertstate="firing", node=~"(train-01|nas-01)"})"#,
     ] {
         assert!(
             with_data.iter().any(|q| q == want),

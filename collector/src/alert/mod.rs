@@ -17,7 +17,7 @@ pub mod expr;
 pub mod route;
 pub mod rules;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -484,13 +484,78 @@ fn evaluate_locked(
     send
 }
 
-/// Runs the evaluation loop until `stop` turns true.
+/// The metric of the open alerts, one series per alert as in Prometheus:
+/// the alert's labels (`alertname`, `severity`, the series' and the rule's)
+/// plus `alertstate` = "pending" or "firing", value 1 at each evaluation.
+pub const ALERTS_METRIC: &str = "ALERTS";
+
+/// Where `ALERTS` samples are written from (the store's source name).
+const ALERTS_SOURCE: &str = "vitals-collector/alerts";
+
+/// One batch per node of `ALERTS` samples for the open alerts at `now`
+/// (alerts without a `node` label are left out: every series has one).
+pub fn alerts_batches(open: &[Alert], now: i64) -> Vec<(String, crate::store::CleanBatch)> {
+    let mut by_node: BTreeMap<String, crate::store::CleanBatch> = BTreeMap::new();
+    for a in open {
+        let state = match a.phase {
+            Phase::Pending => "pending",
+            Phase::Firing => "firing",
+            Phase::Resolved => continue,
+        };
+        let Some(node) = a.labels.get("node").filter(|n| !n.is_empty()) else {
+            continue;
+        };
+        let mut labels = a.labels.clone();
+        labels.insert("alertstate".into(), state.into());
+        labels.insert("alertname".into(), a.rule.clone());
+        let b = by_node
+            .entry(node.clone())
+            .or_insert_with(|| crate::store::CleanBatch {
+                seq: u64::try_from(now).unwrap_or(0),
+                series: Vec::new(),
+                series_idx: Vec::new(),
+                timestamps_ms: Vec::new(),
+                values: Vec::new(),
+                events: Vec::new(),
+            });
+        b.series_idx.push(b.series.len() as u32);
+        b.series
+            .push(std::sync::Arc::new(crate::store::SeriesKey::new(
+                ALERTS_METRIC.to_string(),
+                labels,
+            )));
+        b.timestamps_ms.push(now);
+        b.values.push(1.0);
+    }
+    by_node.into_iter().collect()
+}
+
+/// Writes the open alerts as `ALERTS` samples (logged, not fatal, when the
+/// store refuses: alerting goes on without them).
+async fn write_alerts(writer: &crate::store::Writer, open: &[Alert], now: i64) {
+    for (node, batch) in alerts_batches(open, now) {
+        let r = match writer.write_own(&node, ALERTS_SOURCE, batch).await {
+            Ok(rx) => rx
+                .await
+                .map_err(|_| "the store closed".to_string())
+                .and_then(|r| r),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            tracing::warn!(node = %node, error = %e, "cannot store the ALERTS series of this evaluation");
+        }
+    }
+}
+
+/// Runs the evaluation loop until `stop` turns true. With `own`, the open
+/// alerts are also stored as `ALERTS` series after each evaluation.
 pub async fn run(
     shared: Shared,
     store: Store,
     interval: Duration,
     mut sink: Box<dyn Sink>,
     mut stop: watch::Receiver<bool>,
+    own: Option<crate::store::Writer>,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -517,11 +582,16 @@ pub async fn run(
             let refs: Vec<&Alert> = open.iter().collect();
             let queued = sink.tick(&refs, &silenced, now, stopping);
             mark_notified(&s2, &queued);
-            sink
+            (sink, open)
         })
         .await;
         sink = match step {
-            Ok(s) => s,
+            Ok((s, open)) => {
+                if let (Some(w), false) = (&own, stopping) {
+                    write_alerts(w, &open, now).await;
+                }
+                s
+            }
             Err(e) => {
                 tracing::error!(error = %e, "alert evaluation panicked; alerting stops until restart");
                 return;
