@@ -10,7 +10,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
-use vitals_proto::v1::{Alert, Label, ListAlertsRequest, QueryInstantRequest, Series};
+use vitals_proto::label;
+use vitals_proto::v1::{Alert, ListAlertsRequest, QueryInstantRequest, Series};
 
 use crate::client::{self, CliConfig};
 use crate::commands::{status_error, table};
@@ -91,16 +92,6 @@ pub struct JobRow {
     pub alerts: Vec<String>,
 }
 
-fn label<'a>(ls: &'a [Label], name: &str) -> &'a str {
-    ls.iter()
-        .find(|l| l.name == name)
-        .map_or("", |l| l.value.as_str())
-}
-
-fn value(s: &Series) -> Option<f64> {
-    s.points.last().map(|p| p.value)
-}
-
 /// The rows, by job id (numeric ids in numeric order).
 pub fn build(a: &Answers) -> Vec<JobRow> {
     let mut jobs: BTreeMap<(usize, String), JobRow> = BTreeMap::new();
@@ -135,7 +126,7 @@ pub fn build(a: &Answers) -> Vec<JobRow> {
             .get(&ask)
             .into_iter()
             .flatten()
-            .filter_map(|s| Some((label(&s.labels, "job_id").to_string(), value(s)?)))
+            .filter_map(|s| Some((label(&s.labels, "job_id").to_string(), s.last_value()?)))
             .collect()
     };
     let (gpus, runtime, limit) = (
@@ -283,7 +274,7 @@ pub async fn jobs(cfg: &CliConfig, json: bool) -> Result<String> {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use vitals_proto::v1::Point;
+    use vitals_proto::v1::{Label, Point};
 
     use super::*;
 

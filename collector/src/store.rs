@@ -358,18 +358,7 @@ impl Writer {
         instance_id: &str,
         batch: CleanBatch,
     ) -> Result<oneshot::Receiver<Result<Outcome, String>>, String> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Write {
-                node: node.into(),
-                instance_id: instance_id.into(),
-                batch,
-                reply,
-                from_agent: true,
-            })
-            .await
-            .map_err(|_| StoreError::Closed.to_string())?;
-        Ok(rx)
+        self.send_write(node, instance_id, batch, true).await
     }
 
     /// Stores series the collector makes about `node` (its alerts as
@@ -382,14 +371,24 @@ impl Writer {
         source: &str,
         batch: CleanBatch,
     ) -> Result<oneshot::Receiver<Result<Outcome, String>>, String> {
+        self.send_write(node, source, batch, false).await
+    }
+
+    async fn send_write(
+        &self,
+        node: &str,
+        instance_id: &str,
+        batch: CleanBatch,
+        from_agent: bool,
+    ) -> Result<oneshot::Receiver<Result<Outcome, String>>, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Write {
                 node: node.into(),
-                instance_id: source.into(),
+                instance_id: instance_id.into(),
                 batch,
                 reply,
-                from_agent: false,
+                from_agent,
             })
             .await
             .map_err(|_| StoreError::Closed.to_string())?;

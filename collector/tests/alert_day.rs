@@ -6,14 +6,15 @@
 //! (VRAM full) must.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use vitals_collector::alert::engine::{Change, Engine};
 use vitals_collector::alert::eval::{self, Data};
 use vitals_collector::alert::rules::{self, Condition};
-use vitals_collector::store::{self, CleanBatch, SeriesKey, StoreOptions};
-use vitals_common::model::Labels;
+use vitals_collector::store::{self, StoreOptions};
+
+mod common;
+use common::{Samples, labels};
 
 const STEP_MS: i64 = 15_000;
 const DAY_MS: i64 = 24 * 3600 * 1000;
@@ -32,59 +33,6 @@ impl Rng {
     }
 }
 
-fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-/// Builds the samples of one node for [t, t + span), one batch.
-struct Day {
-    keys: Vec<Arc<SeriesKey>>,
-    idx: Vec<u32>,
-    ts: Vec<i64>,
-    vals: Vec<f64>,
-}
-
-impl Day {
-    fn new() -> Day {
-        Day {
-            keys: Vec::new(),
-            idx: Vec::new(),
-            ts: Vec::new(),
-            vals: Vec::new(),
-        }
-    }
-    fn put(&mut self, name: &str, l: &Labels, t: i64, v: f64) {
-        let pos = match self
-            .keys
-            .iter()
-            .position(|k| k.name == name && &k.labels == l)
-        {
-            Some(p) => p,
-            None => {
-                self.keys
-                    .push(Arc::new(SeriesKey::new(name.to_string(), l.clone())));
-                self.keys.len() - 1
-            }
-        };
-        self.idx.push(pos as u32);
-        self.ts.push(t);
-        self.vals.push(v);
-    }
-    fn batch(self, seq: u64) -> CleanBatch {
-        CleanBatch {
-            seq,
-            series: self.keys,
-            series_idx: self.idx,
-            timestamps_ms: self.ts,
-            values: self.vals,
-            events: Vec::new(),
-        }
-    }
-}
-
 /// Is a training job running on GPU `g` at `t` (jobs of 2–5 h, gaps).
 fn job_running(g: usize, t: i64) -> bool {
     let h = t as f64 / 3_600_000.0 + g as f64 * 1.3;
@@ -95,7 +43,7 @@ fn diurnal(t: i64) -> f64 {
     (t as f64 / DAY_MS as f64 * std::f64::consts::TAU).sin()
 }
 
-fn gpu_node(day: &mut Day, rng: &mut Rng, t: i64, cycle: f64, counters: &mut [f64]) {
+fn gpu_node(day: &mut Samples, rng: &mut Rng, t: i64, cycle: f64, counters: &mut [f64]) {
     let node = "gpu-01";
     day.put(
         "vitals_agent_cycles_total",
@@ -254,7 +202,7 @@ fn gpu_node(day: &mut Day, rng: &mut Rng, t: i64, cycle: f64, counters: &mut [f6
 
 /// An NVIDIA training server: an edge sensor and a slowdown threshold
 /// instead of a junction sensor, Xid errors counted.
-fn nvidia_node(day: &mut Day, rng: &mut Rng, t: i64, cycle: f64) {
+fn nvidia_node(day: &mut Samples, rng: &mut Rng, t: i64, cycle: f64) {
     let node = "gpu-02";
     day.put(
         "vitals_agent_cycles_total",
@@ -297,7 +245,7 @@ fn nvidia_node(day: &mut Day, rng: &mut Rng, t: i64, cycle: f64) {
     }
 }
 
-fn nas_node(day: &mut Day, rng: &mut Rng, t: i64, cycle: f64, t0: i64) {
+fn nas_node(day: &mut Samples, rng: &mut Rng, t: i64, cycle: f64, t0: i64) {
     let node = "nas-01";
     day.put(
         "vitals_agent_cycles_total",
@@ -373,7 +321,7 @@ async fn a_healthy_day_fires_nothing_and_a_real_failure_fires() {
     let mut cycle = 0.0;
     while t < end {
         let hour_end = (t + 3_600_000).min(end);
-        let (mut g, mut v, mut n) = (Day::new(), Day::new(), Day::new());
+        let (mut g, mut v, mut n) = (Samples::default(), Samples::default(), Samples::default());
         while t < hour_end {
             cycle += 1.0;
             gpu_node(&mut g, &mut rng, t, cycle, &mut counters);
@@ -468,7 +416,7 @@ async fn a_healthy_day_fires_nothing_and_a_real_failure_fires() {
     // The same rules do see a real failure in the same store: GPU 2's VRAM
     // full for 3 minutes right after the day.
     let full = labels(&[("node", "gpu-01"), ("gpu", "2"), ("card", "card2")]);
-    let mut d = Day::new();
+    let mut d = Samples::default();
     let mut t = end;
     while t <= end + 180_000 {
         d.put("gpu_used_vram", &full, t, 32752.0 * 0.985);
@@ -479,7 +427,7 @@ async fn a_healthy_day_fires_nothing_and_a_real_failure_fires() {
     r.await.unwrap().unwrap();
     // And an NVIDIA GPU 3 °C under its slowdown threshold for 6 minutes.
     let hot = labels(&[("node", "gpu-02"), ("gpu", "1"), ("card", "nvidia1")]);
-    let mut d = Day::new();
+    let mut d = Samples::default();
     let mut t = end;
     while t <= end + 360_000 {
         d.put("gpu_edge_temperature", &hot, t, 84.0);

@@ -5,63 +5,19 @@
 //! not fire.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use vitals_collector::alert::engine::{Alert, Change, Engine};
 use vitals_collector::alert::rules;
-use vitals_collector::store::{self, CleanBatch, SeriesKey, StoreOptions};
-use vitals_common::model::Labels;
+use vitals_collector::store::{self, StoreOptions};
+
+mod common;
+use common::{Samples, labels};
 
 const STEP_MS: i64 = 15_000;
 
-fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-#[derive(Default)]
-struct Batch {
-    keys: Vec<Arc<SeriesKey>>,
-    idx: Vec<u32>,
-    ts: Vec<i64>,
-    vals: Vec<f64>,
-}
-
-impl Batch {
-    fn put(&mut self, name: &str, l: &Labels, t: i64, v: f64) {
-        let pos = match self
-            .keys
-            .iter()
-            .position(|k| k.name == name && &k.labels == l)
-        {
-            Some(p) => p,
-            None => {
-                self.keys
-                    .push(Arc::new(SeriesKey::new(name.to_string(), l.clone())));
-                self.keys.len() - 1
-            }
-        };
-        self.idx.push(pos as u32);
-        self.ts.push(t);
-        self.vals.push(v);
-    }
-    fn into_clean(self, seq: u64) -> CleanBatch {
-        CleanBatch {
-            seq,
-            series: self.keys,
-            series_idx: self.idx,
-            timestamps_ms: self.ts,
-            values: self.vals,
-            events: Vec::new(),
-        }
-    }
-}
-
 /// GPU utilisation of `gpus` GPUs of `node` used by a job.
-fn gpus(b: &mut Batch, node: &str, job: &str, user: &str, n: usize, t: i64, util: f64) {
+fn gpus(b: &mut Samples, node: &str, job: &str, user: &str, n: usize, t: i64, util: f64) {
     for g in 0..n {
         let gs = g.to_string();
         let l = labels(&[
@@ -91,7 +47,7 @@ async fn job_rules_name_the_straggler_the_idle_job_the_slow_pipeline_and_the_doo
     let t0 = (now - 3 * 3_600_000) / STEP_MS * STEP_MS;
     let trouble = t0 + 2 * 3_600_000;
     let end = trouble + 25 * 60_000;
-    let mut per_node: Vec<Batch> = nodes.iter().map(|_| Batch::default()).collect();
+    let mut per_node: Vec<Samples> = nodes.iter().map(|_| Samples::default()).collect();
     let mut t = t0;
     let mut step = 0.0;
     while t <= end {
@@ -199,10 +155,7 @@ async fn job_rules_name_the_straggler_the_idle_job_the_slow_pipeline_and_the_doo
         t += STEP_MS;
     }
     for (seq, (node, b)) in nodes.iter().zip(per_node).enumerate() {
-        let r = w
-            .write(node, "i", b.into_clean(seq as u64 + 1))
-            .await
-            .unwrap();
+        let r = w.write(node, "i", b.batch(seq as u64 + 1)).await.unwrap();
         r.await.unwrap().unwrap();
     }
 

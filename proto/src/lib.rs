@@ -11,7 +11,24 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 
 pub use prost::Message;
 
+/// The value of label `name` in `labels` ("" when absent, as Prometheus
+/// reads a missing label).
+pub fn label<'a>(labels: &'a [v1::Label], name: &str) -> &'a str {
+    labels
+        .iter()
+        .find(|l| l.name == name)
+        .map_or("", |l| l.value.as_str())
+}
+
 impl v1::Series {
+    /// The last sample's value (an instant answer's one value).
+    pub fn last_value(&self) -> Option<f64> {
+        self.points
+            .last()
+            .map(|p| p.value)
+            .or_else(|| self.values.last().copied())
+    }
+
     /// Moves a `packed` answer's samples into `points` (a no-op for an
     /// answer that is not packed), so readers see one form.
     pub fn unpack(&mut self) {

@@ -10,7 +10,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use vitals_proto::v1::{Alert, Label, NodeInfo, Series};
+use vitals_proto::label;
+use vitals_proto::v1::{Alert, NodeInfo, Series};
 
 /// Rates are taken over this window: several agent intervals (5 s by
 /// default), short enough to follow a change within a refresh or two.
@@ -234,16 +235,9 @@ pub fn sort(nodes: &mut [NodeView], key: SortKey) {
     });
 }
 
-fn label<'a>(ls: &'a [Label], name: &str) -> &'a str {
-    ls.iter()
-        .find(|l| l.name == name)
-        .map(|l| l.value.as_str())
-        .unwrap_or("")
-}
-
 /// The newest value of an instant answer's series.
 fn value(s: &Series) -> Option<f64> {
-    s.points.last().map(|p| p.value).filter(|v| v.is_finite())
+    s.last_value().filter(|v| v.is_finite())
 }
 
 /// Builds the fleet from one refresh's answers, nodes by name.
@@ -475,7 +469,7 @@ pub fn build(a: &Answers) -> Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vitals_proto::v1::Point;
+    use vitals_proto::v1::{Label, Point};
 
     fn s(name: &str, labels: &[(&str, &str)], v: f64) -> Series {
         Series {
