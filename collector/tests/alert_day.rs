@@ -51,6 +51,21 @@ fn gpu_node(day: &mut Samples, rng: &mut Rng, t: i64, cycle: f64, counters: &mut
         t,
         cycle,
     );
+    if cycle == 1.0 {
+        // Alice's earlier `train` runs: 4.5 hours each.
+        let fl = labels(&[
+            ("node", node),
+            ("job_id", "999"),
+            ("user", "alice"),
+            ("name", "train"),
+        ]);
+        day.put(
+            "vitals_slurm_job_finished_runtime_seconds",
+            &fl,
+            t,
+            16_200.0,
+        );
+    }
     for g in 0..4 {
         let gs = g.to_string();
         let mut l = labels(&[("node", node), ("gpu", &gs), ("card", &format!("card{g}"))]);
@@ -115,6 +130,14 @@ fn gpu_node(day: &mut Samples, rng: &mut Rng, t: i64, cycle: f64, counters: &mut
                 t,
                 1500.0 * (1.0 + 0.05 * diurnal(t)) + rng.noise(120.0),
             );
+            let il = labels(&[
+                ("node", node),
+                ("job_id", &job),
+                ("user", "alice"),
+                ("name", "train"),
+                ("state", "RUNNING"),
+            ]);
+            day.put("vitals_slurm_job_info", &il, t, 1.0);
             let sl = labels(&[("node", node), ("job_id", &job)]);
             day.put(
                 "vitals_slurm_job_runtime_seconds",

@@ -135,9 +135,46 @@ async fn job_rules_name_the_straggler_the_idle_job_the_slow_pipeline_and_the_doo
             t,
             base * (1.0 + 0.05 * ((step * 0.7).sin())),
         );
+        // Job 4600 (gina) on gpu-04: a binary loss stuck at ln 2.
+        let g = labels(&[
+            ("node", "gpu-04"),
+            ("job_id", "4600"),
+            ("user", "gina"),
+            ("name", "bert"),
+        ]);
+        per_node[3].put("vitals_job_loss", &g, t, std::f64::consts::LN_2);
         // The controller's view: runtime and limit of 4400 and 4500.
         let c = |id| labels(&[("node", "slurm-ctl"), ("job_id", id)]);
         let run_s = ((t - t0) / 1000) as f64;
+        for (id, user, name) in [("4400", "erin", "llama-ft"), ("4500", "frank", "vit")] {
+            let mut l = c(id);
+            for (k, v) in [("user", user), ("name", name), ("state", "RUNNING")] {
+                l.insert(k.into(), v.into());
+            }
+            per_node[4].put("vitals_slurm_job_info", &l, t, 1.0);
+        }
+        if t == t0 {
+            // Erin's earlier llama-ft runs finished in 50 minutes at most;
+            // Frank's vit runs took 4 hours.
+            for (id, user, name, secs) in [
+                ("4100", "erin", "llama-ft", 2400.0),
+                ("4101", "erin", "llama-ft", 3000.0),
+                ("4200", "frank", "vit", 14400.0),
+            ] {
+                let l = labels(&[
+                    ("node", "slurm-ctl"),
+                    ("job_id", id),
+                    ("user", user),
+                    ("name", name),
+                ]);
+                per_node[4].put(
+                    "vitals_slurm_job_finished_runtime_seconds",
+                    &l,
+                    t - 3_600_000,
+                    secs,
+                );
+            }
+        }
         per_node[4].put("vitals_slurm_job_runtime_seconds", &c("4400"), t, run_s);
         per_node[4].put(
             "vitals_slurm_job_time_limit_seconds",
@@ -164,6 +201,8 @@ async fn job_rules_name_the_straggler_the_idle_job_the_slow_pipeline_and_the_doo
         "JobGpusIdle",
         "JobThroughputDrop",
         "JobLossRising",
+        "JobLossFlat",
+        "JobRunningLong",
         "JobNoProgressNearTimeLimit",
     ];
     let mut rules = rules::builtin().unwrap();
@@ -242,6 +281,34 @@ async fn job_rules_name_the_straggler_the_idle_job_the_slow_pipeline_and_the_doo
     assert_eq!(a.labels["job_id"], "4400");
     assert_eq!(a.labels["node"], "gpu-04");
     assert!(a.value < 0.5 && a.value > 0.3, "{}", a.value);
+
+    // Flat: 4600 only (4400's and 4500's losses move); true from the first
+    // evaluation (an hour in), so it fires after its 30 minutes.
+    let (at, a) = by_rule("JobLossFlat")[0];
+    assert_eq!(
+        (a.labels["job_id"].as_str(), a.labels["user"].as_str()),
+        ("4600", "gina")
+    );
+    assert_eq!(at - t0, 3_600_000 + 30 * 60_000);
+
+    // Running long: 4400 passed twice erin's longest llama-ft run (6000 s)
+    // at 1 h 40 m, so it fires 10 minutes later; frank's vit is far from
+    // his 4 hours.
+    let (at, a) = by_rule("JobRunningLong")[0];
+    assert_eq!(
+        (
+            a.labels["job_id"].as_str(),
+            a.labels["user"].as_str(),
+            a.labels["name"].as_str()
+        ),
+        ("4400", "erin", "llama-ft")
+    );
+    let since_start = at - t0;
+    assert!(
+        (6_600_000..=6_615_000).contains(&since_start),
+        "fired {} s after the job started",
+        since_start / 1000
+    );
 
     // Loss rising: 4400 only, once its last 10 minutes average 1.5x its
     // last 2 hours, for 10 minutes.

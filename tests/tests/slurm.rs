@@ -196,6 +196,19 @@ fn slurm_job_state_changes_arrive_as_events_and_job_series_are_queryable() {
             )
             .is_empty()
     );
+    // Completed: its runtime once, by user and name, for later runs of the
+    // same name to be compared with (the job sleeps 3 s; the agent looks
+    // every 0.5 s).
+    let finished = s.reader.series(
+        "vitals_slurm_job_finished_runtime_seconds",
+        &[("job_id", MatchOp::Equal, &job_id)],
+    );
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    let l = labels(&finished[0]);
+    assert_eq!((l["user"].as_str(), l["name"].as_str()), ("root", "short"));
+    let secs = finished[0].points.last().unwrap().value;
+    assert!((3.0..=10.0).contains(&secs), "finished after {secs} s");
+    assert_eq!(finished[0].points.len(), 1);
     let _ = &s.collector;
     agent.proc.term(Duration::from_secs(20));
 }

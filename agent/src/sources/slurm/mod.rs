@@ -17,6 +17,8 @@
 //! `vitals_slurm_job_start_time_seconds` (once started),
 //! `vitals_slurm_job_time_limit_seconds` (unless unlimited),
 //! `vitals_slurm_job_runtime_seconds` (running jobs), all `{job_id}`;
+//! `vitals_slurm_job_finished_runtime_seconds{job_id, user, name}` once,
+//! when a job seen RUNNING is COMPLETED;
 //! `vitals_slurm_jobs{state, partition}` counts; per node
 //! `vitals_slurm_node_state{slurm_node, state}` (one series per state in
 //! [`NODE_STATES`], 1 for the base state and each flag such as `drain`),
@@ -319,8 +321,9 @@ impl Source for Slurm {
                 parse::parse_squeue_text(text)
             }
             .map_err(|e| SourceError::Failed(format!("`squeue` output: {e}")))?;
-            job_samples(&jobs, unix_now(), out);
-            self.job_events(&jobs);
+            let now = unix_now();
+            job_samples(&jobs, now, out);
+            self.job_events(&jobs, now, out);
             if let Some(logs) = self.logs.as_mut() {
                 // As long again as the commands could take, from now.
                 logs.cycle(jobs, Instant::now() + self.wait, out, &mut self.events);
@@ -345,8 +348,11 @@ impl Source for Slurm {
 
 impl Slurm {
     /// Queues an event for each job whose state changed since the last
-    /// cycle, and remembers this cycle's states.
-    fn job_events(&mut self, jobs: &[Job]) {
+    /// cycle, and remembers this cycle's states. A job seen RUNNING that
+    /// is COMPLETED now also gives its runtime as
+    /// `vitals_slurm_job_finished_runtime_seconds{job_id, user, name}`
+    /// (one sample: the history "abnormally long" compares with).
+    fn job_events(&mut self, jobs: &[Job], now_s: i64, out: &mut Vec<Sample>) {
         let now: HashMap<u64, String> = jobs.iter().map(|j| (j.id, j.state.clone())).collect();
         if let Some(before) = &self.states {
             for j in jobs {
@@ -355,6 +361,20 @@ impl Slurm {
                 };
                 if *old == j.state {
                     continue;
+                }
+                if old == "RUNNING"
+                    && j.state == "COMPLETED"
+                    && let Some(start) = j.start_time
+                {
+                    out.push(
+                        Sample::new(
+                            "vitals_slurm_job_finished_runtime_seconds",
+                            now_s.saturating_sub(start).max(0) as f64,
+                        )
+                        .label("job_id", j.id.to_string())
+                        .label("user", j.user.as_str())
+                        .label("name", j.name.as_str()),
+                    );
                 }
                 let mut labels = Labels::new();
                 for (k, v) in [
