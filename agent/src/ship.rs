@@ -156,8 +156,6 @@ impl Shipper {
             .tls_config(link.tls.client_config(&link.server_name))
             .map_err(connect_err)?
             .connect_timeout(Duration::from_secs(5))
-            .initial_stream_window_size(vitals_common::H2_STREAM_WINDOW)
-            .initial_connection_window_size(vitals_common::H2_CONNECTION_WINDOW)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true)

@@ -206,9 +206,10 @@ pub async fn run_reloadable(
     };
     let reflection_v1 = reflection().build_v1().map_err(RunError::Reflection)?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(RunError::Reflection)?;
+    // h2's default windows here: they bound what each agent stream may
+    // have in flight towards the collector (memory per connected agent);
+    // a query answer's pace is set by the client's receive window.
     let server = tonic::transport::Server::builder()
-        .initial_stream_window_size(vitals_common::H2_STREAM_WINDOW)
-        .initial_connection_window_size(vitals_common::H2_CONNECTION_WINDOW)
         .add_service(IngestServer::new(ingest).max_decoding_message_size(64 << 20))
         .add_service(QueryServer::new(query).max_encoding_message_size(256 << 20))
         .add_service(AlertsServer::new(alert::api::AlertsService {

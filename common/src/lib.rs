@@ -15,10 +15,11 @@ pub mod tls;
 /// Version of every Vitals binary, from the workspace manifest.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// HTTP/2 flow-control windows of every gRPC endpoint (collector, agent,
-/// CLI). h2's default 64 KiB window makes a multi-megabyte answer (a
-/// day of points for a few series) wait a round trip for a window update
-/// every 64 KiB; a few MiB lets it stream.
+/// HTTP/2 receive windows of the operator CLI's gRPC connections. h2's
+/// default 64 KiB window makes a multi-megabyte answer (a day of points for
+/// a few series) wait a round trip for a window update every 64 KiB; a few
+/// MiB lets it stream. Not on the collector's side: there the window
+/// bounds what every agent stream may have in flight (memory per agent).
 pub const H2_STREAM_WINDOW: u32 = 4 << 20;
 pub const H2_CONNECTION_WINDOW: u32 = 8 << 20;
 
