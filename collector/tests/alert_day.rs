@@ -14,7 +14,7 @@ use vitals_collector::alert::rules::{self, Condition};
 use vitals_collector::store::{self, StoreOptions};
 
 mod common;
-use common::{Samples, labels};
+use common::{Samples, fired_between, labels};
 
 const STEP_MS: i64 = 15_000;
 const DAY_MS: i64 = 24 * 3600 * 1000;
@@ -460,23 +460,8 @@ async fn a_healthy_day_fires_nothing_and_a_real_failure_fires() {
     let r = w.write("gpu-02", "i", d.batch(seq + 2)).await.unwrap();
     r.await.unwrap().unwrap();
     rules.retain(|r| r.name == "GpuMemoryOverload" || r.name == "GpuNearSlowdown");
-    let mut engine = Engine::new(rules, Duration::from_secs(60), Vec::new());
-    let store2 = store.clone();
-    let fired = tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        let mut t = end;
-        while t <= end + 360_000 {
-            for c in engine.step(&store2, t) {
-                if let Change::Fired(a) = c {
-                    out.push((t, a));
-                }
-            }
-            t += STEP_MS;
-        }
-        out
-    })
-    .await
-    .unwrap();
+    let engine = Engine::new(rules, Duration::from_secs(60), Vec::new());
+    let fired = fired_between(engine, &store, end, end + 360_000, STEP_MS).await;
     assert_eq!(fired.len(), 2, "{fired:?}");
     let (at, a) = &fired[1];
     assert_eq!(a.rule, "GpuNearSlowdown");

@@ -7,12 +7,12 @@
 
 use std::time::Duration;
 
-use vitals_collector::alert::engine::{Alert, Change, Engine};
+use vitals_collector::alert::engine::{Alert, Engine};
 use vitals_collector::alert::rules;
 use vitals_collector::store::{self, StoreOptions};
 
 mod common;
-use common::{Samples, labels};
+use common::{Samples, fired_between, labels};
 
 const STEP_MS: i64 = 15_000;
 
@@ -208,24 +208,9 @@ async fn job_rules_name_the_straggler_the_idle_job_the_slow_pipeline_and_the_doo
     let mut rules = rules::builtin().unwrap();
     rules.retain(|r| wanted.contains(&r.name.as_str()));
     assert_eq!(rules.len(), wanted.len(), "job rules missing from the pack");
-    let mut engine = Engine::new(rules, Duration::from_secs(60), Vec::new());
-    let store2 = store.clone();
-    let fired: Vec<(i64, Alert)> = tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        // From an hour in (the throughput rule compares with the last hour).
-        let mut t = t0 + 3_600_000;
-        while t <= end {
-            for c in engine.step(&store2, t) {
-                if let Change::Fired(a) = c {
-                    out.push((t, a));
-                }
-            }
-            t += STEP_MS;
-        }
-        out
-    })
-    .await
-    .unwrap();
+    let engine = Engine::new(rules, Duration::from_secs(60), Vec::new());
+    // From an hour in (the throughput rule compares with the last hour).
+    let fired = fired_between(engine, &store, t0 + 3_600_000, end, STEP_MS).await;
     let show = |f: &[(i64, Alert)]| {
         f.iter()
             .map(|(t, a)| format!("+{}s {} {:?}", (t - trouble) / 1000, a.rule, a.labels))

@@ -407,6 +407,25 @@ impl<V: Clone> Interned<V> {
     }
 }
 
+impl Interned<vitals_common::model::LabelSet> {
+    /// The set of the label `pairs`, made the first time they are seen; the
+    /// lookup key is built in `key` (a buffer kept to reuse its allocation).
+    pub fn of_pairs<'a>(
+        &mut self,
+        key: &mut String,
+        pairs: impl Iterator<Item = &'a (&'static str, &'a str)> + Clone,
+    ) -> vitals_common::model::LabelSet {
+        key.clear();
+        for (k, v) in pairs.clone() {
+            key.push_str(k);
+            key.push('\0');
+            key.push_str(v);
+            key.push('\0');
+        }
+        self.get(key, || pairs.copied().collect())
+    }
+}
+
 /// `part / whole` when `whole` is not zero.
 pub fn ratio(part: u64, whole: u64) -> Option<f64> {
     (whole > 0).then(|| part as f64 / whole as f64)

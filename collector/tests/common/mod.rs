@@ -53,3 +53,30 @@ impl Samples {
         }
     }
 }
+
+/// Steps `engine` over the store at `from`, `from + step`, ... up to `to`
+/// (off the async threads) and returns what fired, with when.
+pub async fn fired_between(
+    mut engine: vitals_collector::alert::engine::Engine,
+    store: &vitals_collector::store::Store,
+    from: i64,
+    to: i64,
+    step: i64,
+) -> Vec<(i64, vitals_collector::alert::engine::Alert)> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let mut t = from;
+        while t <= to {
+            for c in engine.step(&store, t) {
+                if let vitals_collector::alert::engine::Change::Fired(a) = c {
+                    out.push((t, a));
+                }
+            }
+            t += step;
+        }
+        out
+    })
+    .await
+    .expect("the engine stepped without panicking")
+}

@@ -211,15 +211,7 @@ impl Cache {
 
     /// The set for the labels `pairs`, made the first time they are seen.
     fn get(&mut self, pairs: &[(&'static str, &str)]) -> LabelSet {
-        self.key.clear();
-        for (k, v) in pairs {
-            self.key.push_str(k);
-            self.key.push('\0');
-            self.key.push_str(v);
-            self.key.push('\0');
-        }
-        self.labels
-            .get(&self.key, || pairs.iter().copied().collect())
+        self.labels.of_pairs(&mut self.key, pairs.iter())
     }
 }
 

@@ -319,15 +319,7 @@ impl Cache {
 
     /// The set of `base` plus `more`.
     fn labels(&mut self, base: &[(&'static str, &str)], more: &[(&'static str, &str)]) -> LabelSet {
-        self.key.clear();
-        for (k, v) in base.iter().chain(more) {
-            self.key.push_str(k);
-            self.key.push('\0');
-            self.key.push_str(v);
-            self.key.push('\0');
-        }
-        self.labels
-            .get(&self.key, || base.iter().chain(more).copied().collect())
+        self.labels.of_pairs(&mut self.key, base.iter().chain(more))
     }
 }
 

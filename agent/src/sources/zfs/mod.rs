@@ -429,15 +429,7 @@ struct Cache<'a> {
 
 impl Cache<'_> {
     fn labels(&mut self, pairs: &[(&'static str, &str)]) -> LabelSet {
-        self.key.clear();
-        for (k, v) in pairs {
-            self.key.push_str(k);
-            self.key.push('\0');
-            self.key.push_str(v);
-            self.key.push('\0');
-        }
-        self.labels
-            .get(self.key, || pairs.iter().copied().collect())
+        self.labels.of_pairs(self.key, pairs.iter())
     }
 }
 
