@@ -97,6 +97,9 @@ pub struct SourcesConfig {
     /// (read by the slurm source, which knows the jobs).
     #[serde(default)]
     pub joblog: JobLogConfig,
+    /// `[sources.probe]`: inference endpoint probes.
+    #[serde(default)]
+    pub probe: crate::sources::probe::ProbeConfig,
 }
 
 /// `[sources.joblog]`.
@@ -537,6 +540,9 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
             "sources.joblog.errors",
             format!("class {:?} must not be empty", c.class),
         ));
+    }
+    if let Err((key, message)) = crate::sources::probe::check(&raw.sources.probe) {
+        return Err(ConfigError::invalid(path, &key, message));
     }
     if raw.sources.joblog.max_read_bytes < 1024 {
         return Err(ConfigError::invalid(

@@ -12,6 +12,7 @@ mod commands;
 mod detect;
 mod dev;
 mod jobs;
+mod probes;
 mod top;
 
 use std::io::Write;
@@ -206,6 +207,40 @@ enum Command {
         /// Print {"jobs":[{"job_id","name","user","account","partition","nodes",
         /// "gpus_allocated","gpus_in_use","gpu_util_percent","step","loss",
         /// "throughput","runtime_seconds","time_limit_seconds","alerts"}]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The probed inference endpoints now: latency (p50, p99) against each
+    /// one's SLO, the share of failed requests and of right answers to
+    /// golden inputs, whether the last round succeeded, and open alerts.
+    /// One row per agent probing an endpoint.
+    ///
+    /// Examples:
+    ///   vitals probes
+    ///   vitals probes --json | jq '.probes[] | select(.p99_seconds > .slo_latency_seconds)'
+    #[command(verbatim_doc_comment)]
+    Probes {
+        /// Print {"probes":[{"node","endpoint","model","deployment","url","p50_seconds",
+        /// "p90_seconds","p99_seconds","slo_latency_seconds","error_ratio","correct_ratio",
+        /// "requests_total","up","alerts"}]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What the collector's actions did (rollbacks, drains...): the audit
+    /// record of every action an alert started, newest first — who (rule,
+    /// collector), what (command line or request), when, the outcome (ok,
+    /// failed, timeout, dry_run, cooldown, interrupted), exit code, output.
+    ///
+    /// Examples:
+    ///   vitals actions
+    ///   vitals actions --json | jq '.actions[] | select(.outcome != "ok")'
+    #[command(verbatim_doc_comment)]
+    Actions {
+        /// Most records shown.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print {"actions":[{"id","action","rule","fingerprint","alert_since_ms","labels",
+        /// "what","who","dry_run","outcome","started_ms","ended_ms","exit_code","output"}]}.
         #[arg(long)]
         json: bool,
     },
@@ -599,6 +634,15 @@ fn main() -> ExitCode {
                 |cfg| async move { jobs::jobs(&cfg, json).await },
             )
         }
+        Command::Probes { json } => {
+            with_client(
+                cli.config,
+                |cfg| async move { probes::probes(&cfg, json).await },
+            )
+        }
+        Command::Actions { limit, json } => with_client(cli.config, |cfg| async move {
+            probes::actions(&cfg, limit, json).await
+        }),
         Command::Top { interval } => client::load(cli.config.as_deref())
             .and_then(|cfg| runtime()?.block_on(top::run(&cfg, interval))),
         Command::Watch { json } => client::load(cli.config.as_deref())
