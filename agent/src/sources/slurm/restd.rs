@@ -604,4 +604,91 @@ mod tests {
         let why = out.failure().unwrap();
         assert!(why.contains("reading the answer"), "{why}");
     }
+
+    /// An https server on 127.0.0.1 with a certificate for `localhost`
+    /// (self-signed, in `dir/ca.pem`) that answers one request.
+    fn serve_tls(dir: &Path) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        std::fs::write(dir.join("ca.pem"), cert.cert.pem()).unwrap();
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                listener.set_nonblocking(true).unwrap();
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+                // The first connection may be a refused handshake.
+                loop {
+                    let (tcp, _) = listener.accept().await.unwrap();
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        continue;
+                    };
+                    let mut buf = vec![0u8; 4096];
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        let n = tls.read(&mut buf).await.unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        head.extend_from_slice(&buf[..n]);
+                    }
+                    let body = if head.starts_with(b"GET /proxy/slurm/v0.0.38/nodes HTTP/1.1\r\n") {
+                        "{\"nodes\":[]}"
+                    } else {
+                        "wrong path"
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    tls.write_all(answer.as_bytes()).await.unwrap();
+                    tls.shutdown().await.ok();
+                    return;
+                }
+            });
+        });
+        port
+    }
+
+    #[test]
+    fn https_checks_the_server_against_the_configured_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = serve_tls(dir.path());
+        // Behind a proxy's prefix.
+        let url = format!("https://localhost:{port}/proxy");
+        let get = |addr: Addr| {
+            Request::new(
+                "slurmrestd nodes",
+                Arc::new(addr),
+                DEFAULT_API_VERSION,
+                "nodes",
+                None,
+                None,
+            )
+            .run(0, Duration::from_secs(5))
+        };
+        // The system's roots (where the machine has any) do not know this
+        // server: refused.
+        if let Ok(addr) = Addr::parse(&url, None) {
+            let why = get(addr).failure().unwrap();
+            assert!(why.contains("TLS handshake"), "{why}");
+        }
+        let out = get(Addr::parse(&url, Some(&dir.path().join("ca.pem"))).unwrap());
+        assert_eq!(out.success(), Some((0, "{\"nodes\":[]}")), "{out:?}");
+    }
 }
