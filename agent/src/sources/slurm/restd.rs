@@ -404,6 +404,9 @@ impl Task for Request {
         };
         let left = timeout.saturating_sub(start.elapsed());
         let got = rt.block_on(async { tokio::time::timeout(left, self.exchange(headers)).await });
+        // A name lookup still running on the blocking pool is left behind
+        // rather than waited for: the timeout is the limit.
+        rt.shutdown_background();
         match got {
             Err(_) => Outcome::TimedOut {
                 duration: start.elapsed(),
