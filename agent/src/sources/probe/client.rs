@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Where requests go: an `http://` or `https://` URL, parsed once.
@@ -88,46 +88,13 @@ pub fn redact(url: &str) -> &str {
     url.split(['?', '#']).next().unwrap_or(url)
 }
 
-fn client_config(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig, String> {
-    let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| format!("TLS setup: {e}"))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    c.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(c)
-}
-
-fn roots_from_file(path: &Path) -> Result<rustls::RootCertStore, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| format!("cannot read CA certificates from {}: {e}", path.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(certs);
-    if added == 0 {
-        return Err(format!("{}: no CA certificate in it", path.display()));
-    }
-    Ok(roots)
-}
+use vitals_common::http_tls::{client_config, roots_from_file, system_roots};
 
 /// The system's CA store, loaded once.
 fn system_config() -> Result<Arc<rustls::ClientConfig>, String> {
     static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
     CONFIG
-        .get_or_init(|| {
-            let found = rustls_native_certs::load_native_certs();
-            let mut roots = rustls::RootCertStore::empty();
-            let (added, _) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
-                return Err(
-                    "no CA certificates in the system store; install ca-certificates or set `ca_file`"
-                        .to_string(),
-                );
-            }
-            client_config(roots).map(Arc::new)
-        })
+        .get_or_init(|| client_config(system_roots("ca_file")?).map(Arc::new))
         .clone()
 }
 

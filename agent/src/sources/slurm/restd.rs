@@ -26,7 +26,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
 use hyper::header::{HeaderName, HeaderValue};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::sources::command::{Outcome, Task};
@@ -123,7 +123,7 @@ impl Addr {
         let base = uri.path().trim_end_matches('/').to_string();
         let tls = match (https, ca) {
             (true, Some(ca)) => Some(Arc::new(client_config(roots_from_file(ca)?)?)),
-            (true, None) => Some(Arc::new(client_config(system_roots()?)?)),
+            (true, None) => Some(Arc::new(client_config(system_roots("restd_ca_file")?)?)),
             (false, Some(_)) => return Err("restd_ca_file is for https:// only".into()),
             (false, None) => None,
         };
@@ -152,46 +152,7 @@ impl Addr {
     }
 }
 
-fn client_config(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig, String> {
-    let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| format!("TLS setup: {e}"))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    c.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(c)
-}
-
-fn roots_from_file(path: &Path) -> Result<rustls::RootCertStore, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| format!("cannot read CA certificates from {}: {e}", path.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(certs);
-    if added == 0 {
-        return Err(format!("{}: no CA certificate in it", path.display()));
-    }
-    Ok(roots)
-}
-
-fn system_roots() -> Result<rustls::RootCertStore, String> {
-    let found = rustls_native_certs::load_native_certs();
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(found.certs);
-    if added == 0 {
-        let why = found
-            .errors
-            .first()
-            .map(|e| format!(": {e}"))
-            .unwrap_or_default();
-        return Err(format!(
-            "no CA certificates in the system store{why}; install ca-certificates or set restd_ca_file"
-        ));
-    }
-    Ok(roots)
-}
+use vitals_common::http_tls::{client_config, roots_from_file, system_roots};
 
 /// One of the two GETs, run by a `Runner` on its worker thread.
 #[derive(Clone, Debug)]
