@@ -4,6 +4,7 @@ mod alerts;
 mod alloc_count;
 mod bench;
 mod bench_agent;
+mod bench_probe;
 mod bench_query;
 mod certs;
 mod chart;
@@ -364,6 +365,35 @@ enum RulesCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Probe N endpoints of a local model server (a child process, not
+    /// measured) with the agent's probe source in this process, each every
+    /// --interval, and report the CPU and memory probing costs.
+    ///
+    /// Examples:
+    ///   vitals bench probe --endpoints 100 --interval 1s --seconds 60
+    ///   vitals bench probe --endpoints 100 --delay-ms 50 --json
+    #[command(verbatim_doc_comment)]
+    Probe {
+        /// Endpoints probed (one request per round each).
+        #[arg(long, default_value_t = 100)]
+        endpoints: usize,
+        /// Time between rounds of each endpoint.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// How long to measure (after a warm-up of two intervals, at least 3 s).
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// The model server's answer delay.
+        #[arg(long, default_value_t = 5)]
+        delay_ms: u64,
+        /// Run as the model server (used by the benchmark itself).
+        #[arg(long, hide = true)]
+        serve: bool,
+        /// Print {"endpoints","requests_per_second","failed","cpu_cores","cpu_ms_per_request",
+        /// "rss_before_bytes","rss_after_bytes","rss_per_endpoint_bytes","worst_p99_seconds",...}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run N collection cycles of the agent in this process over a tree and
     /// report CPU time and allocations per cycle and peak RSS.
     ///
@@ -621,6 +651,30 @@ fn main() -> ExitCode {
         } => {
             print_out(&detect::bench(series, rounds, json));
             Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Probe {
+                    endpoints,
+                    interval,
+                    seconds,
+                    delay_ms,
+                    serve,
+                    json,
+                },
+        } => {
+            if serve {
+                bench_probe::serve(delay_ms)
+            } else {
+                bench_probe::probe(&bench_probe::Options {
+                    endpoints,
+                    interval,
+                    seconds,
+                    delay_ms,
+                    json,
+                })
+                .map(|text| print_out(&text))
+            }
         }
         Command::Dev { dir } => runtime()
             .and_then(|rt| rt.block_on(dev::run(&dir)))
