@@ -14,6 +14,7 @@ mod detect;
 mod dev;
 mod jobs;
 mod probes;
+mod push;
 mod top;
 
 use std::io::Write;
@@ -224,6 +225,26 @@ enum Command {
         /// Print {"probes":[{"node","endpoint","model","deployment","url","p50_seconds",
         /// "p90_seconds","p99_seconds","slo_latency_seconds","error_ratio","correct_ratio",
         /// "requests_total","up","alerts"}]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send samples to the collector: what a model server, batch job or
+    /// script reports about itself (real traffic's requests and latencies,
+    /// accuracy on labelled feedback). Prometheus' text format, one sample a
+    /// line: name{label="value"} VALUE [TIMESTAMP_MS]; stored under this
+    /// certificate's name as `node` (an agent or operator certificate).
+    ///
+    /// Examples:
+    ///   vitals push 'model_accuracy{model="sentiment-v3"} 0.931'
+    ///   my-eval-job | vitals push --file -
+    #[command(verbatim_doc_comment)]
+    Push {
+        /// Samples, one per argument.
+        samples: Vec<String>,
+        /// Read lines from this file (`-`: stdin).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Print {"accepted": N}.
         #[arg(long)]
         json: bool,
     },
@@ -693,6 +714,37 @@ fn main() -> ExitCode {
                 cli.config,
                 |cfg| async move { probes::probes(&cfg, json).await },
             )
+        }
+        Command::Push {
+            samples,
+            file,
+            json,
+        } => {
+            let text = match &file {
+                Some(f) if f.as_os_str() == "-" => {
+                    let mut s = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map(|_| s)
+                }
+                Some(f) => std::fs::read_to_string(f),
+                None => Ok(String::new()),
+            };
+            match text {
+                Ok(mut text) => {
+                    for s in &samples {
+                        text.push('\n');
+                        text.push_str(s);
+                    }
+                    with_client(cli.config, |cfg| async move {
+                        push::push(&cfg, &text, json).await
+                    })
+                }
+                Err(e) => Err(anyhow::anyhow!(
+                    "cannot read {}: {e}",
+                    file.as_deref()
+                        .unwrap_or(std::path::Path::new("-"))
+                        .display()
+                )),
+            }
         }
         Command::Actions { limit, json } => with_client(cli.config, |cfg| async move {
             probes::actions(&cfg, limit, json).await

@@ -11,6 +11,7 @@ pub mod listen;
 pub mod metrics;
 pub mod notify;
 pub mod promql;
+pub mod push;
 pub mod query;
 pub mod reload;
 pub mod store;
@@ -21,7 +22,8 @@ use std::pin::Pin;
 
 use tokio::sync::watch;
 use vitals_proto::v1::{
-    alerts_server::AlertsServer, ingest_server::IngestServer, query_server::QueryServer,
+    alerts_server::AlertsServer, ingest_server::IngestServer, push_server::PushServer,
+    query_server::QueryServer,
 };
 
 pub use config::Settings;
@@ -100,6 +102,7 @@ pub async fn run_reloadable(
     let (stop_tx, stop_rx) = watch::channel(false);
     let connected = ingest::Connected::default();
     let counters = std::sync::Arc::new(metrics::Counters::default());
+    let push = push::PushService::new(writer.clone(), counters.clone());
     let ingest = ingest::IngestService {
         writer: writer.clone(),
         connected: connected.clone(),
@@ -199,6 +202,7 @@ pub async fn run_reloadable(
     health
         .set_serving::<AlertsServer<alert::api::AlertsService>>()
         .await;
+    health.set_serving::<PushServer<push::PushService>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(vitals_proto::FILE_DESCRIPTOR_SET)
@@ -216,6 +220,7 @@ pub async fn run_reloadable(
             shared: alerting,
             stop: stop_rx.clone(),
         }))
+        .add_service(PushServer::new(push).max_decoding_message_size(16 << 20))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -25,6 +25,9 @@ pub struct Counters {
     /// HTTP API requests answered, and those answered with an error.
     pub http_requests: AtomicU64,
     pub http_errors: AtomicU64,
+    /// Samples stored through the Push RPC, and requests it refused.
+    pub pushed_samples: AtomicU64,
+    pub push_rejected: AtomicU64,
 }
 
 impl Counters {
@@ -192,6 +195,18 @@ pub fn render(src: &Sources) -> String {
         "counter",
         "Ingest streams refused for their certificate (none usable, or not an agent one).",
         get(&c.streams_rejected),
+    );
+    t.one(
+        "vitals_collector_push_samples_total",
+        "counter",
+        "Samples stored through the Push RPC (model servers, jobs).",
+        get(&c.pushed_samples),
+    );
+    t.one(
+        "vitals_collector_push_requests_rejected_total",
+        "counter",
+        "Push requests refused whole (a bad sample, a wrong certificate).",
+        get(&c.push_rejected),
     );
     t.one(
         "vitals_collector_ingest_samples_out_of_order_total",

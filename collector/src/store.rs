@@ -317,6 +317,8 @@ enum Command {
         /// activity (last seen) and its acknowledged sequence. The
         /// collector's own series about a node (`ALERTS`) are neither.
         from_agent: bool,
+        /// Scored by the detector (agents' and pushed samples).
+        detect: bool,
     },
     Checkpoint {
         reply: oneshot::Sender<Result<(), String>>,
@@ -358,7 +360,19 @@ impl Writer {
         instance_id: &str,
         batch: CleanBatch,
     ) -> Result<oneshot::Receiver<Result<Outcome, String>>, String> {
-        self.send_write(node, instance_id, batch, true).await
+        self.send_write(node, instance_id, batch, true, true).await
+    }
+
+    /// Stores samples pushed by a model server or job (the `Push` RPC):
+    /// scored by the detector, but not a node's activity or sequences.
+    /// `batch.seq` must grow from one call to the next for a `source`.
+    pub async fn write_pushed(
+        &self,
+        node: &str,
+        source: &str,
+        batch: CleanBatch,
+    ) -> Result<oneshot::Receiver<Result<Outcome, String>>, String> {
+        self.send_write(node, source, batch, false, true).await
     }
 
     /// Stores series the collector makes about `node` (its alerts as
@@ -371,7 +385,7 @@ impl Writer {
         source: &str,
         batch: CleanBatch,
     ) -> Result<oneshot::Receiver<Result<Outcome, String>>, String> {
-        self.send_write(node, source, batch, false).await
+        self.send_write(node, source, batch, false, false).await
     }
 
     async fn send_write(
@@ -380,6 +394,7 @@ impl Writer {
         instance_id: &str,
         batch: CleanBatch,
         from_agent: bool,
+        detect: bool,
     ) -> Result<oneshot::Receiver<Result<Outcome, String>>, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -389,6 +404,7 @@ impl Writer {
                 batch,
                 reply,
                 from_agent,
+                detect,
             })
             .await
             .map_err(|_| StoreError::Closed.to_string())?;
@@ -806,6 +822,7 @@ impl WriterState {
                         instance_id,
                         batch,
                         from_agent,
+                        detect,
                         ..
                     } => {
                         let key = (node.clone(), instance_id.clone());
@@ -817,7 +834,7 @@ impl WriterState {
                         if batch.seq <= last {
                             CommandResult::Write(Outcome::Duplicate)
                         } else {
-                            let detector = self.opts.detect.as_ref().filter(|_| *from_agent);
+                            let detector = self.opts.detect.as_ref().filter(|_| *detect);
                             let mut detect = detector.map(|sel| Detection {
                                 selector: sel,
                                 detectors: &mut self.detectors,

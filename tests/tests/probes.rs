@@ -398,3 +398,114 @@ secret_env = "VITALS_TEST_UNSET_PROBE_KEY"
     assert!(model.requests() > 20);
     collector.term(Duration::from_secs(10));
 }
+
+/// Passive inference metrics: a model server's own series pushed with an
+/// agent or operator certificate are stored under that name, whole or not
+/// at all, and a rule over them fires like any other.
+#[test]
+fn pushed_inference_metrics_are_stored_whole_and_alert() {
+    let env = Env::new();
+    env.issue("model-server-1", "agent", &[]);
+    std::fs::create_dir_all(env.path().join("collector")).unwrap();
+    std::fs::write(
+        env.path().join("collector/rules.toml"),
+        r#"
+[[rules]]
+name = "InferenceAccuracyLow"
+expr = 'model_accuracy < 0.9'
+labels = { team = "analysts" }
+summary = "{{model}}: accuracy on labelled feedback {{value}}"
+"#,
+    )
+    .unwrap();
+    let port = free_port();
+    let mut collector = start_collector_with(
+        &env,
+        port,
+        "[alerting]\neval_interval = \"300ms\"\nrule_files = [\"rules.toml\"]\n",
+    );
+    let s = Setup {
+        cli: env.cli_config(port),
+        reader: Reader::new(&env, port),
+        env,
+    };
+    let cli = s.cli.to_str().unwrap().to_string();
+    // The operator's CLI: two samples of one series and one of another.
+    let now = vitals_common::now_ms();
+    let lines = format!(
+        "# pushed by an evaluation job\ninference_requests_total{{model=\"sentiment-v3\",code=\"200\"}} 120 {}\ninference_requests_total{{model=\"sentiment-v3\",code=\"200\"}} 180 {}\nmodel_accuracy{{model=\"sentiment-v3\"}} 0.87\n",
+        now - 2000,
+        now - 1000
+    );
+    let file = s.env.path().join("samples.prom");
+    std::fs::write(&file, &lines).unwrap();
+    let out = s.env.vitals_ok(&[
+        "--config",
+        &cli,
+        "push",
+        "--file",
+        file.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["accepted"],
+        3
+    );
+    let stored = s.reader.samples("inference_requests_total", "operator");
+    assert_eq!(stored, vec![(now - 2000, 120.0), (now - 1000, 180.0)]);
+    assert!(
+        wait_until(Duration::from_secs(15), || s
+            .alert("InferenceAccuracyLow", "firing")
+            .is_some_and(
+                |a| a["labels"]["model"] == "sentiment-v3" && a["labels"]["node"] == "operator"
+            )),
+        "a rule over pushed series fires; alerts: {:?}",
+        s.alerts()
+    );
+
+    // One bad line refuses the request: nothing of it is stored.
+    let out = s.env.vitals(&[
+        "--config",
+        &cli,
+        "push",
+        "good_metric 1",
+        "model_accuracy{model=\"other\",node=\"someone-else\"} 0.5",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("certificate") && err.contains("someone-else"),
+        "{err}"
+    );
+    assert!(s.reader.samples("good_metric", "operator").is_empty());
+    let out = s.env.vitals(&["--config", &cli, "push", "broken{ 1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line"));
+
+    // An agent certificate pushes too, under its own name.
+    let (cert, key) = s.env.cert("model-server-1");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let accepted = rt.block_on(async {
+        let ch = channel(port, &s.env.ca(), Some((&cert, &key)))
+            .await
+            .unwrap();
+        vitals_proto::v1::push_client::PushClient::new(ch)
+            .push(vitals_proto::v1::PushRequest {
+                samples: vec![vitals_proto::v1::PushedSample {
+                    name: "inference_latency_seconds".into(),
+                    labels: vec![vitals_proto::v1::Label {
+                        name: "quantile".into(),
+                        value: "0.99".into(),
+                    }],
+                    value: 0.412,
+                    timestamp_ms: 0,
+                }],
+            })
+            .await
+            .map(|r| r.into_inner().accepted)
+    });
+    assert_eq!(accepted.unwrap(), 1);
+    let l = s.reader.series("inference_latency_seconds", &[]);
+    assert_eq!(labels(&l[0])["node"], "model-server-1");
+    collector.term(Duration::from_secs(10));
+}
