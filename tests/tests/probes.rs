@@ -113,8 +113,22 @@ fn probes_measure_endpoints_and_slo_alerts_run_the_rollback_once_and_resolve() {
         reader: Reader::new(&env, port),
         env,
     };
+    // An https endpoint with this test's CA, and the same one with the
+    // system's roots (which do not know the test CA): a TLS failure.
+    let (cert, key) = s.env.cert("collector");
+    let tls_server = vitals_e2e::receivers::WebhookReceiver::start_tls(0, &cert, &key);
     let probe = format!(
         r#"
+[[sources.probe.endpoints]]
+name = "tls-ok"
+url = "{tls_url}"
+interval = "250ms"
+ca_file = {ca:?}
+
+[[sources.probe.endpoints]]
+name = "tls-untrusted"
+url = "{tls_url}"
+interval = "250ms"
 [[sources.probe.endpoints]]
 name = "sentiment"
 url = "{url}"
@@ -153,6 +167,8 @@ interval = "250ms"
 secret_env = "VITALS_TEST_UNSET_PROBE_KEY"
 "#,
         url = model.url(),
+        tls_url = tls_server.url(),
+        ca = s.env.ca(),
     );
     let opts = AgentOpts {
         cert: s.env.cert(NODE),
@@ -214,6 +230,22 @@ secret_env = "VITALS_TEST_UNSET_PROBE_KEY"
     assert!(s.alert("ProbeLatencyAboveSlo", "firing").is_none());
     assert!(lines(&marker).is_empty(), "no rollback while healthy");
 
+    // https: the configured CA is trusted, the system's roots are not enough.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            s.last(
+                "vitals_probe_responses_total",
+                &[
+                    ("endpoint", MatchOp::Equal, "tls-ok"),
+                    ("code", MatchOp::Equal, "200"),
+                ],
+            )
+            .is_some_and(|n| n >= 2.0)
+        }),
+        "https with ca_file answers"
+    );
+    assert!(tls_server.received().iter().all(|r| r.method == "GET"));
+
     // Connection refused and a missing key are counted, not crashes.
     let errors = |ep: &str, kind: &str| {
         s.last(
@@ -228,9 +260,11 @@ secret_env = "VITALS_TEST_UNSET_PROBE_KEY"
     assert!(
         wait_until(Duration::from_secs(20), || errors("refused", "connect")
             >= 3.0
-            && errors("keyless", "secret") >= 3.0),
-        "connect and secret failures counted"
+            && errors("keyless", "secret") >= 3.0
+            && errors("tls-untrusted", "tls") >= 3.0),
+        "connect, secret and TLS failures counted"
     );
+    assert_eq!(errors("tls-ok", "tls"), 0.0);
     assert!(
         wait_until(Duration::from_secs(20), || s.alerts().iter().any(
             |a| a["rule"] == "ProbeEndpointDown"
@@ -507,5 +541,142 @@ summary = "{{model}}: accuracy on labelled feedback {{value}}"
     assert_eq!(accepted.unwrap(), 1);
     let l = s.reader.series("inference_latency_seconds", &[]);
     assert_eq!(labels(&l[0])["node"], "model-server-1");
+    collector.term(Duration::from_secs(10));
+}
+
+/// Actions beyond the command: an HTTP request, dry-run, a timeout, the
+/// cooldown, and a restart that runs nothing again. Alerts come from
+/// pushed samples, so each fires at once.
+#[test]
+fn alert_actions_post_dry_run_time_out_cool_down_and_survive_a_restart() {
+    let env = Env::new();
+    std::fs::create_dir_all(env.path().join("collector")).unwrap();
+    let hook = vitals_e2e::receivers::WebhookReceiver::start();
+    let marker = env.path().join("dry.marker");
+    std::fs::write(
+        env.path().join("collector/rules.toml"),
+        r#"
+[[rules]]
+name = "HookRule"
+expr = 'hook_signal > 0'
+action = "notify-deploy"
+[[rules]]
+name = "DryRule"
+expr = 'dry_signal > 0'
+action = "drain"
+[[rules]]
+name = "SlowRule"
+expr = 'slow_signal > 0'
+action = "slow"
+[[rules]]
+name = "CoolRule"
+expr = 'cool_signal > 0'
+action = "once-an-hour"
+"#,
+    )
+    .unwrap();
+    let collector_cfg = format!(
+        r#"[alerting]
+eval_interval = "300ms"
+rule_files = ["rules.toml"]
+[alerting.actions.notify-deploy]
+url = "{hook}"
+body = '{{"rollback": "{{{{model}}}}"}}'
+[alerting.actions.drain]
+command = ["/bin/sh", "-c", "touch {marker}"]
+dry_run = true
+[alerting.actions.slow]
+command = ["/bin/sleep", "30"]
+timeout = "500ms"
+[alerting.actions.once-an-hour]
+command = ["/bin/true"]
+cooldown = "1h"
+"#,
+        hook = hook.url(),
+        marker = marker.display()
+    );
+    let port = free_port();
+    let mut collector = start_collector_with(&env, port, &collector_cfg);
+    let s = Setup {
+        cli: env.cli_config(port),
+        reader: Reader::new(&env, port),
+        env,
+    };
+    let cli = s.cli.to_str().unwrap().to_string();
+    s.env.vitals_ok(&[
+        "--config",
+        &cli,
+        "push",
+        "hook_signal{model=\"sentiment-v3\"} 1",
+        "dry_signal 1",
+        "slow_signal 1",
+        "cool_signal{gpu=\"0\"} 1",
+        "cool_signal{gpu=\"1\"} 1",
+    ]);
+    let runs = || -> Vec<serde_json::Value> {
+        s.json(&["actions", "--json"])["actions"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let by = |action: &str| -> Vec<serde_json::Value> {
+        runs()
+            .into_iter()
+            .filter(|r| r["action"] == action)
+            .collect()
+    };
+    let settled = || {
+        let r = runs();
+        r.len() == 5 && r.iter().all(|r| r["outcome"] != "running")
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), settled),
+        "five records, none running: {:?}\ncollector log:\n{}",
+        runs(),
+        collector.log_text()
+    );
+    // The HTTP action: one POST with the body filled in; 200 → ok.
+    let h = &by("notify-deploy")[0];
+    assert_eq!(
+        (h["outcome"].as_str(), h["exit_code"].as_i64()),
+        (Some("ok"), Some(200))
+    );
+    assert!(
+        h["what"]
+            .as_str()
+            .unwrap()
+            .starts_with("POST http://127.0.0.1:")
+    );
+    let got = hook.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].json()["rollback"], "sentiment-v3");
+    // Dry run: recorded with what would run, nothing ran.
+    let d = &by("drain")[0];
+    assert_eq!(d["outcome"], "dry_run");
+    assert_eq!(d["dry_run"], true);
+    assert!(d["what"].as_str().unwrap().contains("dry.marker"), "{d}");
+    assert!(!marker.exists(), "a dry run runs nothing");
+    // Timeout: killed, recorded.
+    let t = &by("slow")[0];
+    assert_eq!(t["outcome"], "timeout");
+    assert!(t["ended_ms"].as_i64().unwrap() - t["started_ms"].as_i64().unwrap() < 10_000);
+    // Cooldown: two alerts of one rule, the second within the hour.
+    let mut c: Vec<String> = by("once-an-hour")
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap().to_string())
+        .collect();
+    c.sort();
+    assert_eq!(c, vec!["cooldown", "ok"]);
+
+    // A restart while all of them still fire: nothing runs again.
+    collector.term(Duration::from_secs(10));
+    let mut collector = start_collector_with(&s.env, port, &collector_cfg);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        s.alert("HookRule", "firing").is_some(),
+        "still firing after the restart"
+    );
+    assert_eq!(runs().len(), 5, "{:?}", runs());
+    assert_eq!(hook.received().len(), 1);
     collector.term(Duration::from_secs(10));
 }
