@@ -58,7 +58,7 @@ enum Kind {
     Latency,
 }
 
-struct SeriesGen {
+pub(crate) struct SeriesGen {
     kind: Kind,
     value: f64,
     rng: u64,
@@ -73,7 +73,7 @@ impl SeriesGen {
         self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    fn next(&mut self) -> f64 {
+    pub(crate) fn next(&mut self) -> f64 {
         let r = self.next_rand();
         match self.kind {
             Kind::SlowInt => {
@@ -95,7 +95,7 @@ impl SeriesGen {
     }
 }
 
-fn realistic_series(agent: usize, n: usize) -> (Vec<SeriesDef>, Vec<SeriesGen>) {
+pub(crate) fn realistic_series(agent: usize, n: usize) -> (Vec<SeriesDef>, Vec<SeriesGen>) {
     let node = format!("bench-{agent:04}");
     let mut defs = Vec::with_capacity(n);
     let mut gens = Vec::with_capacity(n);

@@ -4,6 +4,7 @@ mod alerts;
 mod alloc_count;
 mod bench;
 mod bench_agent;
+mod bench_fleet;
 mod bench_probe;
 mod bench_query;
 mod certs;
@@ -386,6 +387,43 @@ enum RulesCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// A fleet at its real pace against one collector (the vitals-collector
+    /// binary beside this one): N simulated agents, each a real gRPC +
+    /// mutual-TLS client with its own certificate, sending its series every
+    /// --interval with the current time. Reports connected agents, acked
+    /// samples/s, ack latency, collector CPU and RSS every 10 s, and the
+    /// collector memory each connected agent costs.
+    ///
+    /// Needs about 2 open files per agent (ulimit -n).
+    ///
+    /// Examples:
+    ///   vitals bench fleet --agents 1000 --series-per-agent 300 --interval 5s --minutes 10
+    ///   vitals bench fleet --agents 100 --seconds 30 --json
+    #[command(verbatim_doc_comment)]
+    Fleet {
+        /// Simulated agents, each with its own certificate and stream.
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        /// Series per agent (GPU temperatures and utilisation, byte counters, NFS latencies).
+        #[arg(long, default_value_t = 300)]
+        series_per_agent: usize,
+        /// Time between an agent's batches.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// How long to run.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// How long to run, in seconds (instead of --minutes).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Keep the collector's directory here instead of a temporary one.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+        /// Print {"connected_agents","acked_samples_per_sec","ack_p50_ms","ack_p99_ms",
+        /// "collector_cpu_cores","collector_peak_rss_bytes","rss_per_agent_bytes",...}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Probe N endpoints of a local model server (a child process, not
     /// measured) with the agent's probe source in this process, each every
     /// --interval, and report the CPU and memory probing costs.
@@ -601,6 +639,29 @@ fn main() -> ExitCode {
             json,
         })
         .map(|text| print_out(&text)),
+        Command::Bench {
+            command:
+                BenchCommand::Fleet {
+                    agents,
+                    series_per_agent,
+                    interval,
+                    minutes,
+                    seconds,
+                    keep,
+                    json,
+                },
+        } => runtime().and_then(|rt| {
+            let text = rt.block_on(bench_fleet::fleet(bench_fleet::FleetArgs {
+                agents,
+                series_per_agent,
+                interval,
+                duration: std::time::Duration::from_secs(seconds.unwrap_or(minutes * 60)),
+                json,
+                keep,
+            }))?;
+            print_out(&text);
+            Ok(())
+        }),
         Command::Bench {
             command:
                 BenchCommand::Ingest {
