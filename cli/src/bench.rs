@@ -156,6 +156,25 @@ pub(crate) fn realistic_series(agent: usize, n: usize) -> (Vec<SeriesDef>, Vec<S
     (defs, gens)
 }
 
+/// A CA and a collector certificate for localhost / 127.0.0.1 in `dir`,
+/// for a collector the bench starts.
+pub(crate) fn local_certs(dir: &Path) -> Result<()> {
+    certs::init(dir, 2)?;
+    let loopback = [std::net::IpAddr::from([127, 0, 0, 1])];
+    certs::issue(
+        dir,
+        &certs::IssueRequest {
+            name: "collector",
+            role: Role::Collector,
+            dns: &["localhost".into()],
+            ips: &loopback,
+            days: 2,
+            not_after: None,
+        },
+    )?;
+    Ok(())
+}
+
 pub(crate) fn find_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let here = exe.parent().map(|d| d.join(name));
@@ -212,21 +231,7 @@ pub async fn ingest(args: IngestArgs) -> Result<String> {
     let dir = tmp.as_path();
     let certs_dir = dir.join("certs");
     match &args.remote {
-        None => {
-            certs::init(&certs_dir, 2)?;
-            let loopback = [std::net::IpAddr::from([127, 0, 0, 1])];
-            certs::issue(
-                &certs_dir,
-                &certs::IssueRequest {
-                    name: "collector",
-                    role: Role::Collector,
-                    dns: &["localhost".into()],
-                    ips: &loopback,
-                    days: 2,
-                    not_after: None,
-                },
-            )?;
-        }
+        None => local_certs(&certs_dir)?,
         Some(r) => {
             // Agent certificates are issued here, from a copy of the CA, so
             // the operator's CA directory gains no bench certificates.

@@ -92,19 +92,7 @@ pub async fn fleet(args: FleetArgs) -> Result<String> {
     let tmp = tempfile_dir(&args.keep)?;
     let dir = tmp.as_path();
     let certs_dir = dir.join("certs");
-    certs::init(&certs_dir, 2)?;
-    let loopback = [std::net::IpAddr::from([127, 0, 0, 1])];
-    certs::issue(
-        &certs_dir,
-        &certs::IssueRequest {
-            name: "collector",
-            role: Role::Collector,
-            dns: &["localhost".into()],
-            ips: &loopback,
-            days: 2,
-            not_after: None,
-        },
-    )?;
+    crate::bench::local_certs(&certs_dir)?;
     eprintln!(
         "vitals bench fleet: issuing {} agent certificates",
         args.agents

@@ -475,3 +475,41 @@ pub async fn events(
         .collect();
     Ok(table(&["AT", "NODE", "KIND", "SEVERITY", "MESSAGE"], &rows))
 }
+
+/// Instant queries at the same moment, each answer under its key, and the
+/// open (pending or firing) alerts: what `vitals jobs` and `vitals probes`
+/// join into their rows.
+pub async fn instant_with_alerts<K: Ord + Copy>(
+    cfg: &crate::client::CliConfig,
+    queries: Vec<(K, &'static str)>,
+) -> Result<(
+    std::collections::BTreeMap<K, Vec<vitals_proto::v1::Series>>,
+    Vec<vitals_proto::v1::Alert>,
+)> {
+    let channel = crate::client::channel(cfg).await?;
+    let mut q = crate::client::query_client(channel.clone());
+    let mut al = crate::client::alerts_client(channel);
+    let mut series = std::collections::BTreeMap::new();
+    let now = vitals_common::now_ms();
+    for (key, query) in queries {
+        let resp = q
+            .query_instant(vitals_proto::v1::QueryInstantRequest {
+                query: query.into(),
+                time_ms: now,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        series.insert(key, resp.series);
+    }
+    let alerts = al
+        .list_alerts(vitals_proto::v1::ListAlertsRequest::default())
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .alerts
+        .into_iter()
+        .filter(|a| a.state == "firing" || a.state == "pending")
+        .collect();
+    Ok((series, alerts))
+}

@@ -10,9 +10,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 use vitals_proto::label;
-use vitals_proto::v1::{
-    ActionRun, Alert, ListActionsRequest, ListAlertsRequest, QueryInstantRequest, Series,
-};
+use vitals_proto::v1::{ActionRun, Alert, ListActionsRequest, Series};
 
 use crate::client::{self, CliConfig};
 use crate::commands::{status_error, table};
@@ -190,32 +188,8 @@ pub fn render(rows: &[ProbeRow], json: bool) -> String {
 
 /// `vitals probes`.
 pub async fn probes(cfg: &CliConfig, json: bool) -> Result<String> {
-    let channel = client::channel(cfg).await?;
-    let mut q = client::query_client(channel.clone());
-    let mut al = client::alerts_client(channel);
-    let mut answers = Answers::default();
-    let now = vitals_common::now_ms();
-    for (ask, query) in queries() {
-        let resp = q
-            .query_instant(QueryInstantRequest {
-                query: query.into(),
-                time_ms: now,
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        answers.series.insert(ask, resp.series);
-    }
-    answers.alerts = al
-        .list_alerts(ListAlertsRequest::default())
-        .await
-        .map_err(status_error)?
-        .into_inner()
-        .alerts
-        .into_iter()
-        .filter(|a| a.state == "firing" || a.state == "pending")
-        .collect();
-    Ok(render(&build(&answers), json))
+    let (series, alerts) = crate::commands::instant_with_alerts(cfg, queries()).await?;
+    Ok(render(&build(&Answers { series, alerts }), json))
 }
 
 /// An audit record as `--json` prints it.
