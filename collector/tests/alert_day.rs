@@ -266,6 +266,29 @@ fn nvidia_node(day: &mut Samples, rng: &mut Rng, t: i64, cycle: f64) {
         day.put("gpu_ecc_uncorrect_total", &l, t, 0.0);
         day.put("gpu_xid_errors_total", &l, t, 0.0);
     }
+    // This host probes the model in production: latency follows the
+    // day's traffic, well within its SLO; every answer right.
+    let ep = [
+        ("node", node),
+        ("endpoint", "sentiment"),
+        ("model", "sentiment-v3"),
+        ("deployment", "blue"),
+    ];
+    let p50 = 0.08 * (1.0 + 0.3 * diurnal(t)) + rng.noise(0.004);
+    for (q, f) in [("0.5", 1.0), ("0.9", 1.6), ("0.99", 2.5)] {
+        let mut l = ep.to_vec();
+        l.push(("quantile", q));
+        day.put("vitals_probe_latency_seconds", &labels(&l), t, p50 * f);
+    }
+    let l = labels(&ep);
+    day.put("vitals_probe_slo_latency_seconds", &l, t, 0.5);
+    day.put("vitals_probe_error_ratio", &l, t, 0.0);
+    day.put("vitals_probe_slo_error_ratio", &l, t, 0.01);
+    day.put("vitals_probe_correct_ratio", &l, t, 1.0);
+    day.put("vitals_probe_slo_correct_ratio", &l, t, 0.95);
+    let mut g = ep.to_vec();
+    g.push(("input", "good-review"));
+    day.put("vitals_probe_golden_correct", &labels(&g), t, 1.0);
 }
 
 fn nas_node(day: &mut Samples, rng: &mut Rng, t: i64, cycle: f64, t0: i64) {
