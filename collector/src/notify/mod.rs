@@ -11,7 +11,7 @@
 //! whether a failure is worth retrying.
 
 pub mod alertmanager;
-mod http;
+pub(crate) mod http;
 pub mod outbox;
 pub mod sentry;
 pub mod webhook;
