@@ -165,7 +165,7 @@ fn remote_write(t: &mut Text, all: &[Arc<crate::remote_write::Stats>]) {
         (
             "vitals_remote_write_samples_pending",
             "gauge",
-            "Samples stored and not yet accepted by the receiver (its queue in the WAL).",
+            "Samples stored and not yet accepted by the receiver: its queue in the WAL (counted before the send_alerts / send_anomaly_scores filters).",
             |s| s.pending.load(Ordering::Relaxed) as f64,
         ),
         (

@@ -40,11 +40,16 @@ pub fn promtool_binary() -> Result<PathBuf, String> {
 /// nothing to scrape; its TSDB under `dir`. Returns the process and its
 /// `host:port`.
 pub fn start_prometheus(dir: &Path) -> (Proc, String) {
+    start_prometheus_on(dir, free_port())
+}
+
+/// [`start_prometheus`] on `port`: run it again on the same `dir` and
+/// port after stopping it, and it comes back with what it had stored.
+pub fn start_prometheus_on(dir: &Path, port: u16) -> (Proc, String) {
     let bin = prometheus_binary().unwrap();
     std::fs::create_dir_all(dir.join("data")).unwrap();
     let cfg = dir.join("prometheus.yml");
     std::fs::write(&cfg, "global:\n  scrape_interval: 1m\n").unwrap();
-    let port = free_port();
     let p = Proc::spawn_cmd(
         Command::new(bin).args([
             format!("--config.file={}", cfg.display()),

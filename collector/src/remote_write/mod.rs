@@ -36,7 +36,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -446,7 +446,8 @@ fn located(path: &Path, text: &str, index: usize, key: &str, message: String) ->
 #[derive(Debug)]
 pub struct Stats {
     pub name: String,
-    /// Samples stored and not yet sent (as of the last look at the queue).
+    /// Samples stored after the cursor (as of the last count, every
+    /// second; before the `send_*` filters).
     pub pending: AtomicU64,
     /// Samples a receiver accepted (2xx).
     pub sent: AtomicU64,
@@ -506,8 +507,8 @@ impl Stats {
 const MAX_ROWS_PER_READ: usize = 10_000;
 /// How long a caught-up sender waits before looking at the WAL again.
 const POLL: Duration = Duration::from_millis(500);
-/// How often the queue's size is counted for `/metrics` while sending.
-const BACKLOG_EVERY: Duration = Duration::from_secs(2);
+/// How often the queue's size is counted for `/metrics`.
+const BACKLOG_EVERY: Duration = Duration::from_secs(1);
 
 /// One series as sent: its labels, or None when this endpoint leaves it
 /// out (`send_alerts`, `send_anomaly_scores`).
@@ -538,15 +539,13 @@ pub async fn run(
     };
     stats.cursor.store(cursor, Ordering::Relaxed);
     tracing::info!(endpoint = %name, url = %rw.url(), shards = rw.shards, cursor, "remote write: sending");
+    // The queue is counted beside the sending, which may wait long on
+    // a receiver that is down.
+    let backlog = tokio::spawn(count_backlog(store.clone(), stats.clone(), stop.clone()));
     let mut labels: HashMap<i64, SeriesLabels> = HashMap::new();
-    let mut last_backlog: Option<Instant> = None;
     loop {
         if *stop.borrow() {
             break;
-        }
-        if last_backlog.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY) {
-            last_backlog = Some(Instant::now());
-            update_backlog(&store, &stats, cursor).await;
         }
         let want = rw.shards * rw.max_samples_per_send;
         let rows = blocking(&store, move |s| {
@@ -564,8 +563,6 @@ pub async fn run(
             }
         };
         let Some(last_id) = rows.last().map(|r| r.id) else {
-            stats.pending.store(0, Ordering::Relaxed);
-            stats.oldest_unsent_ms.store(0, Ordering::Relaxed);
             if sleep_or_stop(&mut stop, POLL).await {
                 break;
             }
@@ -593,6 +590,7 @@ pub async fn run(
         cursor = last_id;
         stats.cursor.store(cursor, Ordering::Relaxed);
     }
+    backlog.abort();
     tracing::debug!(endpoint = %name, cursor, "remote write stopped");
 }
 
@@ -620,16 +618,28 @@ async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
     stopped || *stop.borrow()
 }
 
-async fn update_backlog(store: &Store, stats: &Stats, cursor: i64) {
-    match blocking(store, move |s| s.wal_backlog(cursor)).await {
-        Ok((samples, oldest)) => {
-            stats.pending.store(samples, Ordering::Relaxed);
-            stats
-                .oldest_unsent_ms
-                .store(oldest.unwrap_or(0), Ordering::Relaxed);
+/// Counts what waits after the cursor every `BACKLOG_EVERY`, for
+/// `/metrics`, until `stop`.
+async fn count_backlog(store: Store, stats: Arc<Stats>, mut stop: watch::Receiver<bool>) {
+    let mut warned = false;
+    loop {
+        let cursor = stats.cursor.load(Ordering::Relaxed);
+        match blocking(&store, move |s| s.wal_backlog(cursor)).await {
+            Ok((samples, oldest)) => {
+                stats.pending.store(samples, Ordering::Relaxed);
+                stats
+                    .oldest_unsent_ms
+                    .store(oldest.unwrap_or(0), Ordering::Relaxed);
+                warned = false;
+            }
+            Err(e) if !warned => {
+                warned = true;
+                tracing::warn!(endpoint = %stats.name, error = %e, "remote write: cannot count the queue");
+            }
+            Err(_) => {}
         }
-        Err(e) => {
-            tracing::warn!(endpoint = %stats.name, error = %e, "remote write: cannot count the queue")
+        if sleep_or_stop(&mut stop, BACKLOG_EVERY).await {
+            return;
         }
     }
 }
