@@ -23,6 +23,11 @@ use vitals_proto::v1::{Batch, Label, SeriesDef};
 /// second: second `s` of series `k` holds `s * 0.1 + k`.
 const SERIES: u32 = 3;
 
+/// (timestamp ms, value) in time order.
+type Points = Vec<(i64, f64)>;
+/// Series by their labels.
+type ByLabels = BTreeMap<BTreeMap<String, String>, Points>;
+
 fn value_at(k: u32, s: i64) -> f64 {
     s as f64 * 0.1 + f64::from(k)
 }
@@ -91,12 +96,7 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 /// Every series `rw_test_value` Prometheus returns over [from, to]
 /// seconds after `base_ms`, at 1 s steps (the samples lie on the steps, so
 /// each step's value is that second's sample): labels -> (ts ms, value).
-fn prometheus_series(
-    addr: &str,
-    base_ms: i64,
-    from: i64,
-    to: i64,
-) -> BTreeMap<BTreeMap<String, String>, Vec<(i64, f64)>> {
+fn prometheus_series(addr: &str, base_ms: i64, from: i64, to: i64) -> ByLabels {
     let start = format!("{}", (base_ms + from * 1000) / 1000);
     let end = format!("{}", (base_ms + to * 1000) / 1000);
     let body = form(&[
@@ -133,7 +133,7 @@ fn prometheus_series(
 
 /// What Prometheus must hold for seconds [0, to): every sample, exactly,
 /// under the series' labels plus the external label.
-fn expected(base_ms: i64, to: i64) -> BTreeMap<BTreeMap<String, String>, Vec<(i64, f64)>> {
+fn expected(base_ms: i64, to: i64) -> ByLabels {
     (0..SERIES)
         .map(|k| {
             let labels = [
@@ -454,7 +454,7 @@ fn promtool_check(promtool: &std::path::Path, text: &str) {
 }
 
 /// (timestamp, value) of every sample in a request body, by series labels.
-fn decoded(body: &[u8]) -> BTreeMap<Vec<(String, String)>, Vec<(i64, f64)>> {
+fn decoded(body: &[u8]) -> BTreeMap<Vec<(String, String)>, Points> {
     let req = wire::decode(body).unwrap();
     req.timeseries
         .into_iter()
