@@ -211,9 +211,9 @@ fn remote_write_reaches_prometheus_through_its_outage_and_a_collector_restart() 
     assert!(wait_until(Duration::from_secs(10), || {
         std::net::TcpStream::connect(&maddr).is_ok()
     }));
-    // Whole seconds, 400 s back: every sample is in the past and within
+    // Whole seconds, 600 s back: every sample is in the past and within
     // the hour before the first one a fresh Prometheus accepts.
-    let base_ms = (vitals_common::now_ms() / 1000 - 400) * 1000;
+    let base_ms = (vitals_common::now_ms() / 1000 - 600) * 1000;
     let mut seq = 0u64;
 
     // 1. Streaming to a running Prometheus.
@@ -406,6 +406,62 @@ fn remote_write_reaches_prometheus_through_its_outage_and_a_collector_restart() 
         !collector.log_text().contains("refused a request"),
         "{}",
         collector.log_text()
+    );
+
+    // 4. The collector killed (SIGKILL) with a backlog while Prometheus
+    // is down: no drain, no final checkpoint. The WAL rows and the cursor
+    // on disk are all the next one needs.
+    prom.kill();
+    ingest(
+        &env,
+        port,
+        "train-01",
+        "inst-1",
+        batches(base_ms, 400, 500, &mut seq),
+    )
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(20), || {
+        metric(
+            &metrics(&maddr),
+            "vitals_remote_write_samples_pending",
+            &[("endpoint", "prom")],
+        )
+        .is_some_and(|n| n >= 300.0)
+    }));
+    collector.kill();
+    let (p, _) = start_prometheus_on(&prom_dir, prom_port);
+    prom = p;
+    collector = start_collector_with(&env, port, &extra);
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(&maddr).is_ok()
+    }));
+    wait_for_all(
+        &paddr,
+        base_ms,
+        500,
+        &collector,
+        "after the collector was killed",
+    );
+    let mut m = String::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            m = metrics(&maddr);
+            metric(
+                &m,
+                "vitals_remote_write_samples_sent_total",
+                &[("endpoint", "prom")],
+            ) == Some(300.0)
+        }),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "vitals_remote_write_samples_dropped_total",
+            &[("endpoint", "prom"), ("reason", "refused")]
+        ),
+        Some(0.0),
+        "{m}"
     );
 
     // The detector scored the series (the collector stores the scores)
@@ -654,6 +710,39 @@ fn remote_write_drops_what_a_receiver_refuses_and_retries_what_it_cannot_take_ye
     collector = start_collector_with(&env, port, &extra);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(rx.received().len(), n, "resent after a restart");
+    assert!(collector.is_running());
+
+    // A reload checks the tables too: a bad one is refused whole (file,
+    // line, key in the log) and the running config stays; a good change
+    // says it needs a restart.
+    let cfg = env.path().join("collector/collector.toml");
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("{good}[[remote_write]]\nurl = \"ftp://nowhere/\"\n"),
+    )
+    .unwrap();
+    collector.hup();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let log = collector.log_text();
+            log.contains("reload refused") && log.contains("remote_write[1].url")
+        }),
+        "{}",
+        collector.log_text()
+    );
+    std::fs::write(&cfg, good.replace("shards = 1", "shards = 2")).unwrap();
+    collector.hup();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            collector
+                .log_text()
+                .lines()
+                .any(|l| l.contains("needs a restart") && l.contains("remote_write"))
+        }),
+        "{}",
+        collector.log_text()
+    );
     assert!(collector.is_running());
 }
 
