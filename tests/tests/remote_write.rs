@@ -8,12 +8,14 @@
 
 use std::collections::BTreeMap;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
 use vitals_collector::remote_write::wire;
 use vitals_e2e::prometheus::{
-    form, prometheus_binary, promtool_binary, request, start_prometheus_on,
+    PrometheusTls, form, prometheus_binary, promtool_binary, request, request_as,
+    start_prometheus_on, start_prometheus_tls, tls_client,
 };
 use vitals_e2e::receivers::{WebhookReceiver, required};
 use vitals_e2e::*;
@@ -27,6 +29,9 @@ const SERIES: u32 = 3;
 type Points = Vec<(i64, f64)>;
 /// Series by their labels.
 type ByLabels = BTreeMap<BTreeMap<String, String>, Points>;
+/// How to reach Prometheus: plaintext, or TLS with a client certificate
+/// and the name on its certificate.
+type Tls<'a> = Option<(&'a Arc<rustls::ClientConfig>, &'a str)>;
 
 fn value_at(k: u32, s: i64) -> f64 {
     s as f64 * 0.1 + f64::from(k)
@@ -96,7 +101,7 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 /// Every series `rw_test_value` Prometheus returns over [from, to]
 /// seconds after `base_ms`, at 1 s steps (the samples lie on the steps, so
 /// each step's value is that second's sample): labels -> (ts ms, value).
-fn prometheus_series(addr: &str, base_ms: i64, from: i64, to: i64) -> ByLabels {
+fn prometheus_series(addr: &str, tls: Tls<'_>, base_ms: i64, from: i64, to: i64) -> ByLabels {
     let start = format!("{}", (base_ms + from * 1000) / 1000);
     let end = format!("{}", (base_ms + to * 1000) / 1000);
     let body = form(&[
@@ -105,7 +110,18 @@ fn prometheus_series(addr: &str, base_ms: i64, from: i64, to: i64) -> ByLabels {
         ("end", &end),
         ("step", "1"),
     ]);
-    let (status, text) = request(addr, None, "POST", "/api/v1/query_range", Some(&body)).unwrap();
+    let (status, text) = match tls {
+        None => request(addr, None, "POST", "/api/v1/query_range", Some(&body)),
+        Some((cfg, name)) => request_as(
+            addr,
+            Some(cfg),
+            name,
+            "POST",
+            "/api/v1/query_range",
+            Some(&body),
+        ),
+    }
+    .unwrap();
     assert_eq!(status, 200, "{text}");
     let v: Value = serde_json::from_str(&text).unwrap();
     let mut out = BTreeMap::new();
@@ -154,11 +170,11 @@ fn expected(base_ms: i64, to: i64) -> ByLabels {
 }
 
 /// Waits until Prometheus holds exactly seconds [0, to) of every series.
-fn wait_for_all(prom: &str, base_ms: i64, to: i64, collector: &Proc, what: &str) {
+fn wait_for_all(prom: &str, tls: Tls<'_>, base_ms: i64, to: i64, collector: &Proc, what: &str) {
     let want = expected(base_ms, to);
     let mut got = BTreeMap::new();
     let ok = wait_until(Duration::from_secs(60), || {
-        got = prometheus_series(prom, base_ms, 0, to - 1);
+        got = prometheus_series(prom, tls, base_ms, 0, to - 1);
         got == want
     });
     if !ok {
@@ -225,7 +241,14 @@ fn remote_write_reaches_prometheus_through_its_outage_and_a_collector_restart() 
         batches(base_ms, 0, 100, &mut seq),
     )
     .unwrap();
-    wait_for_all(&paddr, base_ms, 100, &collector, "while Prometheus runs");
+    wait_for_all(
+        &paddr,
+        None,
+        base_ms,
+        100,
+        &collector,
+        "while Prometheus runs",
+    );
     let m = metrics(&maddr);
     assert_eq!(
         metric(
@@ -290,6 +313,7 @@ fn remote_write_reaches_prometheus_through_its_outage_and_a_collector_restart() 
     prom = p;
     wait_for_all(
         &paddr,
+        None,
         base_ms,
         200,
         &collector,
@@ -346,6 +370,7 @@ fn remote_write_reaches_prometheus_through_its_outage_and_a_collector_restart() 
     .unwrap();
     wait_for_all(
         &paddr,
+        None,
         base_ms,
         400,
         &collector,
@@ -437,6 +462,7 @@ fn remote_write_reaches_prometheus_through_its_outage_and_a_collector_restart() 
     }));
     wait_for_all(
         &paddr,
+        None,
         base_ms,
         500,
         &collector,
@@ -778,4 +804,108 @@ fn a_bad_remote_write_table_stops_the_start_with_file_line_and_key() {
         "{err}"
     );
     assert!(!env.db().exists(), "nothing stored on a bad config");
+}
+
+#[test]
+fn remote_write_over_mutual_tls_with_a_server_name() {
+    let Some(_) = required(
+        "remote_write_over_mutual_tls_with_a_server_name",
+        "VITALS_TEST_PROMETHEUS",
+        prometheus_binary(),
+    ) else {
+        return;
+    };
+    let env = Env::new();
+    env.issue("train-01", "agent", &[]);
+    // Prometheus' certificate names prom.internal only (no IP): the
+    // collector must be told the name to reach it on 127.0.0.1.
+    env.issue("prom", "collector", &["--dns", "prom.internal"]);
+    env.issue("rw-client", "agent", &[]);
+    let (pcert, pkey) = env.cert("prom");
+    let (ccert, ckey) = env.cert("rw-client");
+    let client = tls_client(&env.ca(), Some((&ccert, &ckey)));
+    let (_prom, paddr) = start_prometheus_tls(
+        &env.path().join("prometheus"),
+        &PrometheusTls {
+            cert: &pcert,
+            key: &pkey,
+            client_ca: &env.ca(),
+            client: &client,
+            server_name: "prom.internal",
+        },
+    );
+    let (port, http_port) = (free_port(), free_port());
+    let url = format!("https://{paddr}/api/v1/write");
+    let extra = format!(
+        "[detect]\nenabled = false\n[http]\nlisten = \"127.0.0.1:{http_port}\"\ntls = false\n\
+         [[remote_write]]\nname = \"mtls\"\nurl = {url:?}\nca_file = {ca:?}\ncert_file = {ccert:?}\nkey_file = {ckey:?}\n\
+         server_name = \"prom.internal\"\nexternal_labels = {{ cluster = \"lab\" }}\n\
+         [[remote_write]]\nname = \"no-client-cert\"\nurl = {url:?}\nca_file = {ca:?}\nserver_name = \"prom.internal\"\n\
+         [[remote_write]]\nname = \"no-server-name\"\nurl = {url:?}\nca_file = {ca:?}\ncert_file = {ccert:?}\nkey_file = {ckey:?}\n",
+        ca = env.ca(),
+    );
+    let collector = start_collector_with(&env, port, &extra);
+    let maddr = format!("127.0.0.1:{http_port}");
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(&maddr).is_ok()
+    }));
+    let base_ms = (vitals_common::now_ms() / 1000 - 100) * 1000;
+    let mut seq = 0;
+    ingest(
+        &env,
+        port,
+        "train-01",
+        "inst-1",
+        batches(base_ms, 0, 30, &mut seq),
+    )
+    .unwrap();
+    wait_for_all(
+        &paddr,
+        Some((&client, "prom.internal")),
+        base_ms,
+        30,
+        &collector,
+        "over mutual TLS",
+    );
+    let mut m = String::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            m = metrics(&maddr);
+            metric(
+                &m,
+                "vitals_remote_write_samples_sent_total",
+                &[("endpoint", "mtls")],
+            ) == Some(90.0)
+                && ["no-client-cert", "no-server-name"].iter().all(|e| {
+                    metric(
+                        &m,
+                        "vitals_remote_write_requests_total",
+                        &[("endpoint", e), ("code", "error")],
+                    )
+                    .is_some_and(|n| n >= 2.0)
+                        && metric(
+                            &m,
+                            "vitals_remote_write_samples_pending",
+                            &[("endpoint", e)],
+                        )
+                        .is_some_and(|n| n >= 90.0)
+                })
+        }),
+        "{m}"
+    );
+    // Without its certificate, or checking the wrong name, nothing goes
+    // through: retried, kept, never counted as sent.
+    for e in ["no-client-cert", "no-server-name"] {
+        assert_eq!(
+            metric(
+                &m,
+                "vitals_remote_write_samples_sent_total",
+                &[("endpoint", e)]
+            ),
+            Some(0.0),
+            "{m}"
+        );
+    }
+    let log = collector.log_text();
+    assert!(!log.contains("BEGIN"), "key material in the log:\n{log}");
 }
