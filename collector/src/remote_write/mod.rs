@@ -583,8 +583,21 @@ pub async fn run(
             tracing::warn!(endpoint = %name, grace = ?grace, "remote write: samples still unsent when the shutdown grace ran out; they are sent after the restart");
             break;
         }
-        if let Err(e) = writer.remote_write_cursor(&name, last_id).await {
-            tracing::error!(endpoint = %name, error = %e, "remote write: cannot record what was sent; it is sent again after a restart");
+        // Recorded before anything further is read; a failed commit (a
+        // full disk, say) is tried again, since what it records was sent.
+        let mut recorded = false;
+        while !recorded {
+            match writer.remote_write_cursor(&name, last_id).await {
+                Ok(()) => recorded = true,
+                Err(e) => {
+                    tracing::error!(endpoint = %name, error = %e, "remote write: cannot record what was sent; trying again (if the collector stops first, it is sent again after the restart)");
+                    if sleep_or_stop(&mut stop, Duration::from_secs(1)).await {
+                        break;
+                    }
+                }
+            }
+        }
+        if !recorded {
             break;
         }
         cursor = last_id;
