@@ -1912,6 +1912,59 @@ mod tests {
             .collect()
     }
 
+    /// A schema-5 database (WAL rows from before AUTOINCREMENT, no sample
+    /// counts, not yet checkpointed) upgrades to 6: its WAL rows keep
+    /// their ids and are replayed, and new rows get ids above them.
+    #[tokio::test]
+    async fn schema_5_database_is_upgraded_with_its_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            for step in &MIGRATIONS[..5] {
+                let tx = c.unchecked_transaction().unwrap();
+                match step {
+                    Migration::Sql(sql) => tx.execute_batch(sql).unwrap(),
+                    Migration::Rust(f) => f(&tx).unwrap(),
+                }
+                tx.commit().unwrap();
+            }
+            c.pragma_update(None, "user_version", 5).unwrap();
+            c.execute(
+                "INSERT INTO series (id, name, labels) VALUES (1, 'm', '{\"node\":\"a\"}')",
+                [],
+            )
+            .unwrap();
+            for (id, ts) in [(7i64, 1000i64), (9, 2000)] {
+                let data = encode_wal(&[(1, ts, ts as f64)]);
+                c.execute(
+                    "INSERT INTO wal (id, node, instance_id, seq, received_ms, crc, data) VALUES (?1, 'a', 'i', ?1, 0, ?2, ?3)",
+                    params![id, crc32fast::hash(&data) as i64, data],
+                )
+                .unwrap();
+            }
+        }
+        let (w, store, h) = start_rw(&path, &["r"]);
+        assert_eq!(
+            points(&store, "m", 0, i64::MAX),
+            vec![(1000, 1000.0), (2000, 2000.0)]
+        );
+        assert_eq!(wal_ids(&store, 0), vec![7, 9]);
+        assert_eq!(
+            store.remote_write_cursor("r").unwrap(),
+            9,
+            "a new endpoint starts at the end"
+        );
+        w.hello("a", "i2", "0").await.unwrap();
+        assert_eq!(
+            put(&w, "i2", batch(1, "a", 3000, 3.0)).await,
+            Outcome::Stored
+        );
+        assert_eq!(wal_ids(&store, 0), vec![7, 9, 10]);
+        drop((w, store));
+        h.join().unwrap();
+    }
+
     /// The WAL is remote write's queue: rows an endpoint has not
     /// delivered outlive checkpoints and restarts, its cursor only moves
     /// forward and survives a restart, ids never repeat, and the rows the
