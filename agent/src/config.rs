@@ -97,6 +97,9 @@ pub struct SourcesConfig {
     /// (read by the slurm source, which knows the jobs).
     #[serde(default)]
     pub joblog: JobLogConfig,
+    /// `[sources.probe]`: inference endpoint probes.
+    #[serde(default)]
+    pub probe: crate::sources::probe::ProbeConfig,
 }
 
 /// `[sources.joblog]`.
@@ -208,8 +211,29 @@ pub struct SlurmConfig {
     pub sinfo: Option<PathBuf>,
     /// A command still running after this long is killed and reported
     /// (`vitals_slurm_command_timeouts_total`, `vitals_slurm_command_hung`).
+    /// Also the limit of one slurmrestd request.
     #[serde(default = "default_slurm_timeout", with = "config::duration")]
     pub command_timeout: Duration,
+    /// slurmrestd to read jobs and nodes from instead of running squeue and
+    /// sinfo: `unix:/run/slurmrestd/slurmrestd.socket`, `http://host:6820`
+    /// or `https://host:6820` (default: unset, the commands).
+    #[serde(default)]
+    pub restd: Option<String>,
+    /// A file holding the token sent as `X-SLURM-USER-TOKEN` (a JWT from
+    /// `scontrol token`); read for every request, so a rotated token is
+    /// used at once; never logged. Relative to the config file's folder.
+    #[serde(default)]
+    pub restd_token_file: Option<PathBuf>,
+    /// Sent as `X-SLURM-USER-NAME` with the token.
+    #[serde(default)]
+    pub restd_user: Option<String>,
+    /// The API version in the request paths (`/slurm/VERSION/jobs`).
+    #[serde(default = "default_restd_api_version")]
+    pub restd_api_version: String,
+    /// CA certificates (PEM) for an `https://` restd; default: the
+    /// system's store. Relative to the config file's folder.
+    #[serde(default)]
+    pub restd_ca_file: Option<PathBuf>,
 }
 
 impl Default for SlurmConfig {
@@ -219,8 +243,17 @@ impl Default for SlurmConfig {
             squeue: None,
             sinfo: None,
             command_timeout: default_slurm_timeout(),
+            restd: None,
+            restd_token_file: None,
+            restd_user: None,
+            restd_api_version: default_restd_api_version(),
+            restd_ca_file: None,
         }
     }
+}
+
+fn default_restd_api_version() -> String {
+    crate::sources::slurm::restd::DEFAULT_API_VERSION.to_string()
 }
 
 fn default_slurm_timeout() -> Duration {
@@ -453,7 +486,78 @@ pub fn load_raw(path: &Path) -> Result<RawConfig, ConfigError> {
     if let Some(lib) = &raw.sources.gpu.library {
         raw.sources.gpu.library = Some(base.join(lib));
     }
+    let slurm = &mut raw.sources.slurm;
+    for p in [&mut slurm.restd_token_file, &mut slurm.restd_ca_file]
+        .into_iter()
+        .flatten()
+    {
+        *p = base.join(&*p);
+    }
     Ok(raw)
+}
+
+/// `[sources.slurm] restd*`: the address parses (and its CA file loads),
+/// the token file is readable, and nothing is set that would be ignored.
+fn check_restd(path: &Path, s: &SlurmConfig) -> Result<(), ConfigError> {
+    use crate::sources::slurm::restd;
+    let Some(url) = &s.restd else {
+        for (key, set) in [
+            ("restd_token_file", s.restd_token_file.is_some()),
+            ("restd_user", s.restd_user.is_some()),
+            ("restd_ca_file", s.restd_ca_file.is_some()),
+        ] {
+            if set {
+                return Err(ConfigError::invalid(
+                    path,
+                    &format!("sources.slurm.{key}"),
+                    "only used with restd: set restd (e.g. \"unix:/run/slurmrestd/slurmrestd.socket\") or remove this key",
+                ));
+            }
+        }
+        return Ok(());
+    };
+    restd::Addr::parse(url, s.restd_ca_file.as_deref()).map_err(|e| {
+        let key = if e.contains("CA") || e.contains("restd_ca_file") {
+            "sources.slurm.restd_ca_file"
+        } else {
+            "sources.slurm.restd"
+        };
+        ConfigError::invalid(path, key, e)
+    })?;
+    let v = &s.restd_api_version;
+    let well_formed = v.strip_prefix('v').is_some_and(|n| {
+        n.split('.').count() == 3
+            && n.split('.')
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    });
+    if !well_formed {
+        return Err(ConfigError::invalid(
+            path,
+            "sources.slurm.restd_api_version",
+            format!("{v:?} is not an API version like \"v0.0.38\""),
+        ));
+    }
+    if let Some(file) = &s.restd_token_file {
+        restd::read_token(file)
+            .map_err(|e| ConfigError::invalid(path, "sources.slurm.restd_token_file", e))?;
+    }
+    if let Some(user) = &s.restd_user {
+        if s.restd_token_file.is_none() {
+            return Err(ConfigError::invalid(
+                path,
+                "sources.slurm.restd_user",
+                "is sent with the token: set restd_token_file too",
+            ));
+        }
+        if user.is_empty() || hyper::header::HeaderValue::from_str(user).is_err() {
+            return Err(ConfigError::invalid(
+                path,
+                "sources.slurm.restd_user",
+                format!("{user:?} is not a user name that can be sent"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Everything `run` needs, checked: URL, TLS files, node name, limits.
@@ -518,6 +622,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
             "must be at least 10ms",
         ));
     }
+    check_restd(path, &raw.sources.slurm)?;
     if let Err(e) = raw.sources.joblog.patterns() {
         return Err(ConfigError::invalid(
             path,
@@ -537,6 +642,9 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
             "sources.joblog.errors",
             format!("class {:?} must not be empty", c.class),
         ));
+    }
+    if let Err((key, message)) = crate::sources::probe::check(&raw.sources.probe) {
+        return Err(ConfigError::invalid(path, &key, message));
     }
     if raw.sources.joblog.max_read_bytes < 1024 {
         return Err(ConfigError::invalid(
@@ -591,4 +699,85 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
         spool_max_bytes: raw.spool.max_bytes,
         raw,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn restd_error(f: impl FnOnce(&mut SlurmConfig)) -> Option<String> {
+        let mut s = SlurmConfig::default();
+        f(&mut s);
+        check_restd(Path::new("agent.toml"), &s)
+            .err()
+            .map(|e| e.to_string())
+    }
+
+    #[test]
+    fn restd_keys_are_checked_and_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("slurm.jwt");
+        std::fs::write(&token, "SLURM_JWT=a.b.c\n").unwrap();
+        assert_eq!(restd_error(|_| {}), None);
+        let ok = |s: &mut SlurmConfig| {
+            s.restd = Some("unix:/run/slurmrestd/slurmrestd.socket".into());
+            s.restd_token_file = Some(token.clone());
+            s.restd_user = Some("root".into());
+        };
+        assert_eq!(restd_error(ok), None);
+        assert_eq!(
+            restd_error(|s| s.restd = Some("http://head-01:6820".into())),
+            None
+        );
+        type Change<'a> = Box<dyn Fn(&mut SlurmConfig) + 'a>;
+        let cases: Vec<(Change, &str, &str)> = vec![
+            (
+                Box::new(|s| s.restd_token_file = Some(token.clone())),
+                "sources.slurm.restd_token_file",
+                "only used with restd",
+            ),
+            (
+                Box::new(|s| s.restd = Some("head-01:6820".into())),
+                "sources.slurm.restd",
+                "must start with unix:, http:// or https://",
+            ),
+            (
+                Box::new(|s| {
+                    ok(s);
+                    s.restd_api_version = "0.0.38".into();
+                }),
+                "sources.slurm.restd_api_version",
+                "not an API version",
+            ),
+            (
+                Box::new(|s| {
+                    ok(s);
+                    s.restd_token_file = None;
+                }),
+                "sources.slurm.restd_user",
+                "set restd_token_file too",
+            ),
+            (
+                Box::new(|s| {
+                    ok(s);
+                    s.restd_token_file = Some(dir.path().join("missing.jwt"));
+                }),
+                "sources.slurm.restd_token_file",
+                "missing.jwt",
+            ),
+            (
+                Box::new(|s| {
+                    s.restd = Some("https://head-01:6820".into());
+                    s.restd_ca_file = Some(dir.path().join("missing-ca.pem"));
+                }),
+                "sources.slurm.restd_ca_file",
+                "missing-ca.pem",
+            ),
+        ];
+        for (set, key, says) in cases {
+            let e = restd_error(set).expect("an error");
+            assert!(e.contains(key) && e.contains(says), "{e}");
+            assert!(!e.contains("a.b.c"), "never the token: {e}");
+        }
+    }
 }

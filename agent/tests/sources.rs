@@ -2706,6 +2706,178 @@ cpu01|drained|0/32/0/32|(null)|cpu|maint
         let e = cycle.reports[0].error.as_ref().unwrap();
         assert!(e.contains("`squeue` output: line 1: not valid JSON"), "{e}");
     }
+
+    /// slurmrestd's part on a unix socket: answers per request path,
+    /// changed between cycles; the jobs answer in chunks, as a server that
+    /// streams its JSON sends it.
+    struct FakeRestd {
+        dir: tempfile::TempDir,
+        answers: std::sync::Arc<std::sync::Mutex<BTreeMap<String, (u16, String)>>>,
+        heads: std::sync::mpsc::Receiver<String>,
+    }
+
+    impl FakeRestd {
+        fn start() -> FakeRestd {
+            use std::io::{BufRead, BufReader, Write};
+            let dir = tempfile::tempdir().unwrap();
+            let listener =
+                std::os::unix::net::UnixListener::bind(dir.path().join("restd.socket")).unwrap();
+            let answers = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+            let (tx, heads) = std::sync::mpsc::channel();
+            let served = answers.clone();
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(mut s) = conn else { return };
+                    let mut r = BufReader::new(s.try_clone().unwrap());
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                    let (status, body): (u16, String) = served
+                        .lock()
+                        .unwrap()
+                        .get(&path)
+                        .cloned()
+                        .unwrap_or((404, "no such path".into()));
+                    let _ = tx.send(head);
+                    let answer = if path.ends_with("/jobs") {
+                        let (a, b) = body.split_at(body.len() / 2);
+                        format!(
+                            "HTTP/1.1 {status} X\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+                            a.len(),
+                            b.len()
+                        )
+                    } else {
+                        format!(
+                            "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                    };
+                    let _ = s.write_all(answer.as_bytes());
+                }
+            });
+            FakeRestd {
+                dir,
+                answers,
+                heads,
+            }
+        }
+
+        fn put(&self, what: &str, status: u16, body: &str) {
+            self.answers
+                .lock()
+                .unwrap()
+                .insert(format!("/slurm/v0.0.40/{what}"), (status, body.to_string()));
+        }
+
+        fn config(&self) -> RawConfig {
+            let mut cfg = config(&self.dir.path().join("proc"), &self.dir.path().join("sys"));
+            let s = &mut cfg.sources.slurm;
+            s.restd = Some(format!(
+                "unix:{}",
+                self.dir.path().join("restd.socket").display()
+            ));
+            s.restd_api_version = "v0.0.40".into();
+            // Never run: the listings come from slurmrestd.
+            s.squeue = Some("/nonexistent/squeue".into());
+            s.command_timeout = Duration::from_secs(20);
+            let token = self.dir.path().join("jwt");
+            fs::write(&token, "SLURM_JWT=header.payload.sig\n").unwrap();
+            s.restd_token_file = Some(token);
+            s.restd_user = Some("vitals".into());
+            cfg.sources.joblog.enabled = Some(false);
+            cfg.interval = Duration::from_secs(40);
+            cfg
+        }
+    }
+
+    #[test]
+    fn source_reads_slurmrestd_and_reports_each_request_and_a_bad_answer() {
+        let fake = FakeRestd::start();
+        fake.put("jobs", 200, &slurm("slurm-24.05-rest/slurm-jobs.json"));
+        fake.put("nodes", 200, &slurm("slurm-24.05-rest/slurm-nodes.json"));
+        let mut sources = Sources::new(&fake.config(), &["slurm".to_string()]).unwrap();
+        let cycle = sources.collect();
+        assert_eq!(
+            cycle.reports[0].status, "ok",
+            "{:?}",
+            cycle.reports[0].error
+        );
+        let s = &cycle.samples;
+        assert_eq!(count(s, "vitals_slurm_job_info"), 14);
+        assert!(count(s, "vitals_slurm_node_info") > 0);
+        for command in ["slurmrestd jobs", "slurmrestd nodes"] {
+            assert_eq!(
+                value(s, "vitals_slurm_command_success", &[("command", command)]),
+                1.0
+            );
+        }
+        assert_eq!(
+            count(s, "vitals_slurm_command_text_fallback"),
+            0,
+            "commands only"
+        );
+        let heads: Vec<String> = fake
+            .heads
+            .try_iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
+        assert_eq!(heads.len(), 2, "{heads:?}");
+        for h in &heads {
+            assert!(
+                h.contains("x-slurm-user-token: header.payload.sig\r\n"),
+                "{h}"
+            );
+            assert!(h.contains("x-slurm-user-name: vitals\r\n"), "{h}");
+        }
+
+        // Nodes refused: the jobs still count, the nodes are left out and
+        // their request says it failed.
+        fake.put("nodes", 403, "Authentication failure");
+        let cycle = sources.collect();
+        assert_eq!(
+            cycle.reports[0].status, "ok",
+            "{:?}",
+            cycle.reports[0].error
+        );
+        let s = &cycle.samples;
+        assert_eq!(count(s, "vitals_slurm_job_info"), 14);
+        assert_eq!(count(s, "vitals_slurm_node_info"), 0);
+        assert_eq!(
+            value(
+                s,
+                "vitals_slurm_command_success",
+                &[("command", "slurmrestd nodes")]
+            ),
+            0.0
+        );
+
+        // A jobs answer that is not JSON fails the cycle whole: nothing of
+        // it, nor of the good nodes answer, is reported.
+        fake.put("nodes", 200, &slurm("slurm-24.05-rest/slurm-nodes.json"));
+        fake.put("jobs", 200, "{\"jobs\": [");
+        let cycle = sources.collect();
+        assert_eq!(cycle.reports[0].status, "error");
+        let e = cycle.reports[0].error.as_ref().unwrap();
+        assert!(
+            e.contains("the slurmrestd jobs answer: line 1: not valid JSON"),
+            "{e}"
+        );
+        assert!(
+            cycle
+                .samples
+                .iter()
+                .all(|s| !s.name.starts_with("vitals_slurm_")),
+            "{:?}",
+            cycle.samples
+        );
+        assert!(cycle.events.is_empty());
+    }
 }
 
 #[test]

@@ -177,7 +177,7 @@ fn peak_rss(pid: u32) -> Option<u64> {
 
 /// CPU time (user + system) a process has used so far, all threads, from
 /// /proc/PID/stat (in clock ticks of 1/100 s, Linux's USER_HZ).
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &text[text.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();

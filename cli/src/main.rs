@@ -4,6 +4,7 @@ mod alerts;
 mod alloc_count;
 mod bench;
 mod bench_agent;
+mod bench_probe;
 mod bench_query;
 mod certs;
 mod chart;
@@ -12,6 +13,7 @@ mod commands;
 mod detect;
 mod dev;
 mod jobs;
+mod probes;
 mod top;
 
 use std::io::Write;
@@ -209,6 +211,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The probed inference endpoints now: latency (p50, p99) against each
+    /// one's SLO, the share of failed requests and of right answers to
+    /// golden inputs, whether the last round succeeded, and open alerts.
+    /// One row per agent probing an endpoint.
+    ///
+    /// Examples:
+    ///   vitals probes
+    ///   vitals probes --json | jq '.probes[] | select(.p99_seconds > .slo_latency_seconds)'
+    #[command(verbatim_doc_comment)]
+    Probes {
+        /// Print {"probes":[{"node","endpoint","model","deployment","url","p50_seconds",
+        /// "p90_seconds","p99_seconds","slo_latency_seconds","error_ratio","correct_ratio",
+        /// "requests_total","up","alerts"}]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What the collector's actions did (rollbacks, drains...): the audit
+    /// record of every action an alert started, newest first — who (rule,
+    /// collector), what (command line or request), when, the outcome (ok,
+    /// failed, timeout, dry_run, cooldown, interrupted), exit code, output.
+    ///
+    /// Examples:
+    ///   vitals actions
+    ///   vitals actions --json | jq '.actions[] | select(.outcome != "ok")'
+    #[command(verbatim_doc_comment)]
+    Actions {
+        /// Most records shown.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print {"actions":[{"id","action","rule","fingerprint","alert_since_ms","labels",
+        /// "what","who","dry_run","outcome","started_ms","ended_ms","exit_code","output"}]}.
+        #[arg(long)]
+        json: bool,
+    },
     /// A live full-screen view of the fleet, refreshed every interval: per
     /// node its GPUs (utilisation, VRAM, temperature, power) as bars, NICs
     /// (throughput of link speed, errors), NFS mounts (ops/s, round trip per
@@ -329,6 +365,35 @@ enum RulesCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Probe N endpoints of a local model server (a child process, not
+    /// measured) with the agent's probe source in this process, each every
+    /// --interval, and report the CPU and memory probing costs.
+    ///
+    /// Examples:
+    ///   vitals bench probe --endpoints 100 --interval 1s --seconds 60
+    ///   vitals bench probe --endpoints 100 --delay-ms 50 --json
+    #[command(verbatim_doc_comment)]
+    Probe {
+        /// Endpoints probed (one request per round each).
+        #[arg(long, default_value_t = 100)]
+        endpoints: usize,
+        /// Time between rounds of each endpoint.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// How long to measure (after a warm-up of two intervals, at least 3 s).
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// The model server's answer delay.
+        #[arg(long, default_value_t = 5)]
+        delay_ms: u64,
+        /// Run as the model server (used by the benchmark itself).
+        #[arg(long, hide = true)]
+        serve: bool,
+        /// Print {"endpoints","requests_per_second","failed","cpu_cores","cpu_ms_per_request",
+        /// "rss_before_bytes","rss_after_bytes","rss_per_endpoint_bytes","worst_p99_seconds",...}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run N collection cycles of the agent in this process over a tree and
     /// report CPU time and allocations per cycle and peak RSS.
     ///
@@ -587,6 +652,30 @@ fn main() -> ExitCode {
             print_out(&detect::bench(series, rounds, json));
             Ok(())
         }
+        Command::Bench {
+            command:
+                BenchCommand::Probe {
+                    endpoints,
+                    interval,
+                    seconds,
+                    delay_ms,
+                    serve,
+                    json,
+                },
+        } => {
+            if serve {
+                bench_probe::serve(delay_ms)
+            } else {
+                bench_probe::probe(&bench_probe::Options {
+                    endpoints,
+                    interval,
+                    seconds,
+                    delay_ms,
+                    json,
+                })
+                .map(|text| print_out(&text))
+            }
+        }
         Command::Dev { dir } => runtime()
             .and_then(|rt| rt.block_on(dev::run(&dir)))
             .map(|_| ()),
@@ -599,6 +688,15 @@ fn main() -> ExitCode {
                 |cfg| async move { jobs::jobs(&cfg, json).await },
             )
         }
+        Command::Probes { json } => {
+            with_client(
+                cli.config,
+                |cfg| async move { probes::probes(&cfg, json).await },
+            )
+        }
+        Command::Actions { limit, json } => with_client(cli.config, |cfg| async move {
+            probes::actions(&cfg, limit, json).await
+        }),
         Command::Top { interval } => client::load(cli.config.as_deref())
             .and_then(|cfg| runtime()?.block_on(top::run(&cfg, interval))),
         Command::Watch { json } => client::load(cli.config.as_deref())

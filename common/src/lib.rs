@@ -4,6 +4,7 @@
 //! setup and certificate identities, the sample model, and label selectors.
 
 pub mod config;
+pub mod http_tls;
 pub mod identity;
 pub mod logging;
 pub mod model;

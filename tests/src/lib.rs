@@ -3,6 +3,7 @@
 //! `vitals certs`, and reads what they stored.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod model;
 pub mod prometheus;
 pub mod receivers;
 pub mod slurm;

@@ -520,10 +520,31 @@ impl Drop for WebhookReceiver {
 
 /// Reads one request, records it, answers; false if it did not answer.
 fn serve<S: Read + Write>(stream: &mut S, shared: &Mutex<Shared>) -> bool {
+    let Some(req) = read_request(stream) else {
+        return false;
+    };
+    let status = {
+        let mut s = shared.lock().unwrap();
+        s.received.push(req);
+        s.status
+    };
+    if status == 0 {
+        return false;
+    }
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let _ = stream.flush();
+    true
+}
+
+/// Reads one HTTP/1.1 request (with a `Content-Length` body, if any).
+pub fn read_request<S: Read>(stream: &mut S) -> Option<Received> {
     let mut r = BufReader::new(&mut *stream);
     let mut line = String::new();
     if r.read_line(&mut line).unwrap_or(0) == 0 {
-        return false;
+        return None;
     }
     let mut parts = line.split_whitespace();
     let method = parts.next().unwrap_or("").to_string();
@@ -532,7 +553,7 @@ fn serve<S: Read + Write>(stream: &mut S, shared: &Mutex<Shared>) -> bool {
     loop {
         let mut h = String::new();
         if r.read_line(&mut h).unwrap_or(0) == 0 {
-            return false;
+            return None;
         }
         let h = h.trim_end();
         if h.is_empty() {
@@ -549,26 +570,12 @@ fn serve<S: Read + Write>(stream: &mut S, shared: &Mutex<Shared>) -> bool {
         .unwrap_or(0);
     let mut body = vec![0; len];
     if r.read_exact(&mut body).is_err() {
-        return false;
+        return None;
     }
-    let status = {
-        let mut s = shared.lock().unwrap();
-        s.received.push(Received {
-            method,
-            path,
-            headers,
-            body,
-        });
-        s.status
-    };
-    drop(r);
-    if status == 0 {
-        return false;
-    }
-    let _ = write!(
-        stream,
-        "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    let _ = stream.flush();
-    true
+    Some(Received {
+        method,
+        path,
+        headers,
+        body,
+    })
 }

@@ -11,8 +11,20 @@
 //! stops both daemons by PID. The machine's one `munged` is shared: it is
 //! started (with a key made if `/etc/munge/munge.key` is missing) when
 //! none runs, and left running.
+//!
+//! [`Cluster::restd_unix`] and [`Cluster::restd_jwt`] run Debian's
+//! `slurmrestd` against the cluster (optional like the cluster, required
+//! where `VITALS_TEST_SLURMRESTD=1`: see [`slurmrestd_binary`]). It refuses
+//! to run as root, so it runs as the `slurm` user the package made, from a
+//! folder of its own that user can reach (the cluster's is the test's
+//! private temporary folder): a copy of `slurm.conf`, the unix socket, its
+//! log. Only the `openapi/v0.0.38` plugin is loaded (the `dbv0.0.38` one
+//! needs a slurmdbd). For TCP the cluster must be started with
+//! [`Cluster::start_jwt`]: `AuthAltTypes=auth/jwt` and a key, so that
+//! `scontrol token` issues tokens slurmctld accepts.
 
 use std::fs::File;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -55,6 +67,89 @@ pub fn slurm_binaries() -> Result<(), String> {
             missing.join(", ")
         ))
     }
+}
+
+/// `slurmrestd`, or what is missing.
+pub fn slurmrestd_binary() -> Result<PathBuf, String> {
+    find("slurmrestd").ok_or_else(|| "slurmrestd not installed (apt-get install slurmrestd)".into())
+}
+
+/// The JWT plugin `Cluster::start_jwt` needs, or what is missing.
+pub fn jwt_plugin() -> Result<(), String> {
+    let found = [
+        "/usr/lib/x86_64-linux-gnu/slurm-wlm",
+        "/usr/lib/aarch64-linux-gnu/slurm-wlm",
+        "/usr/lib/slurm-wlm",
+        "/usr/lib64/slurm",
+    ]
+    .iter()
+    .any(|d| Path::new(d).join("auth_jwt.so").is_file());
+    if found {
+        Ok(())
+    } else {
+        Err(
+            "SLURM's auth/jwt plugin is not installed (apt-get install slurm-wlm-jwt-plugin)"
+                .into(),
+        )
+    }
+}
+
+/// A running slurmrestd; stopped when dropped (before its folder goes).
+pub struct Restd {
+    proc: Proc,
+    /// What the agent's `restd` key takes: `unix:/...` or `http://...`.
+    pub url: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Restd {
+    pub fn log_text(&self) -> String {
+        self.proc.log_text()
+    }
+
+    /// One GET (HTTP/1.0, read to the end): (status, body).
+    pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> std::io::Result<(u16, String)> {
+        let mut req = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        let mut answer = String::new();
+        if let Some(sock) = self.url.strip_prefix("unix:") {
+            let mut s = std::os::unix::net::UnixStream::connect(sock)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(req.as_bytes())?;
+            s.read_to_string(&mut answer)?;
+        } else {
+            let hostport = self.url.trim_start_matches("http://");
+            let mut s = std::net::TcpStream::connect(hostport)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(req.as_bytes())?;
+            s.read_to_string(&mut answer)?;
+        }
+        let status = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("no status in {answer:?}")))?;
+        let body = answer
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+}
+
+/// (uid, gid) of a user, from `id`.
+fn ids(user: &str) -> (u32, u32) {
+    let id = |flag: &str| {
+        let out = Command::new("id").args([flag, user]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u32>()
+            .unwrap_or_else(|_| panic!("no user {user:?} (the slurm packages make it)"))
+    };
+    (id("-u"), id("-g"))
 }
 
 /// A running one-node cluster; stopped when dropped.
@@ -146,6 +241,17 @@ impl Cluster {
     /// Waits for the machine's lock, then starts slurmctld and slurmd in
     /// `dir` and waits until the node is idle.
     pub fn start(dir: &Path) -> Cluster {
+        Cluster::start_with(dir, false)
+    }
+
+    /// [`start`](Self::start) with `auth/jwt` as an alternative
+    /// authentication (a key in `dir`): `scontrol token` works, and
+    /// slurmrestd can pass tokens through ([`restd_jwt`](Self::restd_jwt)).
+    pub fn start_jwt(dir: &Path) -> Cluster {
+        Cluster::start_with(dir, true)
+    }
+
+    fn start_with(dir: &Path, jwt: bool) -> Cluster {
         std::fs::create_dir_all(dir).unwrap();
         let lock = File::options()
             .create(true)
@@ -163,6 +269,28 @@ impl Cluster {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         let conf = dir.join("slurm.conf");
+        let mut auth_alt = String::new();
+        if jwt {
+            use std::os::unix::fs::OpenOptionsExt;
+            let key = dir.join("jwt.key");
+            let mut f = File::options()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&key)
+                .unwrap();
+            let mut bytes = [0u8; 32];
+            File::open("/dev/urandom")
+                .unwrap()
+                .read_exact(&mut bytes)
+                .unwrap();
+            f.write_all(&bytes).unwrap();
+            auth_alt = format!(
+                "AuthAltTypes=auth/jwt\nAuthAltParameters=jwt_key={}\n",
+                key.display()
+            );
+        }
         std::fs::write(
             &conf,
             format!(
@@ -173,7 +301,7 @@ SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-CredType=cred/munge
+{auth_alt}CredType=cred/munge
 MpiDefault=none
 MailProg=/bin/true
 SwitchType=switch/none
@@ -254,6 +382,87 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
             s.push_str(&String::from_utf8_lossy(&out.stderr));
         }
         s
+    }
+
+    /// Starts slurmrestd (`rest_auth/local`) on a unix socket in a folder
+    /// of its own; returns once it answers.
+    pub fn restd_unix(&self) -> Restd {
+        let dir = self.restd_dir();
+        let sock = dir.path().join("slurmrestd.socket");
+        self.restd(
+            dir,
+            &format!("unix:{}", sock.display()),
+            "rest_auth/local",
+            &[],
+        )
+    }
+
+    /// Starts slurmrestd (`rest_auth/jwt`) on a free port of 127.0.0.1;
+    /// the cluster must have been started with
+    /// [`start_jwt`](Self::start_jwt).
+    pub fn restd_jwt(&self) -> Restd {
+        let dir = self.restd_dir();
+        let url = format!("127.0.0.1:{}", free_port());
+        self.restd(dir, &url, "rest_auth/jwt", &[("SLURM_JWT", "daemon")])
+    }
+
+    /// `scontrol token` for `user`, as printed (`SLURM_JWT=...`).
+    pub fn token(&self, user: &str) -> String {
+        let out = self.run(
+            "scontrol",
+            &["token", &format!("username={user}"), "lifespan=3600"],
+        );
+        assert!(out.starts_with("SLURM_JWT="), "scontrol token: {out}");
+        out
+    }
+
+    /// A folder the `slurm` user owns, with a copy of `slurm.conf`.
+    fn restd_dir(&self) -> tempfile::TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("vitals-restd-")
+            .tempdir()
+            .unwrap();
+        let (uid, gid) = ids("slurm");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+        let conf = dir.path().join("slurm.conf");
+        std::fs::copy(&self.conf, &conf).unwrap();
+        std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o644)).unwrap();
+        dir
+    }
+
+    fn restd(
+        &self,
+        dir: tempfile::TempDir,
+        listen: &str,
+        auth: &str,
+        env: &[(&str, &str)],
+    ) -> Restd {
+        use std::os::unix::process::CommandExt;
+        let (uid, gid) = ids("slurm");
+        let program = slurmrestd_binary().unwrap();
+        let mut cmd = Command::new(program);
+        cmd.args(["-s", "openapi/v0.0.38", "-a", auth, listen])
+            .env("SLURM_CONF", dir.path().join("slurm.conf"))
+            .envs(env.iter().copied())
+            .uid(uid)
+            .gid(gid);
+        let proc = Proc::spawn_group(&mut cmd, &dir.path().join("slurmrestd.log"));
+        let url = if listen.starts_with("unix:") {
+            listen.to_string()
+        } else {
+            format!("http://{listen}")
+        };
+        let mut r = Restd { proc, url, dir };
+        // Any HTTP answer means it listens (401 without a token on TCP).
+        let up = wait_until(Duration::from_secs(30), || {
+            r.get("/slurm/v0.0.38/diag", &[]).is_ok()
+        });
+        if !up || !r.proc.is_running() {
+            panic!("slurmrestd did not start:\n{}", r.log_text());
+        }
+        r
     }
 
     /// Submits `script` with `sbatch` and extra arguments; the job id.

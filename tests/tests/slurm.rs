@@ -4,7 +4,9 @@
 //! rules) the job alerts.
 //!
 //! Skipped without slurmctld/slurmd/munge unless `VITALS_TEST_SLURM=1`
-//! (`.ci/run` sets it), which makes a missing component a failure.
+//! (`.ci/run` sets it), which makes a missing component a failure; the
+//! slurmrestd tests likewise without slurmrestd (and SLURM's jwt plugin)
+//! unless `VITALS_TEST_SLURMRESTD=1`.
 //! nextest runs this binary's tests one at a time (`.config/nextest.toml`),
 //! and the cluster's lock keeps other processes out.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -13,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use vitals_e2e::receivers::required;
-use vitals_e2e::slurm::{Cluster, slurm_binaries};
+use vitals_e2e::slurm::{Cluster, jwt_plugin, slurm_binaries, slurmrestd_binary};
 use vitals_e2e::*;
 use vitals_proto::v1::MatchOp;
 
@@ -32,12 +34,22 @@ struct Setup {
 /// A cluster, and a collector with `collector_extra` in its config and
 /// `rules` as its `rules.toml`; None when the test is skipped.
 fn setup(test: &str, collector_extra: &str, rules: &str) -> Option<Setup> {
+    setup_cluster(test, collector_extra, rules, Cluster::start)
+}
+
+/// [`setup`] with the cluster started by `start`.
+fn setup_cluster(
+    test: &str,
+    collector_extra: &str,
+    rules: &str,
+    start: fn(&Path) -> Cluster,
+) -> Option<Setup> {
     required(test, "VITALS_TEST_SLURM", slurm_binaries())?;
     let env = Env::new();
     std::fs::create_dir_all(env.path().join("collector")).unwrap();
     std::fs::write(env.path().join("collector/rules.toml"), rules).unwrap();
     env.issue(NODE, "agent", &[]);
-    let cluster = Cluster::start(&env.path().join("slurm"));
+    let cluster = start(&env.path().join("slurm"));
     let port = free_port();
     let collector = start_collector_with(&env, port, collector_extra);
     let reader = Reader::new(&env, port);
@@ -579,4 +591,277 @@ fn slurm_without_json_finds_job_logs_through_scontrol() {
     assert_eq!(fallback[0].points.last().unwrap().value, 1.0);
     s.cluster.scancel(id);
     agent.proc.term(Duration::from_secs(20));
+}
+
+impl Setup {
+    /// The last value of `vitals_slurm_command_success{command}`, if stored.
+    fn command_success(&self, command: &str) -> Option<f64> {
+        self.reader
+            .series(
+                "vitals_slurm_command_success",
+                &[("command", MatchOp::Equal, command)],
+            )
+            .first()
+            .and_then(|x| x.points.last())
+            .map(|p| p.value)
+    }
+
+    fn job_info(&self, job_id: &str) -> Vec<vitals_proto::v1::Series> {
+        self.reader.series(
+            "vitals_slurm_job_info",
+            &[("job_id", MatchOp::Equal, job_id)],
+        )
+    }
+}
+
+/// Squeue and sinfo that would fail the test if they were run: through
+/// slurmrestd the agent must not need them.
+const NO_COMMANDS: &str = "squeue = \"/nonexistent/squeue\"\nsinfo = \"/nonexistent/sinfo\"\n";
+
+#[test]
+fn slurmrestd_on_a_unix_socket_reports_jobs_nodes_state_changes_and_job_logs() {
+    unix_socket();
+}
+
+fn unix_socket() -> Option<()> {
+    let test = "slurmrestd unix socket";
+    required(test, "VITALS_TEST_SLURMRESTD", slurmrestd_binary())?;
+    let s = setup(test, "", "")?;
+    let dir = s.env.path().to_path_buf();
+    // A job that prints progress, held so that it is seen PENDING first.
+    let job = script(
+        &dir,
+        "restjob",
+        "i=1; while [ $i -le 8 ]; do echo \"step $i loss 0.5\"; i=$((i+1)); sleep 0.3; done",
+    );
+    let out = dir.join("restjob-%j.out");
+    let id = s.cluster.sbatch(
+        &job,
+        &["--hold", "-J", "restjob", "-o", out.to_str().unwrap()],
+    );
+    let job_id = id.to_string();
+
+    // The agent first, pointed at a socket where no slurmrestd listens yet:
+    // a clear failure, counted, and no job samples.
+    let socket_dir = tempfile::tempdir().unwrap();
+    let socket = socket_dir.path().join("slurmrestd.socket");
+    let mut agent = s.agent(
+        &format!(
+            "[sources.slurm]\nrestd = \"unix:{}\"\n{NO_COMMANDS}[sources.joblog]\nslurm_node = {:?}\n",
+            socket.display(),
+            s.cluster.node
+        ),
+        &[],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            s.command_success("slurmrestd jobs") == Some(0.0)
+                && s.command_success("slurmrestd nodes") == Some(0.0)
+        }),
+        "both requests fail while nothing listens; agent log:\n{}",
+        agent.proc.log_text()
+    );
+    let log = agent.proc.log_text();
+    assert!(
+        log.contains("cannot connect to slurmrestd at unix:") && log.contains("slurmrestd.socket"),
+        "the agent says what it could not reach:\n{log}"
+    );
+    assert!(
+        s.job_info(&job_id).is_empty(),
+        "no job samples without slurmrestd"
+    );
+    assert!(
+        s.reader.series("vitals_slurm_node_state", &[]).is_empty(),
+        "no node samples without slurmrestd"
+    );
+
+    // Now a real slurmrestd on a socket of its own; the agent is pointed
+    // at it through a link where it already looks.
+    let restd = s.cluster.restd_unix();
+    std::os::unix::fs::symlink(restd.url.trim_start_matches("unix:"), &socket).unwrap();
+    let pending = || {
+        s.reader
+            .series(
+                "vitals_slurm_job_state",
+                &[
+                    ("job_id", MatchOp::Equal, &job_id),
+                    ("state", MatchOp::Equal, "PENDING"),
+                ],
+            )
+            .iter()
+            .any(|x| x.points.last().is_some_and(|p| p.value == 1.0))
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), pending),
+        "the held job is stored as PENDING; agent log:\n{}\nslurmrestd log:\n{}",
+        agent.proc.log_text(),
+        restd.log_text()
+    );
+    assert_eq!(s.command_success("slurmrestd jobs"), Some(1.0));
+    s.cluster.run("scontrol", &["release", &job_id]);
+    let want = [
+        ("PENDING".to_string(), "RUNNING".to_string()),
+        ("RUNNING".to_string(), "COMPLETED".to_string()),
+    ];
+    let seen = wait_until(Duration::from_secs(60), || {
+        let ev = s.state_events(id);
+        want.iter().all(|w| ev.contains(w))
+    });
+    assert!(
+        seen,
+        "PENDING -> RUNNING -> COMPLETED events; got {:?}\nagent log:\n{}",
+        s.state_events(id),
+        agent.proc.log_text()
+    );
+    let ev = s.events("slurm_job_state");
+    let e = ev
+        .iter()
+        .find(|e| e["labels"]["job_id"] == job_id.as_str())
+        .unwrap();
+    assert_eq!(e["node"], NODE);
+    assert_eq!(e["labels"]["name"], "restjob");
+    assert_eq!(e["labels"]["user"], "root");
+
+    let info = s.job_info(&job_id);
+    assert!(!info.is_empty());
+    let l = labels(&info[0]);
+    assert_eq!(
+        (
+            l["name"].as_str(),
+            l["user"].as_str(),
+            l["partition"].as_str()
+        ),
+        ("restjob", "root", "debug")
+    );
+    let node = s.reader.series(
+        "vitals_slurm_job_node",
+        &[("job_id", MatchOp::Equal, &job_id)],
+    );
+    assert_eq!(labels(&node[0])["slurm_node"], s.cluster.node);
+    // Its log followed through the path slurmrestd gave.
+    let steps = s
+        .reader
+        .series("vitals_job_step", &[("job_id", MatchOp::Equal, &job_id)]);
+    assert!(
+        steps
+            .first()
+            .and_then(|x| x.points.iter().map(|p| p.value).reduce(f64::max))
+            .is_some_and(|v| v >= 2.0),
+        "job steps from its log: {steps:?}"
+    );
+    // The node, idle again after the job.
+    let idle = || {
+        s.reader
+            .series(
+                "vitals_slurm_node_state",
+                &[
+                    ("slurm_node", MatchOp::Equal, &s.cluster.node),
+                    ("state", MatchOp::Equal, "idle"),
+                ],
+            )
+            .first()
+            .and_then(|x| x.points.last())
+            .is_some_and(|p| p.value == 1.0)
+    };
+    assert!(wait_until(Duration::from_secs(30), idle), "node idle");
+    assert_eq!(s.command_success("slurmrestd nodes"), Some(1.0));
+    // The commands were never run (they do not exist).
+    assert!(
+        s.reader
+            .series(
+                "vitals_slurm_command_success",
+                &[("command", MatchOp::Equal, "squeue")]
+            )
+            .is_empty()
+    );
+    agent.proc.term(Duration::from_secs(20));
+    Some(())
+}
+
+#[test]
+fn slurmrestd_over_tcp_takes_a_jwt_from_a_file_and_a_rotated_one_at_once() {
+    tcp_jwt();
+}
+
+fn tcp_jwt() -> Option<()> {
+    let test = "slurmrestd jwt";
+    required(
+        test,
+        "VITALS_TEST_SLURMRESTD",
+        slurmrestd_binary().and_then(|_| jwt_plugin()),
+    )?;
+    let s = setup_cluster(test, "", "", Cluster::start_jwt)?;
+    let restd = s.cluster.restd_jwt();
+    let dir = s.env.path().to_path_buf();
+    let job = script(&dir, "jwtjob", "sleep 300");
+    let out = dir.join("jwtjob-%j.out");
+    let id = s
+        .cluster
+        .sbatch(&job, &["-J", "jwtjob", "-o", out.to_str().unwrap()]);
+    let job_id = id.to_string();
+    // A token slurmctld did not issue: refused, counted, nothing stored.
+    let bad = "SLURM_JWT=eyJhbGciOiJIUzI1NiJ9.eyJzdW4iOiJyb290In0.bm90LXNpZ25lZC1ieS1zbHVybQ";
+    let token_file = dir.join("slurm.jwt");
+    std::fs::write(&token_file, format!("{bad}\n")).unwrap();
+    let mut agent = s.agent(
+        &format!(
+            "[sources.slurm]\nrestd = {:?}\nrestd_token_file = {token_file:?}\nrestd_user = \"root\"\n{NO_COMMANDS}",
+            restd.url
+        ),
+        &[],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            s.command_success("slurmrestd jobs") == Some(0.0)
+        }),
+        "a bad token fails the request; agent log:\n{}\nslurmrestd log:\n{}",
+        agent.proc.log_text(),
+        restd.log_text()
+    );
+    let log = agent.proc.log_text();
+    assert!(
+        log.contains("slurmrestd answered HTTP"),
+        "says what slurmrestd answered:\n{log}"
+    );
+    assert!(
+        !log.contains("bm90LXNpZ25lZC1ieS1zbHVybQ"),
+        "never the token:\n{log}"
+    );
+    assert!(
+        s.job_info(&job_id).is_empty(),
+        "no job samples with a bad token"
+    );
+
+    // A rotated token is used without a restart.
+    std::fs::write(&token_file, s.cluster.token("root")).unwrap();
+    let reported = || {
+        s.job_info(&job_id)
+            .iter()
+            .any(|x| labels(x)["state"] == "RUNNING")
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), reported),
+        "the job through slurmrestd with the new token; agent log:\n{}\nslurmrestd log:\n{}",
+        agent.proc.log_text(),
+        restd.log_text()
+    );
+    for x in s.job_info(&job_id) {
+        let l = labels(&x);
+        assert_eq!((l["name"].as_str(), l["user"].as_str()), ("jwtjob", "root"));
+    }
+    assert!(wait_until(Duration::from_secs(10), || {
+        s.command_success("slurmrestd nodes") == Some(1.0)
+    }));
+    s.cluster.scancel(id);
+    let cancelled = wait_until(Duration::from_secs(30), || {
+        s.state_events(id)
+            .contains(&("RUNNING".to_string(), "CANCELLED".to_string()))
+    });
+    assert!(
+        cancelled,
+        "RUNNING -> CANCELLED event: {:?}",
+        s.state_events(id)
+    );
+    agent.proc.term(Duration::from_secs(20));
+    Some(())
 }

@@ -1,5 +1,6 @@
 //! Runs external programs (`zpool`/`zfs`, `squeue`/`sinfo`) off the
-//! collection thread, with a timeout.
+//! collection thread, with a timeout; any other blocking [`Task`] (the
+//! slurm source's slurmrestd requests) runs the same way.
 //!
 //! Each command runs in its own worker thread. The source starts a run when
 //! none is in flight and waits for it at most until the cycle's deadline; a
@@ -37,6 +38,25 @@ pub struct CommandSpec {
     pub env: Vec<(String, String)>,
 }
 
+/// Work a [`Runner`] runs on a worker thread of its own: a command, or a
+/// request that is bounded by the timeout it is given.
+pub trait Task: Clone + Send + 'static {
+    /// Label value in the self-metrics, e.g. "zpool status".
+    fn label(&self) -> &'static str;
+    /// Runs from argument variant `first` on, within `timeout`.
+    fn run(&self, first: usize, timeout: Duration) -> Outcome;
+}
+
+impl Task for CommandSpec {
+    fn label(&self) -> &'static str {
+        self.label
+    }
+
+    fn run(&self, first: usize, timeout: Duration) -> Outcome {
+        run(self, first, timeout)
+    }
+}
+
 /// How a run ended.
 #[derive(Debug, Clone)]
 pub enum Outcome {
@@ -52,6 +72,9 @@ pub enum Outcome {
     TimedOut { duration: Duration },
     /// Could not be started (missing program, permissions).
     SpawnFailed { error: String },
+    /// A task other than a command that did not get its answer (a
+    /// request refused, or that could not connect), after `duration`.
+    Failed { error: String, duration: Duration },
 }
 
 impl Outcome {
@@ -83,13 +106,15 @@ impl Outcome {
                 "still running after {:.1}s: killed",
                 duration.as_secs_f64()
             )),
-            Outcome::SpawnFailed { error } => Some(error.clone()),
+            Outcome::SpawnFailed { error } | Outcome::Failed { error, .. } => Some(error.clone()),
         }
     }
 
     pub fn duration(&self) -> Option<Duration> {
         match self {
-            Outcome::Exited { duration, .. } | Outcome::TimedOut { duration } => Some(*duration),
+            Outcome::Exited { duration, .. }
+            | Outcome::TimedOut { duration }
+            | Outcome::Failed { duration, .. } => Some(*duration),
             Outcome::SpawnFailed { .. } => None,
         }
     }
@@ -100,9 +125,9 @@ struct InFlight {
     rx: mpsc::Receiver<Outcome>,
 }
 
-/// One command's runs across cycles.
-pub struct Runner {
-    pub spec: CommandSpec,
+/// One command's (or task's) runs across cycles.
+pub struct Runner<T: Task = CommandSpec> {
+    pub spec: T,
     timeout: Duration,
     /// The variant that worked last (the first to try next time).
     variant: usize,
@@ -113,8 +138,8 @@ pub struct Runner {
     pub timeouts_total: u64,
 }
 
-impl Runner {
-    pub fn new(spec: CommandSpec, timeout: Duration) -> Self {
+impl<T: Task> Runner<T> {
+    pub fn new(spec: T, timeout: Duration) -> Self {
         Runner {
             spec,
             timeout,
@@ -135,9 +160,9 @@ impl Runner {
         let spec = self.spec.clone();
         let (first, timeout) = (self.variant, self.timeout);
         let spawned = thread::Builder::new()
-            .name(format!("vitals-{}", spec.label.replace(' ', "-")))
+            .name(format!("vitals-{}", spec.label().replace(' ', "-")))
             .spawn(move || {
-                let _ = tx.send(run(&spec, first, timeout));
+                let _ = tx.send(spec.run(first, timeout));
             });
         match spawned {
             Ok(_) => {

@@ -11,6 +11,7 @@ pub mod host;
 pub mod net;
 pub mod nfs;
 pub mod nfsd;
+pub mod probe;
 pub mod slurm;
 pub mod util;
 pub mod zfs;
@@ -126,6 +127,12 @@ pub const SOURCES: &[SourceSpec] = &[
         help: "SLURM jobs and nodes from squeue and sinfo (--json, else their text forms); unavailable without squeue",
         build: slurm::build,
     },
+    SourceSpec {
+        name: "probe",
+        enabled_by_default: true,
+        help: "inference endpoint probes: latency, status, failures by step, golden-input correctness ([[sources.probe.endpoints]])",
+        build: probe::build,
+    },
 ];
 
 /// Whether a source is enabled by the config (or its default).
@@ -138,6 +145,7 @@ pub fn enabled(cfg: &RawConfig, spec: &SourceSpec) -> bool {
         "zfs" => cfg.sources.zfs.enabled,
         "gpu" => cfg.sources.gpu.enabled,
         "slurm" => cfg.sources.slurm.enabled,
+        "probe" => cfg.sources.probe.enabled,
         _ => None,
     };
     toggle.unwrap_or(spec.enabled_by_default)

@@ -8,10 +8,10 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use vitals_common::identity::Role;
 use vitals_proto::v1::{
-    AddSilenceRequest, Alert as PbAlert, AlertChange, DeleteSilenceRequest, DeleteSilenceResponse,
-    EvidenceSeries, Label, ListAlertsRequest, ListAlertsResponse, ListSilencesRequest,
-    ListSilencesResponse, Point, RelatedSignal, Silence as PbSilence, WatchAlertsRequest,
-    alerts_server::Alerts,
+    ActionRun, AddSilenceRequest, Alert as PbAlert, AlertChange, DeleteSilenceRequest,
+    DeleteSilenceResponse, EvidenceSeries, Label, ListActionsRequest, ListActionsResponse,
+    ListAlertsRequest, ListAlertsResponse, ListSilencesRequest, ListSilencesResponse, Point,
+    RelatedSignal, Silence as PbSilence, WatchAlertsRequest, alerts_server::Alerts,
 };
 
 use super::db::{DbError, Silence};
@@ -283,6 +283,43 @@ impl Alerts for AlertsService {
             .await?;
         Ok(Response::new(ListSilencesResponse {
             silences: silences.into_iter().map(silence_pb).collect(),
+        }))
+    }
+
+    async fn list_actions(
+        &self,
+        request: Request<ListActionsRequest>,
+    ) -> Result<Response<ListActionsResponse>, Status> {
+        operator(&request)?;
+        let limit = match request.into_inner().limit {
+            0 => 100,
+            n => n.min(10_000) as usize,
+        };
+        let runs = self.with(move |st| st.db.actions(limit)).await?;
+        Ok(Response::new(ListActionsResponse {
+            runs: runs
+                .into_iter()
+                .map(|r| ActionRun {
+                    id: r.id,
+                    action: r.action,
+                    rule: r.rule,
+                    fingerprint: r.fingerprint,
+                    alert_since_ms: r.alert_since_ms,
+                    labels: r
+                        .labels
+                        .into_iter()
+                        .map(|(name, value)| Label { name, value })
+                        .collect(),
+                    what: r.what,
+                    who: r.who,
+                    dry_run: r.dry_run,
+                    outcome: r.outcome,
+                    started_ms: r.started_ms,
+                    ended_ms: r.ended_ms.unwrap_or(0),
+                    exit_code: r.exit_code,
+                    output: r.output,
+                })
+                .collect(),
         }))
     }
 

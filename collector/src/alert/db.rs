@@ -38,7 +38,8 @@ pub enum DbError {
     NoSilence(i64),
 }
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE alerts (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     fingerprint TEXT NOT NULL,
@@ -66,7 +67,27 @@ CREATE TABLE silences (
     created_by TEXT NOT NULL,
     comment TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE actions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    action TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    alert_since_ms INTEGER NOT NULL,
+    labels TEXT NOT NULL,
+    what TEXT NOT NULL,
+    who TEXT NOT NULL,
+    dry_run INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    started_ms INTEGER NOT NULL,
+    ended_ms INTEGER,
+    exit_code INTEGER,
+    output TEXT NOT NULL DEFAULT ''
+);
+CREATE UNIQUE INDEX actions_once ON actions(action, fingerprint, alert_since_ms);
+"#,
+];
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Silence {
@@ -124,6 +145,115 @@ impl AlertDb {
             conn,
             path: path.to_path_buf(),
         })
+    }
+
+    /// Records that `action` is taken for an alert (`outcome`: running,
+    /// dry_run or cooldown): the row's id, or `None` if this alert has
+    /// one already (at most one run per alert).
+    #[allow(clippy::too_many_arguments)]
+    pub fn begin_action(
+        &mut self,
+        action: &str,
+        alert: &Alert,
+        what: &str,
+        who: &str,
+        dry_run: bool,
+        outcome: &str,
+        now: i64,
+    ) -> Result<Option<i64>, DbError> {
+        let n = self.conn.execute(
+            "INSERT OR IGNORE INTO actions (action, rule, fingerprint, alert_since_ms, labels,
+                what, who, dry_run, outcome, started_ms, ended_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, CASE WHEN ?9 = 'running' THEN NULL ELSE ?10 END)",
+            params![
+                action,
+                alert.rule,
+                alert.fingerprint,
+                alert.active_since_ms,
+                json(&alert.labels),
+                what,
+                who,
+                dry_run as i64,
+                outcome,
+                now
+            ],
+        )?;
+        Ok((n == 1).then(|| self.conn.last_insert_rowid()))
+    }
+
+    /// Whether this alert already has a row for `action`.
+    pub fn action_taken(&self, action: &str, alert: &Alert) -> Result<bool, DbError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM actions WHERE action = ?1 AND fingerprint = ?2 AND alert_since_ms = ?3",
+                params![action, alert.fingerprint, alert.active_since_ms],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    /// When `action` last ran (or would have, in dry-run): cooldown.
+    pub fn action_last_run(&self, action: &str) -> Result<Option<i64>, DbError> {
+        Ok(self.conn.query_row(
+            "SELECT MAX(started_ms) FROM actions WHERE action = ?1 AND outcome != 'cooldown'",
+            [action],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// How a run ended.
+    pub fn finish_action(
+        &mut self,
+        id: i64,
+        (outcome, code, output): &super::action::Ended,
+        now: i64,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE actions SET outcome = ?2, exit_code = ?3, output = ?4, ended_ms = ?5 WHERE id = ?1",
+            params![id, outcome, code, output, now],
+        )?;
+        Ok(())
+    }
+
+    /// Runs a previous process started and did not see end: `interrupted`
+    /// (never run again). Returns how many.
+    pub fn interrupt_running(&mut self, now: i64) -> Result<usize, DbError> {
+        Ok(self.conn.execute(
+            "UPDATE actions SET outcome = 'interrupted', ended_ms = ?1,
+                output = output || '[the collector stopped before the run ended]'
+             WHERE outcome = 'running'",
+            [now],
+        )?)
+    }
+
+    /// The newest audit records first.
+    pub fn actions(&self, limit: usize) -> Result<Vec<super::action::Run>, DbError> {
+        let mut st = self.conn.prepare(
+            "SELECT id, action, rule, fingerprint, alert_since_ms, labels, what, who, dry_run,
+                    outcome, started_ms, ended_ms, exit_code, output
+             FROM actions ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = st.query_map([limit as i64], |r| {
+            Ok(super::action::Run {
+                id: r.get(0)?,
+                action: r.get(1)?,
+                rule: r.get(2)?,
+                fingerprint: r.get(3)?,
+                alert_since_ms: r.get(4)?,
+                labels: serde_json::from_str(&r.get::<_, String>(5)?).unwrap_or_default(),
+                what: r.get(6)?,
+                who: r.get(7)?,
+                dry_run: r.get::<_, i64>(8)? != 0,
+                outcome: r.get(9)?,
+                started_ms: r.get(10)?,
+                ended_ms: r.get(11)?,
+                exit_code: r.get(12)?,
+                output: r.get(13)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     pub fn path(&self) -> &Path {

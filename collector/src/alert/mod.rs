@@ -8,6 +8,7 @@
 //! and the notification outbox). Silences hold notifications back, never
 //! the lifecycle.
 
+pub mod action;
 pub mod api;
 pub mod correlate;
 pub mod db;
@@ -84,25 +85,13 @@ pub struct AlertingConfig {
     /// `[alerting.receivers.NAME]`: `webhook`, `alertmanager`, `sentry`.
     #[serde(default)]
     pub receivers: std::collections::BTreeMap<String, crate::notify::ReceiverConfig>,
+    /// `[alerting.actions.NAME]`: commands or requests run when an alert
+    /// fires (see [`action`]). None: nothing runs.
+    #[serde(default)]
+    pub actions: BTreeMap<String, action::ActionConfig>,
 }
 
-pub(crate) mod opt_duration {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let s: Option<String> = Option::deserialize(d)?;
-        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
-            .transpose()
-    }
-
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
-            None => s.serialize_none(),
-        }
-    }
-}
+pub(crate) use vitals_common::config::opt_duration;
 
 impl Default for AlertingConfig {
     fn default() -> Self {
@@ -123,6 +112,7 @@ impl Default for AlertingConfig {
             give_up_after: None,
             routes: Vec::new(),
             receivers: Default::default(),
+            actions: BTreeMap::new(),
         }
     }
 }
@@ -149,6 +139,7 @@ pub struct AlertSettings {
     pub outbox_path: PathBuf,
     pub outbox: crate::notify::OutboxOptions,
     pub routing: route::RoutingSettings,
+    pub actions: action::Actions,
 }
 
 /// Loads the rule files and checks every rule. `text` is the config file's
@@ -184,9 +175,16 @@ pub fn settings(
         cfg.group_wait.unwrap_or(Duration::from_secs(10)),
         cfg.repeat_interval.unwrap_or(Duration::from_secs(4 * 3600)),
     )?;
+    let named: Vec<(String, Option<String>, String)> = rules
+        .rules
+        .iter()
+        .map(|r| (r.name.clone(), r.action.clone(), r.origin.clone()))
+        .collect();
+    let actions = action::settings(path, &cfg.actions, &named)?;
     let beside = |name: &str| db_path.parent().unwrap_or(Path::new(".")).join(name);
     Ok(AlertSettings {
         routing,
+        actions,
         outbox_path: match &cfg.outbox {
             Some(p) => base.join(p),
             None => beside("outbox.db"),
@@ -271,6 +269,8 @@ pub struct Alerting {
     pub changes: tokio::sync::broadcast::Sender<Recorded>,
     /// How evaluation goes, for the collector's `/metrics`.
     pub health: Health,
+    /// What runs when alerts fire.
+    pub actions: action::Actions,
 }
 
 /// The evaluation loop's own health.
@@ -314,8 +314,15 @@ pub type Shared = Arc<Mutex<Alerting>>;
 
 /// Opens `alerts.db` and resumes the open alerts in it.
 pub fn open(settings: &AlertSettings) -> Result<Shared, db::DbError> {
-    let db = AlertDb::open(&settings.state_path)?;
+    let mut db = AlertDb::open(&settings.state_path)?;
     let open = db.load_open()?;
+    let cut = db.interrupt_running(vitals_common::now_ms())?;
+    if cut > 0 {
+        tracing::warn!(
+            runs = cut,
+            "actions the last run of the collector started did not finish; recorded as interrupted, not run again"
+        );
+    }
     if !open.is_empty() {
         tracing::info!(
             open = open.len(),
@@ -331,6 +338,7 @@ pub fn open(settings: &AlertSettings) -> Result<Shared, db::DbError> {
         correlation_window: settings.correlation_window,
         changes: tokio::sync::broadcast::channel(1024).0,
         health: Health::default(),
+        actions: settings.actions.clone(),
     })))
 }
 
@@ -582,11 +590,17 @@ pub async fn run(
             let refs: Vec<&Alert> = open.iter().collect();
             let queued = sink.tick(&refs, &silenced, now, stopping);
             mark_notified(&s2, &queued);
-            (sink, open)
+            let due = if stopping {
+                Vec::new()
+            } else {
+                plan_actions(&s2, now)
+            };
+            (sink, open, due)
         })
         .await;
         sink = match step {
-            Ok((s, open)) => {
+            Ok((s, open, due)) => {
+                spawn_actions(&shared, due);
                 if let (Some(w), false) = (&own, stopping) {
                     write_alerts(w, &open, now).await;
                 }
@@ -600,6 +614,116 @@ pub async fn run(
         if stopping {
             return;
         }
+    }
+}
+
+/// Who runs actions, for the audit record.
+fn who(rule: &str) -> String {
+    let host = hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "?".into());
+    format!("rule {rule}, collector on {host}")
+}
+
+/// Records the actions due for firing alerts (one row per action and
+/// alert, committed before anything runs) and returns those to run now.
+pub fn plan_actions(shared: &Shared, now: i64) -> Vec<action::Planned> {
+    let mut g = match shared.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    let st = &mut *g;
+    if st.actions.is_empty() {
+        return Vec::new();
+    }
+    let mut due = Vec::new();
+    let mut firing: Vec<&Alert> = st
+        .engine
+        .open
+        .values()
+        .filter(|a| a.phase == Phase::Firing && st.actions.by_rule.contains_key(&a.rule))
+        .collect();
+    firing.sort_by_key(|a| (a.fired_ms, a.fingerprint.clone()));
+    for a in firing {
+        for name in &st.actions.by_rule[&a.rule] {
+            let Some(act) = st.actions.actions.get(name) else {
+                continue;
+            };
+            match st.db.action_taken(name, a) {
+                Ok(false) => {}
+                Ok(true) => continue,
+                Err(e) => {
+                    tracing::error!(action = %name, error = %e, "cannot read the action audit; not running it now");
+                    continue;
+                }
+            }
+            let cooling = st
+                .db
+                .action_last_run(name)
+                .ok()
+                .flatten()
+                .is_some_and(|t| now - t < act.cooldown.as_millis() as i64);
+            let outcome = if cooling {
+                "cooldown"
+            } else if act.dry_run {
+                "dry_run"
+            } else {
+                "running"
+            };
+            let what = act.describe(&a.labels);
+            match st
+                .db
+                .begin_action(name, a, &what, &who(&a.rule), act.dry_run, outcome, now)
+            {
+                Ok(Some(id)) => match outcome {
+                    "running" => {
+                        tracing::warn!(action = %name, alert = %a.rule, fingerprint = %a.fingerprint, "running action: {what}");
+                        due.push(action::Planned {
+                            run_id: id,
+                            action: act.clone(),
+                            alert: a.clone(),
+                        });
+                    }
+                    "dry_run" => {
+                        tracing::warn!(action = %name, alert = %a.rule, "dry run: would run {what}")
+                    }
+                    _ => {
+                        tracing::info!(action = %name, alert = %a.rule, cooldown = ?act.cooldown, "action not run: it ran within its cooldown")
+                    }
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(action = %name, error = %e, "cannot record the action; not running it")
+                }
+            }
+        }
+    }
+    due
+}
+
+/// Runs planned actions, each on its own task, and records how they end.
+fn spawn_actions(shared: &Shared, due: Vec<action::Planned>) {
+    for p in due {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let ended = action::execute(&p).await;
+            tracing::warn!(
+                action = %p.action.name,
+                outcome = ended.0,
+                code = ?ended.1,
+                "action ended"
+            );
+            let _ = tokio::task::spawn_blocking(move || {
+                let mut g = match shared.lock() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                if let Err(e) = g.db.finish_action(p.run_id, &ended, vitals_common::now_ms()) {
+                    tracing::error!(action = %p.action.name, error = %e, "cannot record how the action ended");
+                }
+            })
+            .await;
+        });
     }
 }
 

@@ -78,6 +78,10 @@ pub struct RawRule {
     /// `false` turns the rule (or a built-in one of the same name) off.
     #[serde(default)]
     pub enabled: Option<bool>,
+    /// An action (`[alerting.actions.NAME]`) to run when an alert of this
+    /// rule fires.
+    #[serde(default)]
+    pub action: Option<String>,
 }
 
 /// A rules file: `[[rules]]` tables.
@@ -116,6 +120,8 @@ pub struct Rule {
     pub description: String,
     /// Where it came from: "built-in" or "FILE:LINE".
     pub origin: String,
+    /// The action it names, if any.
+    pub action: Option<String>,
 }
 
 impl Rule {
@@ -318,6 +324,7 @@ pub fn compile(path: &Path, text: &str, raw: &RawRule, builtin: bool) -> Result<
         keep_firing_for,
         severity: raw.severity.unwrap_or(Severity::Warning),
         labels,
+        action: raw.action.clone().filter(|a| !a.trim().is_empty()),
         origin: if builtin {
             "built-in".into()
         } else {
@@ -346,6 +353,7 @@ fn disabled(name: &str) -> Rule {
         summary: String::new(),
         description: String::new(),
         origin: "disabled".into(),
+        action: None,
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::DeliveryError;
@@ -123,7 +123,7 @@ impl Endpoint {
         } else {
             let roots = match t.ca {
                 Some(path) => roots_from_file(path).map_err(EndpointError::Ca)?,
-                None => system_roots().map_err(EndpointError::Ca)?,
+                None => system_roots("ca_file").map_err(EndpointError::Ca)?,
             };
             let cfg = match t.identity {
                 Some((cert, key)) => client_config_with_identity(roots, cert, key)
@@ -199,6 +199,8 @@ impl Endpoint {
     }
 }
 
+use vitals_common::http_tls::{client_config, roots_from_file, system_roots};
+
 fn client_builder(
     roots: rustls::RootCertStore,
 ) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, String> {
@@ -210,12 +212,6 @@ fn client_builder(
     .with_root_certificates(roots))
 }
 
-fn client_config(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig, String> {
-    let mut c = client_builder(roots)?.with_no_client_auth();
-    c.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(c)
-}
-
 /// A client config presenting the certificate chain in `cert` with the
 /// key in `key` (PEM files). Errors name the files, never their contents.
 fn client_config_with_identity(
@@ -223,7 +219,7 @@ fn client_config_with_identity(
     cert: &Path,
     key: &Path,
 ) -> Result<rustls::ClientConfig, String> {
-    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<_, _>>())
         .map_err(|e| format!("cannot read certificates from {}: {e}", cert.display()))?;
@@ -245,41 +241,11 @@ fn client_config_with_identity(
     Ok(c)
 }
 
-/// The system's CA certificates.
-fn system_roots() -> Result<rustls::RootCertStore, String> {
-    let found = rustls_native_certs::load_native_certs();
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(found.certs);
-    if added == 0 {
-        let why = found
-            .errors
-            .first()
-            .map(|e| format!(": {e}"))
-            .unwrap_or_default();
-        return Err(format!(
-            "no CA certificates in the system store{why}; install ca-certificates or set a CA file"
-        ));
-    }
-    Ok(roots)
-}
-
-fn roots_from_file(path: &Path) -> Result<rustls::RootCertStore, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| format!("cannot read CA certificates from {}: {e}", path.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(certs);
-    if added == 0 {
-        return Err(format!("{}: no CA certificate in it", path.display()));
-    }
-    Ok(roots)
-}
-
 /// The system's CA store, loaded once.
 fn system_config() -> Result<Arc<rustls::ClientConfig>, String> {
     static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
     CONFIG
-        .get_or_init(|| system_roots().and_then(client_config).map(Arc::new))
+        .get_or_init(|| client_config(system_roots("ca")?).map(Arc::new))
         .clone()
 }
 

@@ -1,4 +1,4 @@
-//! SLURM: jobs and nodes from `squeue` and `sinfo`.
+//! SLURM: jobs and nodes from `squeue` and `sinfo`, or from slurmrestd.
 //!
 //! Both run off the collection thread with a timeout (`sources::command`),
 //! as `--json` first and, where that option or its plugin is missing, as
@@ -6,6 +6,9 @@
 //! [`parse::SINFO_FORMAT`] (with `SLURM_TIME_FORMAT=%s`). The programs are
 //! found on `PATH` unless `[sources.slurm] squeue`/`sinfo` name them; where
 //! there is no `squeue` the source is unavailable (said once, at debug).
+//! With `[sources.slurm] restd` set, the same listings come from
+//! slurmrestd's `/slurm/<version>/jobs` and `/nodes` instead ([`restd`]),
+//! run the same way, under the same timeout, and parsed by the same code.
 //!
 //! Samples (SLURM's node names are in `slurm_node`; `node` is the agent's):
 //! per job `vitals_slurm_job_info{job_id, array_job_id, array_task_id,
@@ -26,7 +29,11 @@
 //! `vitals_slurm_node_cpus`, `vitals_slurm_node_cpus_allocated`,
 //! `vitals_slurm_node_gpus`. Each command reports on itself:
 //! `vitals_slurm_command_{success,duration_seconds,timeouts_total,hung,
-//! text_fallback}{command}`.
+//! text_fallback}{command}`; through slurmrestd the two requests report
+//! the same series (without `text_fallback`) as `command="slurmrestd jobs"`
+//! and `command="slurmrestd nodes"`. An answer that does not parse fails
+//! the whole cycle (`vitals_source_success{source="slurm"} 0`): both
+//! answers are parsed before anything is reported.
 //!
 //! The logs of the jobs running on this node are followed by [`joblog`]
 //! (`[sources.joblog]`), which adds its samples and `job_log` events.
@@ -39,17 +46,19 @@ pub mod hostlist;
 pub mod joblog;
 pub mod parse;
 pub mod patterns;
+pub mod restd;
 pub mod tail;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vitals_common::model::{Labels, Sample};
 use vitals_proto::v1::Severity;
 
 use self::parse::{Job, Node};
-use super::command::{CommandSpec, Outcome, Runner};
+use super::command::{CommandSpec, Outcome, Runner, Task};
 use super::{Source, SourceError, SourceEvent};
 use crate::config::RawConfig;
 
@@ -109,13 +118,47 @@ const NO_JSON: &[&str] = &["unrecognized option", "invalid option", "plugin"];
 const SQUEUE: usize = 0;
 const SINFO: usize = 1;
 
+/// How the source asks SLURM: a command or a slurmrestd request.
+#[derive(Clone)]
+enum Fetch {
+    Command(CommandSpec),
+    Restd(restd::Request),
+}
+
+impl Task for Fetch {
+    fn label(&self) -> &'static str {
+        match self {
+            Fetch::Command(c) => c.label,
+            Fetch::Restd(r) => r.label,
+        }
+    }
+
+    fn run(&self, first: usize, timeout: Duration) -> Outcome {
+        match self {
+            Fetch::Command(c) => c.run(first, timeout),
+            Fetch::Restd(r) => r.run(first, timeout),
+        }
+    }
+}
+
+/// `[sources.slurm] restd` and its keys, checked.
+struct RestdSettings {
+    addr: Arc<restd::Addr>,
+    version: String,
+    token_file: Option<PathBuf>,
+    user: Option<String>,
+}
+
 pub struct Slurm {
     squeue: Option<PathBuf>,
     sinfo: Option<PathBuf>,
     timeout: Duration,
     /// How long one cycle waits for the commands it started.
     wait: Duration,
-    runners: Option<[Runner; 2]>,
+    /// slurmrestd instead of the commands; Err: why it cannot be used
+    /// (checked when the config was validated, so only seen if that changed).
+    restd: Option<Result<RestdSettings, String>>,
+    runners: Option<[Runner<Fetch>; 2]>,
     /// Why the programs were not found, and when to look again (a host
     /// without SLURM is not searched every cycle).
     missing: Option<(Instant, String)>,
@@ -167,8 +210,22 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
     } else {
         None
     };
+    let restd = s.restd.as_ref().map(|url| {
+        let addr = restd::Addr::parse(url, s.restd_ca_file.as_deref())
+            .map_err(|e| format!("sources.slurm.restd: {e}"))?;
+        if addr.plaintext_off_host() && s.restd_token_file.is_some() {
+            tracing::warn!(restd = %addr, "sources.slurm: the slurmrestd token goes over plain http to another host; use https:// or a unix socket");
+        }
+        Ok(RestdSettings {
+            addr: Arc::new(addr),
+            version: s.restd_api_version.clone(),
+            token_file: s.restd_token_file.clone(),
+            user: s.restd_user.clone(),
+        })
+    });
     Box::new(Slurm {
         logs,
+        restd,
         squeue: s.squeue.clone(),
         sinfo: s.sinfo.clone(),
         timeout: s.command_timeout,
@@ -201,8 +258,31 @@ fn program(configured: &Option<PathBuf>, name: &str) -> Result<PathBuf, String> 
 }
 
 impl Slurm {
-    /// The runners, made once both programs are found.
-    fn runners(&mut self) -> Result<&mut [Runner; 2], SourceError> {
+    /// The runners, made once both programs are found (or at once for
+    /// slurmrestd).
+    fn runners(&mut self) -> Result<&mut [Runner<Fetch>; 2], SourceError> {
+        if self.runners.is_none()
+            && let Some(restd) = &self.restd
+        {
+            let r = restd.as_ref().map_err(|e| SourceError::Failed(e.clone()))?;
+            let request = |label, what| {
+                Runner::new(
+                    Fetch::Restd(restd::Request::new(
+                        label,
+                        r.addr.clone(),
+                        &r.version,
+                        what,
+                        r.token_file.clone(),
+                        r.user.clone(),
+                    )),
+                    self.timeout,
+                )
+            };
+            self.runners = Some([
+                request("slurmrestd jobs", "jobs"),
+                request("slurmrestd nodes", "nodes"),
+            ]);
+        }
         if self.runners.is_none() {
             if let Some((again, why)) = &self.missing
                 && Instant::now() < *again
@@ -220,7 +300,7 @@ impl Slurm {
             };
             let spec = |label, program, text: Vec<&str>| {
                 Runner::new(
-                    CommandSpec {
+                    Fetch::Command(CommandSpec {
                         label,
                         program,
                         variants: vec![
@@ -229,7 +309,7 @@ impl Slurm {
                         ],
                         fallback_on: NO_JSON,
                         env: vec![("SLURM_TIME_FORMAT".into(), "%s".into())],
-                    },
+                    }),
                     self.timeout,
                 )
             };
@@ -266,10 +346,11 @@ impl Source for Slurm {
         for r in runners.iter_mut() {
             r.receive(Some(deadline));
         }
+        let labels = [runners[SQUEUE].spec.label(), runners[SINFO].spec.label()];
         let mut ok: [Option<(usize, String)>; 2] = [None, None];
         let mut failures = Vec::new();
         for (i, r) in runners.iter().enumerate() {
-            let label = r.spec.label;
+            let label = r.spec.label();
             let hung = r.hung();
             let sample = |name: &'static str, v: f64| Sample::new(name, v).label("command", label);
             out.push(sample("vitals_slurm_command_hung", f(hung)));
@@ -286,7 +367,7 @@ impl Source for Slurm {
             }
             let success = last.success().filter(|_| !hung);
             out.push(sample("vitals_slurm_command_success", f(success.is_some())));
-            if let Outcome::Exited { variant, .. } = last {
+            if let (Outcome::Exited { variant, .. }, Fetch::Command(_)) = (last, &r.spec) {
                 out.push(sample(
                     "vitals_slurm_command_text_fallback",
                     f(*variant > 0),
@@ -303,24 +384,48 @@ impl Source for Slurm {
         }
         for (label, why) in failures {
             if self.logged.get(label) != Some(&why) {
-                tracing::warn!(command = label, error = %why, "SLURM command failed; its samples are left out");
+                tracing::warn!(command = label, error = %why, "SLURM command or slurmrestd request failed; its samples are left out");
                 self.logged.insert(label, why);
             }
         }
-        for (i, got) in ok.iter().enumerate() {
+        for (got, label) in ok.iter().zip(labels) {
             if got.is_some() {
-                self.logged
-                    .remove(if i == SQUEUE { "squeue" } else { "sinfo" });
+                self.logged.remove(label);
             }
         }
-
-        if let Some((variant, text)) = &ok[SQUEUE] {
-            let jobs = if *variant == 0 {
-                parse::parse_squeue_json(text)
+        let what = |label: &str| {
+            if label.starts_with("slurmrestd") {
+                format!("the {label} answer")
             } else {
-                parse::parse_squeue_text(text)
+                format!("`{label}` output")
             }
-            .map_err(|e| SourceError::Failed(format!("`squeue` output: {e}")))?;
+        };
+
+        // Both parsed before anything is reported: one that does not parse
+        // fails the cycle whole.
+        let jobs = match &ok[SQUEUE] {
+            Some((variant, text)) => Some(
+                if *variant == 0 {
+                    parse::parse_squeue_json(text)
+                } else {
+                    parse::parse_squeue_text(text)
+                }
+                .map_err(|e| SourceError::Failed(format!("{}: {e}", what(labels[SQUEUE]))))?,
+            ),
+            None => None,
+        };
+        let nodes = match &ok[SINFO] {
+            Some((variant, text)) => Some(
+                if *variant == 0 {
+                    parse::parse_sinfo_json(text)
+                } else {
+                    parse::parse_sinfo_text(text)
+                }
+                .map_err(|e| SourceError::Failed(format!("{}: {e}", what(labels[SINFO]))))?,
+            ),
+            None => None,
+        };
+        if let Some(jobs) = jobs {
             let now = unix_now();
             job_samples(&jobs, now, out);
             self.job_events(&jobs, now, out);
@@ -329,13 +434,7 @@ impl Source for Slurm {
                 logs.cycle(jobs, Instant::now() + self.wait, out, &mut self.events);
             }
         }
-        if let Some((variant, text)) = &ok[SINFO] {
-            let nodes = if *variant == 0 {
-                parse::parse_sinfo_json(text)
-            } else {
-                parse::parse_sinfo_text(text)
-            }
-            .map_err(|e| SourceError::Failed(format!("`sinfo` output: {e}")))?;
+        if let Some(nodes) = nodes {
             node_samples(&nodes, out);
         }
         Ok(())

@@ -1,0 +1,400 @@
+//! Inference endpoint probes end to end: an agent probes a real HTTP model
+//! server on 127.0.0.1 (tests/src/model.rs) and ships to a real collector
+//! over mTLS, whose built-in probe rules (with short `for`) fire, run the
+//! configured rollback action once, and resolve.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use vitals_e2e::model::{Behaviour, ModelServer};
+use vitals_e2e::*;
+use vitals_proto::v1::MatchOp;
+
+const NODE: &str = "probe-01";
+const SECRET: &str = "sk-test-9f8e7d6c5b4a-never-print-me";
+
+/// The built-in probe rules as shipped, with `for` shortened to 2s.
+fn probe_rules() -> String {
+    let pack: toml::Table =
+        toml::from_str(include_str!("../../collector/src/alert/builtin.toml")).unwrap();
+    let rules: Vec<toml::Value> = pack["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["name"].as_str().unwrap().starts_with("Probe"))
+        .map(|r| {
+            let mut r = r.as_table().unwrap().clone();
+            r.insert("for".into(), "2s".into());
+            toml::Value::Table(r)
+        })
+        .collect();
+    assert_eq!(rules.len(), 6, "the pack's probe rules");
+    let mut t = toml::Table::new();
+    t.insert("rules".into(), toml::Value::Array(rules));
+    toml::to_string(&t).unwrap()
+}
+
+struct Setup {
+    env: Env,
+    cli: std::path::PathBuf,
+    reader: Reader,
+}
+
+impl Setup {
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.text(args)).unwrap()
+    }
+    fn text(&self, args: &[&str]) -> String {
+        let mut all = vec!["--config", self.cli.to_str().unwrap()];
+        all.extend_from_slice(args);
+        self.env.vitals_ok(&all)
+    }
+    fn alerts(&self) -> Vec<serde_json::Value> {
+        self.json(&["alerts", "--all", "--json"])["alerts"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+    fn alert(&self, rule: &str, state: &str) -> Option<serde_json::Value> {
+        self.alerts()
+            .into_iter()
+            .find(|a| a["rule"] == rule && a["state"] == state)
+    }
+    fn last(&self, metric: &str, m: &[(&str, MatchOp, &str)]) -> Option<f64> {
+        self.reader
+            .series(metric, m)
+            .first()
+            .and_then(|s| s.points.last())
+            .map(|p| p.value)
+    }
+}
+
+fn lines(p: &Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn probes_measure_endpoints_and_slo_alerts_run_the_rollback_once_and_resolve() {
+    let env = Env::new();
+    env.issue(NODE, "agent", &[]);
+    let model = ModelServer::start();
+    let marker = env.path().join("rollback.marker");
+    let secret_file = env.path().join("model.key");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    // A port nothing listens on: connection refused.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+
+    std::fs::create_dir_all(env.path().join("collector")).unwrap();
+    std::fs::write(env.path().join("collector/rules.toml"), probe_rules()).unwrap();
+    let port = free_port();
+    let rollback = format!(
+        "echo \"$VITALS_ALERT_NAME {{{{endpoint}}}} {{{{deployment}}}}\" >> {}; echo switched traffic to green",
+        marker.display()
+    );
+    let mut collector = start_collector_with(
+        &env,
+        port,
+        &format!(
+            "[alerting]\neval_interval = \"500ms\"\nkeep_firing_for = \"1s\"\nrule_files = [\"rules.toml\"]\n\
+             [alerting.actions.rollback]\ncommand = [\"/bin/sh\", \"-c\", {rollback:?}]\nrules = [\"ProbeLatencyAboveSlo\"]\ncooldown = \"1h\"\ntimeout = \"10s\"\n"
+        ),
+    );
+    let s = Setup {
+        cli: env.cli_config(port),
+        reader: Reader::new(&env, port),
+        env,
+    };
+    let probe = format!(
+        r#"
+[[sources.probe.endpoints]]
+name = "sentiment"
+url = "{url}"
+interval = "250ms"
+timeout = "2s"
+concurrency = 2
+secret_file = {secret_file:?}
+secret_prefix = "Bearer "
+slo_latency = "400ms"
+slo_correct_ratio = 0.9
+labels = {{ model = "sentiment-v3", deployment = "blue" }}
+
+[[sources.probe.endpoints.golden]]
+id = "good-review"
+body = '{{"text": "a good film"}}'
+path = "label"
+expect = "positive"
+
+[[sources.probe.endpoints.golden]]
+id = "bad-review"
+body = '{{"text": "a bad film"}}'
+path = "label"
+expect = "negative"
+
+[[sources.probe.endpoints]]
+name = "refused"
+url = "http://127.0.0.1:{closed}/score"
+interval = "250ms"
+timeout = "1s"
+labels = {{ model = "none" }}
+
+[[sources.probe.endpoints]]
+name = "keyless"
+url = "{url}"
+interval = "250ms"
+secret_env = "VITALS_TEST_UNSET_PROBE_KEY"
+"#,
+        url = model.url(),
+    );
+    let opts = AgentOpts {
+        cert: s.env.cert(NODE),
+        ca: None,
+        node: None,
+        interval: "500ms",
+        spool_max_bytes: 64 << 20,
+    };
+    let mut agent = restart_agent(&agent_config(&s.env, NODE, port, &opts, &probe));
+    let sentiment = [("endpoint", MatchOp::Equal, "sentiment")];
+
+    // Healthy: every golden input right, latency measured, key sent.
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            s.last("vitals_probe_correct_ratio", &sentiment) == Some(1.0)
+                && s.last(
+                    "vitals_probe_latency_seconds",
+                    &[
+                        ("endpoint", MatchOp::Equal, "sentiment"),
+                        ("quantile", MatchOp::Equal, "0.99"),
+                    ],
+                )
+                .is_some()
+        }),
+        "healthy probe series arrive; agent log:\n{}",
+        agent.proc.log_text()
+    );
+    assert_eq!(
+        model.authorization().as_deref(),
+        Some(format!("Bearer {SECRET}").as_str()),
+        "the secret from the file is sent"
+    );
+    let info = s.reader.series("vitals_probe_info", &sentiment);
+    let l = labels(&info[0]);
+    assert_eq!(
+        (
+            l["model"].as_str(),
+            l["deployment"].as_str(),
+            l["method"].as_str()
+        ),
+        ("sentiment-v3", "blue", "POST")
+    );
+    assert_eq!(
+        s.last("vitals_probe_slo_latency_seconds", &sentiment),
+        Some(0.4)
+    );
+    let p = s.json(&["probes", "--json"]);
+    let row = p["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["endpoint"] == "sentiment")
+        .unwrap()
+        .clone();
+    assert_eq!(row["node"], NODE);
+    assert_eq!(row["correct_ratio"], 1.0);
+    assert_eq!(row["up"], true);
+    assert!(row["p50_seconds"].as_f64().unwrap() < 0.4, "{row}");
+    assert!(s.alert("ProbeLatencyAboveSlo", "firing").is_none());
+    assert!(lines(&marker).is_empty(), "no rollback while healthy");
+
+    // Connection refused and a missing key are counted, not crashes.
+    let errors = |ep: &str, kind: &str| {
+        s.last(
+            "vitals_probe_errors_total",
+            &[
+                ("endpoint", MatchOp::Equal, ep),
+                ("kind", MatchOp::Equal, kind),
+            ],
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || errors("refused", "connect")
+            >= 3.0
+            && errors("keyless", "secret") >= 3.0),
+        "connect and secret failures counted"
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || s.alerts().iter().any(
+            |a| a["rule"] == "ProbeEndpointDown"
+                && a["state"] == "firing"
+                && a["labels"]["endpoint"] == "refused"
+        )),
+        "an endpoint that refuses every connection is down; alerts {:?}\nerror ratio {:?}\ncollector log:\n{}",
+        s.alerts(),
+        s.reader.series("vitals_probe_error_ratio", &[]),
+        collector.log_text()
+    );
+
+    // Slow: p99 above the 400ms SLO → the alert fires, the rollback runs once.
+    model.set(Behaviour {
+        delay: Duration::from_millis(900),
+        ..Default::default()
+    });
+    assert!(
+        wait_until(Duration::from_secs(30), || s
+            .alert("ProbeLatencyAboveSlo", "firing")
+            .is_some()),
+        "latency over the SLO fires; alerts: {:?}",
+        s.alerts()
+    );
+    let a = s.alert("ProbeLatencyAboveSlo", "firing").unwrap();
+    assert_eq!(a["labels"]["endpoint"], "sentiment");
+    assert_eq!(a["labels"]["model"], "sentiment-v3");
+    assert_eq!(a["labels"]["deployment"], "blue");
+    assert_eq!(a["labels"]["team"], "ml");
+    assert!(
+        wait_until(Duration::from_secs(15), || lines(&marker).len() == 1),
+        "the rollback ran; collector log:\n{}",
+        collector.log_text()
+    );
+    assert_eq!(
+        lines(&marker),
+        vec!["ProbeLatencyAboveSlo sentiment blue".to_string()]
+    );
+    let runs = || {
+        s.json(&["actions", "--json"])["actions"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    assert!(
+        wait_until(Duration::from_secs(15), || runs()
+            .first()
+            .is_some_and(|r| r["outcome"] == "ok")),
+        "the audit record says how it ended: {:?}",
+        runs()
+    );
+    let r = &runs()[0];
+    assert_eq!(r["action"], "rollback");
+    assert_eq!(r["rule"], "ProbeLatencyAboveSlo");
+    assert_eq!(r["exit_code"], 0);
+    assert_eq!(r["dry_run"], false);
+    assert_eq!(r["fingerprint"], a["fingerprint"]);
+    assert!(r["what"].as_str().unwrap().contains("/bin/sh -c"), "{r}");
+    assert!(
+        r["who"].as_str().unwrap().contains("ProbeLatencyAboveSlo"),
+        "{r}"
+    );
+    assert!(
+        r["output"]
+            .as_str()
+            .unwrap()
+            .contains("switched traffic to green"),
+        "{r}"
+    );
+    assert!(r["ended_ms"].as_i64().unwrap() >= r["started_ms"].as_i64().unwrap());
+    // Still firing over more evaluations: still one run.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(lines(&marker).len(), 1, "one run per alert");
+    assert_eq!(runs().len(), 1);
+    let table = s.text(&["actions"]);
+    assert!(
+        table.contains("rollback") && table.contains("ok"),
+        "{table}"
+    );
+
+    // Recovered → resolved, and no further run.
+    model.set(Behaviour::default());
+    assert!(
+        wait_until(Duration::from_secs(30), || s
+            .alert("ProbeLatencyAboveSlo", "firing")
+            .is_none()
+            && s.alert("ProbeLatencyAboveSlo", "resolved").is_some()),
+        "the alert resolves once latency is back; alerts: {:?}",
+        s.alerts()
+    );
+    assert_eq!(lines(&marker).len(), 1);
+
+    // Wrong answers on one golden input → correctness alerts naming it.
+    model.set(Behaviour {
+        wrong_for: Some("bad".into()),
+        ..Default::default()
+    });
+    assert!(
+        wait_until(Duration::from_secs(30), || s
+            .alert("ProbeWrongAnswer", "firing")
+            .is_some()
+            && s.alert("ProbeCorrectnessLow", "firing").is_some()),
+        "wrong answers fire; alerts: {:?}",
+        s.alerts()
+    );
+    let w = s.alert("ProbeWrongAnswer", "firing").unwrap();
+    assert_eq!(w["labels"]["input"], "bad-review");
+    assert!(
+        w["annotations"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("bad-review")
+    );
+    assert!(
+        s.alerts()
+            .iter()
+            .all(|a| !(a["rule"] == "ProbeWrongAnswer" && a["labels"]["input"] == "good-review")),
+        "the right input is not blamed"
+    );
+    assert_eq!(s.last("vitals_probe_correct_ratio", &sentiment), Some(0.5));
+    let ev = s.json(&["events", "--kind", "probe_wrong_answer", "--json"]);
+    let e = &ev["events"].as_array().unwrap()[0];
+    assert_eq!(e["labels"]["input"], "bad-review");
+    assert_eq!(e["labels"]["expected"], "negative");
+    assert_eq!(e["labels"]["got"], "positive");
+    assert_eq!(e["labels"]["endpoint"], "sentiment");
+
+    // Timeouts: answers slower than the 2s timeout are counted as such.
+    let before = errors("sentiment", "timeout");
+    model.set(Behaviour {
+        delay: Duration::from_millis(2500),
+        ..Default::default()
+    });
+    assert!(
+        wait_until(Duration::from_secs(20), || errors("sentiment", "timeout")
+            >= before + 2.0),
+        "timeouts counted"
+    );
+    assert!(agent.proc.is_running(), "the agent keeps going");
+    model.set(Behaviour::default());
+
+    // The secret appears nowhere: logs, events, alerts, CLI output, series.
+    let mut seen = vec![
+        ("agent log", agent.proc.log_text()),
+        ("collector log", collector.log_text()),
+        ("probes", s.text(&["probes", "--json"])),
+        ("actions", s.text(&["actions", "--json"])),
+        ("alerts", s.text(&["alerts", "--all", "--json"])),
+        ("events", s.text(&["events", "--json"])),
+        (
+            "series",
+            s.text(&["series", "{__name__=~\"vitals_probe_.*\"}", "--json"]),
+        ),
+    ];
+    agent.proc.term(Duration::from_secs(10));
+    seen.push(("agent log after exit", agent.proc.log_text()));
+    for (what, text) in &seen {
+        assert!(!text.is_empty() || what.contains("log"), "{what} is empty");
+        assert!(!text.contains(SECRET), "the secret leaked into {what}");
+        assert!(
+            !text.contains("9f8e7d6c5b4a"),
+            "part of the secret leaked into {what}"
+        );
+    }
+    assert!(model.requests() > 20);
+    collector.term(Duration::from_secs(10));
+}
