@@ -36,6 +36,10 @@ pub struct RawConfig {
     /// off unless this table is present (docs/QUERY.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpConfig>,
+    /// `[[remote_write]]`: Prometheus remote-write receivers every stored
+    /// sample is forwarded to, one table each (docs/REMOTE_WRITE.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote_write: Vec<crate::remote_write::RemoteWriteConfig>,
 }
 
 /// `[http]`: the Prometheus-compatible HTTP API.
@@ -183,6 +187,8 @@ pub struct Settings {
     pub alerting: crate::alert::AlertSettings,
     /// The HTTP API listener, if configured.
     pub http: Option<HttpSettings>,
+    /// Remote-write endpoints (credentials read, TLS files loaded).
+    pub remote_write: Vec<std::sync::Arc<crate::remote_write::RemoteWrite>>,
     /// The listener's TLS config, built from `tls` (so a key that does not
     /// match its certificate is a config error, not a failed start).
     pub server_tls: std::sync::Arc<tokio_rustls::rustls::ServerConfig>,
@@ -259,6 +265,10 @@ pub fn validate_text(path: &Path, text: &str, raw: RawConfig) -> Result<Settings
     };
     let db_path = base.join(&raw.storage.path);
     let alerting = crate::alert::settings(path, text, &raw.alerting, &db_path)?;
+    let remote_write: Vec<_> = crate::remote_write::settings(path, text, base, &raw.remote_write)?
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect();
     Ok(Settings {
         alerting,
         http,
@@ -270,8 +280,10 @@ pub fn validate_text(path: &Path, text: &str, raw: RawConfig) -> Result<Settings
             detect,
             retention: raw.storage.retention,
             checkpoint_interval: raw.storage.checkpoint_interval,
+            remote_write: remote_write.iter().map(|r| r.name.clone()).collect(),
             ..Default::default()
         },
+        remote_write,
         max_series: raw.query.max_series,
         max_points: raw.query.max_points,
         max_samples: raw.query.max_samples,

@@ -14,6 +14,7 @@ pub mod promql;
 pub mod push;
 pub mod query;
 pub mod reload;
+pub mod remote_write;
 pub mod store;
 
 use std::future::Future;
@@ -153,6 +154,20 @@ pub async fn run_reloadable(
             Some(writer.clone()),
         ))
     });
+    let mut senders = Vec::new();
+    let mut rw_stats = Vec::new();
+    for rw in &settings.remote_write {
+        let stats = std::sync::Arc::new(remote_write::Stats::new(&rw.name));
+        rw_stats.push(stats.clone());
+        senders.push(tokio::spawn(remote_write::run(
+            rw.clone(),
+            reader.clone(),
+            writer.clone(),
+            stats,
+            stop_rx.clone(),
+            settings.shutdown_grace,
+        )));
+    }
     let (limits_tx, limits_rx) = watch::channel(settings.query_limits());
     let tls = listen::TlsConfig::new(settings.server_tls.clone());
     if let Some((listener, local, with_tls)) = http_listener {
@@ -167,6 +182,7 @@ pub async fn run_reloadable(
                 detect_enabled: settings.store.detect.is_some(),
                 alerting_enabled: settings.alerting.enabled,
                 alerting: Some(alerting.clone()),
+                remote_write: rw_stats,
             },
         });
         tokio::spawn(http::serve(
@@ -246,6 +262,17 @@ pub async fn run_reloadable(
         }
     };
     drop(server);
+    let _ = stop_tx.send(true);
+    // Senders finish the rows in flight within the grace, then record
+    // their cursors through the writer.
+    for s in senders {
+        let wait = settings.shutdown_grace + std::time::Duration::from_secs(5);
+        if tokio::time::timeout(wait, s).await.is_err() {
+            tracing::warn!(
+                "a remote-write sender did not stop in time; what it had not recorded is sent again after the restart"
+            );
+        }
+    }
     if let Some(t) = alert_task {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
     }

@@ -50,6 +50,8 @@ pub struct Sources {
     pub alerting_enabled: bool,
     /// The rule engine, when alerting is on.
     pub alerting: Option<crate::alert::Shared>,
+    /// Each remote-write endpoint's counts.
+    pub remote_write: Vec<Arc<crate::remote_write::Stats>>,
 }
 
 /// One per-target outbox metric: name, help, which count.
@@ -154,6 +156,88 @@ fn alerting(t: &mut Text, shared: &crate::alert::Shared) {
         "Evaluations whose alert changes could not be written to alerts.db (retried next time).",
         health.record_failures as f64,
     );
+}
+
+/// Each remote-write endpoint (label `endpoint`, its name): the queue,
+/// what was sent, refused and retried, requests by answer, lag.
+fn remote_write(t: &mut Text, all: &[Arc<crate::remote_write::Stats>]) {
+    let now = vitals_common::now_ms();
+    type Count = fn(&crate::remote_write::Stats) -> f64;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let simple: [(&str, &str, &str, Count); 4] = [
+        (
+            "vitals_remote_write_samples_pending",
+            "gauge",
+            "Samples stored and not yet accepted by the receiver: its queue in the WAL (counted before the send_alerts / send_anomaly_scores filters).",
+            |s| s.pending.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "vitals_remote_write_samples_sent_total",
+            "counter",
+            "Samples the receiver accepted (2xx).",
+            |s| s.sent.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "vitals_remote_write_samples_retried_total",
+            "counter",
+            "Samples in requests that failed (no answer, 5xx, 429) and were sent again.",
+            |s| s.retried.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "vitals_remote_write_last_success_timestamp_seconds",
+            "gauge",
+            "When the receiver last accepted a request (0: not since the start).",
+            |s| s.last_success_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+        ),
+    ];
+    for (name, kind, help, f) in simple {
+        t.family(name, kind, help);
+        for s in all {
+            t.sample(name, &[("endpoint", &s.name)], f(s));
+        }
+    }
+    let name = "vitals_remote_write_samples_dropped_total";
+    t.family(
+        name,
+        "counter",
+        "Samples never delivered: refused for good by the receiver (4xx), or in a corrupt WAL row.",
+    );
+    for s in all {
+        t.sample(
+            name,
+            &[("endpoint", &s.name), ("reason", "refused")],
+            get(&s.refused),
+        );
+        t.sample(
+            name,
+            &[("endpoint", &s.name), ("reason", "corrupt")],
+            get(&s.corrupt),
+        );
+    }
+    let name = "vitals_remote_write_lag_seconds";
+    t.family(
+        name,
+        "gauge",
+        "Age of the oldest stored batch not yet delivered (0: nothing waits).",
+    );
+    for s in all {
+        t.sample(name, &[("endpoint", &s.name)], s.lag_seconds(now));
+    }
+    let name = "vitals_remote_write_requests_total";
+    t.family(
+        name,
+        "counter",
+        "Requests sent, by the receiver's HTTP status (\"error\": no answer: connect, TLS, timeout).",
+    );
+    for s in all {
+        let m = match s.requests.lock() {
+            Ok(m) => m.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        for (code, n) in m {
+            t.sample(name, &[("endpoint", &s.name), ("code", &code)], n as f64);
+        }
+    }
 }
 
 /// The text exposition (format 0.0.4). Blocking: reads SQLite (outbox) and
@@ -278,6 +362,9 @@ pub fn render(src: &Sources) -> String {
         "HTTP API requests answered with an error status.",
         get(&c.http_errors),
     );
+    if !src.remote_write.is_empty() {
+        remote_write(&mut t, &src.remote_write);
+    }
     if let Some(outbox) = &src.outbox {
         match (outbox.open_rows(), outbox.stats()) {
             (Ok(open), Ok(stats)) => {

@@ -7,7 +7,9 @@
 //! `shutdown_grace`. Needs a restart (a warning names the key, the running
 //! value stays): `listen`, `http.*`, `storage.*`,
 //! `detect.*`, `alerting.*` (rules and receivers; a reload still checks the
-//! rule files and refuses the whole config if one has an error).
+//! rule files and refuses the whole config if one has an error),
+//! `remote_write` (a reload still checks every endpoint — URL, credential
+//! and TLS files — and refuses the whole config if one is wrong).
 
 use std::path::{Path, PathBuf};
 
@@ -104,6 +106,9 @@ fn apply(current: &mut Settings, new: Settings, live: Live<'_>) -> Outcome {
     }
     if differs(&current.raw.alerting, &new.raw.alerting) {
         out.need_restart.push("alerting");
+    }
+    if differs(&current.raw.remote_write, &new.raw.remote_write) {
+        out.need_restart.push("remote_write");
     }
     out
 }

@@ -40,24 +40,72 @@ pub fn promtool_binary() -> Result<PathBuf, String> {
 /// nothing to scrape; its TSDB under `dir`. Returns the process and its
 /// `host:port`.
 pub fn start_prometheus(dir: &Path) -> (Proc, String) {
+    start_prometheus_on(dir, free_port())
+}
+
+/// [`start_prometheus`] on `port`: run it again on the same `dir` and
+/// port after stopping it, and it comes back with what it had stored.
+pub fn start_prometheus_on(dir: &Path, port: u16) -> (Proc, String) {
+    spawn_prometheus(dir, port, None)
+}
+
+/// Prometheus' listener behind mutual TLS (its `--web.config.file`):
+/// its certificate and key, and the CA a client's certificate must come
+/// from (required).
+pub struct PrometheusTls<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    pub client_ca: &'a Path,
+    /// How the readiness check connects: a client with a certificate, and
+    /// the name Prometheus' certificate has.
+    pub client: &'a Arc<rustls::ClientConfig>,
+    pub server_name: &'a str,
+}
+
+/// [`start_prometheus`] with mutual TLS on its listener.
+pub fn start_prometheus_tls(dir: &Path, tls: &PrometheusTls<'_>) -> (Proc, String) {
+    spawn_prometheus(dir, free_port(), Some(tls))
+}
+
+fn spawn_prometheus(dir: &Path, port: u16, tls: Option<&PrometheusTls<'_>>) -> (Proc, String) {
     let bin = prometheus_binary().unwrap();
     std::fs::create_dir_all(dir.join("data")).unwrap();
     let cfg = dir.join("prometheus.yml");
     std::fs::write(&cfg, "global:\n  scrape_interval: 1m\n").unwrap();
-    let port = free_port();
-    let p = Proc::spawn_cmd(
-        Command::new(bin).args([
-            format!("--config.file={}", cfg.display()),
-            format!("--storage.tsdb.path={}", dir.join("data").display()),
-            format!("--web.listen-address=127.0.0.1:{port}"),
-            "--web.enable-remote-write-receiver".to_string(),
-            "--log.level=warn".to_string(),
-        ]),
-        &dir.join("prometheus.log"),
-    );
+    let mut args = vec![
+        format!("--config.file={}", cfg.display()),
+        format!("--storage.tsdb.path={}", dir.join("data").display()),
+        format!("--web.listen-address=127.0.0.1:{port}"),
+        "--web.enable-remote-write-receiver".to_string(),
+        "--log.level=warn".to_string(),
+    ];
+    if let Some(t) = tls {
+        let web = dir.join("web.yml");
+        std::fs::write(
+            &web,
+            format!(
+                "tls_server_config:\n  cert_file: {:?}\n  key_file: {:?}\n  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {:?}\n",
+                t.cert, t.key, t.client_ca
+            ),
+        )
+        .unwrap();
+        args.push(format!("--web.config.file={}", web.display()));
+    }
+    let p = Proc::spawn_cmd(Command::new(bin).args(args), &dir.join("prometheus.log"));
     let addr = format!("127.0.0.1:{port}");
     let up = wait_until(Duration::from_secs(60), || {
-        matches!(request(&addr, None, "GET", "/-/ready", None), Ok((200, _)))
+        let r = match tls {
+            None => request(&addr, None, "GET", "/-/ready", None),
+            Some(t) => request_as(
+                &addr,
+                Some(t.client),
+                t.server_name,
+                "GET",
+                "/-/ready",
+                None,
+            ),
+        };
+        matches!(r, Ok((200, _)))
     });
     assert!(up, "Prometheus did not start; log:\n{}", p.log_text());
     (p, addr)

@@ -25,6 +25,19 @@ pub(crate) struct Endpoint {
     port: u16,
     path_and_query: String,
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// The name the server's certificate must have (default: the host).
+    server_name: Option<String>,
+}
+
+/// TLS settings of an https endpoint beyond the system's roots.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ClientTls<'a> {
+    /// PEM file of CA certificates (default: the system's store).
+    pub ca: Option<&'a Path>,
+    /// Client certificate chain and key (PEM) for mutual TLS.
+    pub identity: Option<(&'a Path, &'a Path)>,
+    /// The name the server's certificate must have (default: the URL's host).
+    pub server_name: Option<&'a str>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -38,6 +51,9 @@ impl std::fmt::Debug for Endpoint {
 pub(crate) enum EndpointError {
     Url(String),
     Ca(String),
+    /// The client certificate or key.
+    Identity(String),
+    ServerName(String),
 }
 
 impl EndpointError {
@@ -46,6 +62,8 @@ impl EndpointError {
         match self {
             EndpointError::Url(m) => (format!("{table}.{url_key}"), m),
             EndpointError::Ca(m) => (format!("{table}.ca"), m),
+            EndpointError::Identity(m) => (format!("{table}.cert"), m),
+            EndpointError::ServerName(m) => (format!("{table}.server_name"), m),
         }
     }
 }
@@ -85,25 +103,46 @@ impl Endpoint {
     /// Parses `url` (no user info: callers strip it first). `ca`: PEM file
     /// of CA certificates for https; default the system's store.
     pub(crate) fn parse(url: &str, ca: Option<&Path>) -> Result<Endpoint, EndpointError> {
+        Endpoint::parse_tls(
+            url,
+            &ClientTls {
+                ca,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// [`Endpoint::parse`] with a client certificate and a server name
+    /// (https only: the caller refuses them for http).
+    pub(crate) fn parse_tls(url: &str, t: &ClientTls<'_>) -> Result<Endpoint, EndpointError> {
         let (https, host, port, path_and_query) = split_url(url).map_err(EndpointError::Url)?;
-        let tls = if https {
-            Some(match ca {
-                Some(path) => Arc::new(
-                    roots_from_file(path)
-                        .and_then(client_config)
-                        .map_err(EndpointError::Ca)?,
-                ),
-                None => system_config().map_err(EndpointError::Ca)?,
-            })
-        } else {
+        let tls = if !https {
             None
+        } else if t.ca.is_none() && t.identity.is_none() {
+            Some(system_config().map_err(EndpointError::Ca)?)
+        } else {
+            let roots = match t.ca {
+                Some(path) => roots_from_file(path).map_err(EndpointError::Ca)?,
+                None => system_roots("ca_file").map_err(EndpointError::Ca)?,
+            };
+            let cfg = match t.identity {
+                Some((cert, key)) => client_config_with_identity(roots, cert, key)
+                    .map_err(EndpointError::Identity)?,
+                None => client_config(roots).map_err(EndpointError::Ca)?,
+            };
+            Some(Arc::new(cfg))
         };
+        if let Some(name) = t.server_name {
+            ServerName::try_from(name.to_string())
+                .map_err(|e| EndpointError::ServerName(format!("{name:?}: {e}")))?;
+        }
         Ok(Endpoint {
             https,
             host,
             port,
             path_and_query,
             tls,
+            server_name: t.server_name.map(str::to_string),
         })
     }
 
@@ -161,6 +200,46 @@ impl Endpoint {
 }
 
 use vitals_common::http_tls::{client_config, roots_from_file, system_roots};
+
+fn client_builder(
+    roots: rustls::RootCertStore,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, String> {
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS setup: {e}"))?
+    .with_root_certificates(roots))
+}
+
+/// A client config presenting the certificate chain in `cert` with the
+/// key in `key` (PEM files). Errors name the files, never their contents.
+fn client_config_with_identity(
+    roots: rustls::RootCertStore,
+    cert: &Path,
+    key: &Path,
+) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| format!("cannot read certificates from {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate in it", cert.display()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read a private key from {}: {e}", key.display()))?;
+    let mut c = client_builder(roots)?
+        .with_client_auth_cert(chain, key_der)
+        .map_err(|e| {
+            format!(
+                "{} and {} do not make a client identity: {e}",
+                cert.display(),
+                key.display()
+            )
+        })?;
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(c)
+}
 
 /// The system's CA store, loaded once.
 fn system_config() -> Result<Arc<rustls::ClientConfig>, String> {
@@ -225,8 +304,9 @@ async fn exchange(
     let _ = tcp.set_nodelay(true);
     let io: Box<dyn Io> = match &ep.tls {
         Some(cfg) => {
-            let name = ServerName::try_from(host.to_string())
-                .map_err(|e| DeliveryError::fatal(format!("{origin}: bad server name: {e}")))?;
+            let name =
+                ServerName::try_from(ep.server_name.clone().unwrap_or_else(|| host.to_string()))
+                    .map_err(|e| DeliveryError::fatal(format!("{origin}: bad server name: {e}")))?;
             let tls = tokio_rustls::TlsConnector::from(cfg.clone())
                 .connect(name, tcp)
                 .await
