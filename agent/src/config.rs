@@ -100,6 +100,9 @@ pub struct SourcesConfig {
     /// `[sources.probe]`: inference endpoint probes.
     #[serde(default)]
     pub probe: crate::sources::probe::ProbeConfig,
+    /// `[sources.kmsg]`: kernel events from /dev/kmsg.
+    #[serde(default)]
+    pub kmsg: crate::sources::kmsg::KmsgConfig,
 }
 
 /// `[sources.joblog]`.
@@ -486,6 +489,9 @@ pub fn load_raw(path: &Path) -> Result<RawConfig, ConfigError> {
     if let Some(lib) = &raw.sources.gpu.library {
         raw.sources.gpu.library = Some(base.join(lib));
     }
+    if let Some(p) = &raw.sources.kmsg.path {
+        raw.sources.kmsg.path = Some(base.join(p));
+    }
     let slurm = &mut raw.sources.slurm;
     for p in [&mut slurm.restd_token_file, &mut slurm.restd_ca_file]
         .into_iter()
@@ -588,6 +594,9 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
             "interval",
             "must be at least 10ms",
         ));
+    }
+    if let Err((key, message)) = crate::sources::kmsg::check(&raw.sources.kmsg) {
+        return Err(ConfigError::invalid(path, &key, message));
     }
     let tls = raw
         .tls
