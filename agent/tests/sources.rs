@@ -2021,6 +2021,10 @@ fn the_readme_agent_config_parses_with_every_source_table() {
         d.sources.slurm.command_timeout,
         cfg.sources.slurm.command_timeout
     );
+    assert_eq!(cfg.sources.kmsg.start, d.sources.kmsg.start);
+    assert_eq!(cfg.sources.kmsg.max_lines, d.sources.kmsg.max_lines);
+    assert_eq!(cfg.sources.kmsg.max_bytes, d.sources.kmsg.max_bytes);
+    assert!(cfg.sources.kmsg.default_patterns && cfg.sources.kmsg.patterns.is_empty());
 }
 
 // ---------------------------------------------------------------- slurm
