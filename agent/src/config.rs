@@ -353,6 +353,11 @@ pub struct ZfsConfig {
     /// hung (`vitals_zfs_command_timeouts_total`, `vitals_zfs_command_hung`).
     #[serde(default = "default_command_timeout", with = "config::duration")]
     pub command_timeout: Duration,
+    /// Datasets whose SSD-cache eligibility is reported (`zfs get` of
+    /// their cache properties, size against ARC + L2ARC), e.g.
+    /// `["tank/train"]`; `vitals cache check` prints the verdicts.
+    #[serde(default)]
+    pub cache_datasets: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -383,6 +388,7 @@ impl Default for ZfsConfig {
             zpool: default_zpool(),
             zfs: default_zfs(),
             command_timeout: default_command_timeout(),
+            cache_datasets: Vec::new(),
         }
     }
 }
@@ -629,6 +635,22 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
             path,
             "sources.slurm.command_timeout",
             "must be at least 10ms",
+        ));
+    }
+    for ds in &raw.sources.zfs.cache_datasets {
+        if ds.is_empty() || ds.starts_with('-') || ds.contains(['\t', '\n', '@']) {
+            return Err(ConfigError::invalid(
+                path,
+                "sources.zfs.cache_datasets",
+                format!("{ds:?} is not a dataset name like \"tank/train\""),
+            ));
+        }
+    }
+    if !raw.sources.zfs.cache_datasets.is_empty() && !raw.sources.zfs.commands {
+        return Err(ConfigError::invalid(
+            path,
+            "sources.zfs.cache_datasets",
+            "needs `zfs get`: set commands = true or remove cache_datasets",
         ));
     }
     check_restd(path, &raw.sources.slurm)?;

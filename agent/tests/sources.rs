@@ -3278,3 +3278,172 @@ patterns = [{{ class = "pf_inet6", severity = "error", regex = 'Registered (?P<f
         }
     }
 }
+
+// ------------------------------------------------- SSD-cache eligibility
+
+mod zfs_cache {
+    use super::*;
+    use vitals_agent::sources::zfs::cache::{CacheSizes, Reading, parse_zfs_get, verdict};
+
+    const GIB: f64 = (1u64 << 30) as f64;
+
+    fn recorded() -> Vec<vitals_agent::sources::zfs::cache::Dataset> {
+        parse_zfs_get(&zdata("openzfs-2.x-get-cache-Hp.txt")).unwrap()
+    }
+
+    /// 256 GiB of ARC, 3.5 TiB in the L2ARC.
+    fn nas() -> CacheSizes {
+        CacheSizes {
+            arc_max_bytes: Some(256.0 * GIB),
+            l2_bytes: Some(3584.0 * GIB),
+        }
+    }
+
+    #[test]
+    fn secondarycache_metadata_is_not_cacheable_on_the_nvme_with_the_fix() {
+        let ds = recorded();
+        let names: Vec<&str> = ds.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["tank/train", "tank/models", "tank/archive"]);
+        let train = verdict(&ds[0], nas(), Reading::default());
+        assert!(!train.cacheable);
+        assert_eq!(train.reasons.len(), 1, "{train:?}");
+        assert!(
+            train.reasons[0]
+                .problem
+                .contains("secondarycache=metadata: not cacheable on the L2ARC (NVMe)"),
+            "{train:?}"
+        );
+        assert_eq!(
+            train.reasons[0].fix.as_deref(),
+            Some("zfs set secondarycache=all tank/train")
+        );
+        let models = verdict(&ds[1], nas(), Reading::default());
+        assert!(models.cacheable && models.reasons.is_empty(), "{models:?}");
+        let archive = verdict(&ds[2], nas(), Reading::default());
+        assert!(!archive.cacheable);
+        assert!(
+            archive.reasons[0]
+                .problem
+                .starts_with("far larger than the cache: 51200.0 GiB of data, 3840.0 GiB"),
+            "{archive:?}"
+        );
+        // Read hard with few hits: said, but the properties are right.
+        let busy = verdict(
+            &ds[1],
+            nas(),
+            Reading {
+                read_bytes_per_second: Some(800.0 * 1024.0 * 1024.0),
+                arc_hit_ratio: Some(0.2),
+                l2_hit_ratio: Some(0.1),
+            },
+        );
+        assert!(busy.cacheable);
+        assert!(
+            busy.reasons[0]
+                .problem
+                .starts_with("read mostly from disk: 800.0 MiB/s"),
+            "{busy:?}"
+        );
+        // primarycache=none starves both caches.
+        let mut d = ds[1].clone();
+        d.props.insert("primarycache".into(), "none".into());
+        let v = verdict(&d, nas(), Reading::default());
+        assert!(!v.cacheable);
+        assert_eq!(
+            v.reasons[0].fix.as_deref(),
+            Some("zfs set primarycache=all tank/models")
+        );
+        // No L2ARC: worth saying, not blocking by itself.
+        let v = verdict(
+            &ds[1],
+            CacheSizes {
+                arc_max_bytes: Some(256.0 * GIB),
+                l2_bytes: Some(0.0),
+            },
+            Reading::default(),
+        );
+        assert!(
+            v.cacheable && v.reasons[0].problem.starts_with("no L2ARC"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn the_zfs_source_reports_properties_and_verdicts_as_series() {
+        let fake = FakeZfs::new(
+            OPENZFS_ZPOOL,
+            r#"case "$1" in
+  get) [ "$5" = "primarycache,secondarycache,recordsize,compression,sync,logbias,used,referenced" ] && [ "$6" = "tank/train" ] && [ "$8" = "tank/archive" ] && cat $D/openzfs-2.x-get-cache-Hp.txt ;;
+  list) cat $D/openzfs-2.x-snapshots-Hp.txt ;;
+  *) exit 1 ;;
+esac"#,
+        );
+        let mut cfg = fake.config(Duration::from_secs(10));
+        cfg.sources.zfs.cache_datasets = vec![
+            "tank/train".into(),
+            "tank/models".into(),
+            "tank/archive".into(),
+        ];
+        // arcstats with a 256 GiB ARC and 3.5 TiB of L2ARC.
+        let kstat = fake.dir.path().join("proc/spl/kstat/zfs");
+        fs::create_dir_all(&kstat).unwrap();
+        let arc = read(&fixture("node_exporter/proc/spl/kstat/zfs/arcstats"))
+            .replace(
+                "c_max                           4    8367976448",
+                "c_max                           4    274877906944",
+            )
+            .replace(
+                "l2_size                         4    0",
+                "l2_size                         4    3848290697216",
+            );
+        fs::write(kstat.join("arcstats"), arc).unwrap();
+        let s = collect_ok(&cfg, &["zfs"]);
+        fn ds(d: &str) -> [(&str, &str); 2] {
+            [("zpool", "tank"), ("dataset", d)]
+        }
+        assert_eq!(
+            value(&s, "vitals_zfs_dataset_cacheable", &ds("tank/train")),
+            0.0
+        );
+        assert_eq!(
+            value(&s, "vitals_zfs_dataset_cacheable", &ds("tank/models")),
+            1.0
+        );
+        assert_eq!(
+            value(&s, "vitals_zfs_dataset_cacheable", &ds("tank/archive")),
+            0.0
+        );
+        assert_eq!(
+            value(&s, "vitals_zfs_dataset_recordsize_bytes", &ds("tank/train")),
+            1048576.0
+        );
+        assert_eq!(
+            value(
+                &s,
+                "vitals_zfs_dataset_referenced_bytes",
+                &ds("tank/models")
+            ),
+            96636764160.0
+        );
+        assert_eq!(
+            value(
+                &s,
+                "vitals_zfs_dataset_info",
+                &[
+                    ("zpool", "tank"),
+                    ("dataset", "tank/train"),
+                    ("primarycache", "all"),
+                    ("secondarycache", "metadata"),
+                    ("compression", "lz4"),
+                    ("sync", "standard"),
+                    ("logbias", "throughput"),
+                ]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(&s, "vitals_zfs_command_success", &[("command", "zfs get")]),
+            1.0
+        );
+    }
+}

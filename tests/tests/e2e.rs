@@ -989,7 +989,10 @@ fn kernel_events_from_recorded_kmsg_arrive_once_with_their_labels() {
     let counter = |c: &str| {
         reader.series(
             "vitals_kernel_events_total",
-            &[("class", MatchOp::Equal, c), ("node", MatchOp::Equal, "train-01")],
+            &[
+                ("class", MatchOp::Equal, c),
+                ("node", MatchOp::Equal, "train-01"),
+            ],
         )
     };
     assert!(wait_until(Duration::from_secs(10), || counter("oom_kill")
