@@ -331,9 +331,10 @@ async fn job_rules_name_the_straggler_the_idle_job_the_slow_pipeline_and_the_doo
 
 /// The kernel-event rules (the agent's kmsg source counts kernel log lines
 /// per class): each fires once on the node whose counter of its class
-/// went up, and not for other classes or on a node where nothing happened.
+/// went up, and not for other classes or on a node where nothing happened;
+/// and the dataset rule on the one dataset that cannot be cached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kernel_event_rules_fire_on_their_classes_only() {
+async fn kernel_event_and_dataset_cache_rules_fire_on_their_series_only() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("v.db");
     let (w, store, handle) =
@@ -373,10 +374,28 @@ async fn kernel_event_rules_fire_on_their_classes_only() {
             }
             t += STEP_MS;
         }
+        if *node == "gpu-02" {
+            // The NAS side: one training dataset whose L2ARC takes only
+            // metadata from `trouble` on, one that stays cacheable.
+            let mut t = t0;
+            while t <= end {
+                for (ds, ok) in [("tank/train", t < trouble), ("tank/models", true)] {
+                    let l = labels(&[("node", node), ("zpool", "tank"), ("dataset", ds)]);
+                    b.put(
+                        "vitals_zfs_dataset_cacheable",
+                        &l,
+                        t,
+                        f64::from(u8::from(ok)),
+                    );
+                }
+                t += STEP_MS;
+            }
+        }
         let r = w.write(node, "i", b.batch(seq as u64 + 1)).await.unwrap();
         r.await.unwrap().unwrap();
     }
     let wanted = [
+        "ZfsDatasetNotCacheable",
         "KernelNfsServerNotResponding",
         "KernelGpuReset",
         "KernelOomKill",
@@ -400,6 +419,15 @@ async fn kernel_event_rules_fire_on_their_classes_only() {
         let f: Vec<_> = fired.iter().filter(|(_, a)| a.rule == name).collect();
         assert_eq!(f.len(), 1, "{name}:\n{show}");
         let (at, a) = f[0];
+        if name == "ZfsDatasetNotCacheable" {
+            assert_eq!(a.labels["dataset"], "tank/train");
+            // After its 10 minutes.
+            assert!(
+                *at >= trouble + 10 * 60_000 && *at <= trouble + 11 * 60_000,
+                "{name} at {at}"
+            );
+            continue;
+        }
         assert_eq!(a.labels["node"], "gpu-01", "{name}");
         assert!(
             *at >= trouble && *at <= trouble + 2 * STEP_MS,
