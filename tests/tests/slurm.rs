@@ -883,9 +883,19 @@ fn capture_with_ecc(path: &Path, uncorrectable: u64) {
 /// The drain action against the real cluster: uncorrectable ECC errors
 /// from the fake ROCm library fire `GpuEccUncorrectable`, whose action runs
 /// `scontrol update ... state=drain` once on the collector (or, dry, only
-/// says what it would run). Returns the audit records and `sinfo`'s
-/// `state|reason` of the node afterwards; None when skipped.
-fn drain_on_ecc(test: &str, dry_run: bool) -> Option<(Vec<serde_json::Value>, String, String)> {
+/// says what it would run). Returns the audit records, `sinfo`'s
+/// `state|reason` of the node afterwards, the alerts and the `action`
+/// events; None when skipped.
+#[allow(clippy::type_complexity)]
+fn drain_on_ecc(
+    test: &str,
+    dry_run: bool,
+) -> Option<(
+    Vec<serde_json::Value>,
+    String,
+    String,
+    Vec<serde_json::Value>,
+)> {
     required(test, "VITALS_TEST_SLURM", slurm_binaries())?;
     let env = Env::new();
     let cluster = Cluster::start(&env.path().join("slurm"));
@@ -964,15 +974,32 @@ fn drain_on_ecc(test: &str, dry_run: bool) -> Option<(Vec<serde_json::Value>, St
     let all = runs();
     let state = cluster.run("sinfo", &["-h", "-N", "-o", "%T|%E"]);
     let alerts = json(&["alerts", "--all", "--json"]).to_string();
+    let events = json(&["events", "--kind", "action", "--json"])["events"]
+        .as_array()
+        .unwrap()
+        .clone();
     agent.proc.term(Duration::from_secs(20));
-    Some((all, state.trim().to_string(), alerts))
+    Some((all, state.trim().to_string(), alerts, events))
 }
 
 #[test]
 fn slurm_uncorrectable_ecc_drains_the_node_once_with_the_reason_and_an_audit_record() {
-    let Some((runs, state, alerts)) = drain_on_ecc("slurm drain action", false) else {
+    let Some((runs, state, alerts, events)) = drain_on_ecc("slurm drain action", false) else {
         return;
     };
+    // The run is an event on the node too.
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["labels"]["action"], "drain");
+    assert_eq!(events[0]["labels"]["rule"], "GpuEccUncorrectable");
+    assert_eq!(events[0]["labels"]["outcome"], "ok");
+    assert_eq!(events[0]["severity"], "info");
+    assert!(
+        events[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("state=drain"),
+        "{events:?}"
+    );
     assert_eq!(runs.len(), 1, "one run per alert: {runs:?}");
     let r = &runs[0];
     assert_eq!(r["outcome"], "ok", "{r}");
@@ -995,9 +1022,15 @@ fn slurm_uncorrectable_ecc_drains_the_node_once_with_the_reason_and_an_audit_rec
 
 #[test]
 fn slurm_drain_action_in_dry_run_runs_nothing_and_says_what_it_would_run() {
-    let Some((runs, state, _)) = drain_on_ecc("slurm drain action, dry run", true) else {
+    let Some((runs, state, _, events)) = drain_on_ecc("slurm drain action, dry run", true) else {
         return;
     };
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["labels"]["outcome"], "dry_run");
+    assert!(
+        events[0]["message"].as_str().unwrap().contains("would run"),
+        "{events:?}"
+    );
     assert_eq!(runs.len(), 1, "{runs:?}");
     let r = &runs[0];
     assert_eq!(r["outcome"], "dry_run", "{r}");
