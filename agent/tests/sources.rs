@@ -3171,6 +3171,31 @@ mod kmsg {
         assert!(vitals_agent::sources::kmsg::state_file(dir.path()).exists());
     }
 
+    /// `vitals-agent once` neither reads nor saves the position.
+    #[test]
+    fn without_keep_position_nothing_is_saved_or_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let proc = dir.path().join("proc");
+        let mut c = cfg(Path::new(RECORDED), dir.path(), &proc, Start::Beginning);
+        let mut s = Sources::new(&c, &["kmsg".into()]).unwrap();
+        assert_eq!(cycle(&mut s).events.len(), 15);
+        drop(s);
+        assert!(vitals_agent::sources::kmsg::state_file(dir.path()).exists());
+        c.sources.kmsg.keep_position = false;
+        let mut s = Sources::new(&c, &["kmsg".into()]).unwrap();
+        assert_eq!(
+            cycle(&mut s).events.len(),
+            15,
+            "the saved position is not used"
+        );
+        let other = dir.path().join("other");
+        fs::create_dir_all(&other).unwrap();
+        c.spool.dir = other.clone();
+        let mut s = Sources::new(&c, &["kmsg".into()]).unwrap();
+        cycle(&mut s);
+        assert!(!vitals_agent::sources::kmsg::state_file(&other).exists());
+    }
+
     #[test]
     fn configured_patterns_come_first_and_bad_ones_are_refused() {
         let dir = tempfile::tempdir().unwrap();

@@ -80,6 +80,11 @@ pub struct KmsgConfig {
     /// (`(?P<name>...)`) become labels.
     #[serde(default)]
     pub patterns: Vec<KmsgPattern>,
+    /// Whether the position is read from and saved in the spool folder
+    /// (not a config key: `vitals-agent once` turns it off, so a one-off
+    /// run never moves the daemon's position).
+    #[serde(skip, default = "default_true")]
+    pub keep_position: bool,
 }
 
 /// One configured pattern.
@@ -109,6 +114,7 @@ impl Default for KmsgConfig {
             max_bytes: default_max_bytes(),
             default_patterns: true,
             patterns: Vec::new(),
+            keep_position: true,
         }
     }
 }
@@ -186,6 +192,7 @@ pub struct Kmsg {
     dirty: bool,
     /// Whether the last save failed (logged once per run of failures).
     save_failing: bool,
+    keep_position: bool,
     counts: BTreeMap<String, u64>,
     read_total: u64,
     lost_total: u64,
@@ -229,6 +236,7 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
         skipping: false,
         dirty: false,
         save_failing: false,
+        keep_position: k.keep_position,
         counts,
         read_total: 0,
         lost_total: 0,
@@ -270,6 +278,7 @@ impl Kmsg {
         };
         let state = std::fs::read_to_string(&self.state_path)
             .ok()
+            .filter(|_| self.keep_position)
             .and_then(|s| serde_json::from_str::<State>(&s).ok())
             .filter(|s| s.path == self.path);
         match state {
@@ -290,7 +299,7 @@ impl Kmsg {
     }
 
     fn save(&mut self) {
-        if !self.dirty || self.skipping {
+        if !self.dirty || self.skipping || !self.keep_position {
             return;
         }
         let state = State {
