@@ -112,6 +112,7 @@ fn refuses_agents_without_a_valid_agent_certificate_and_stores_nothing() {
         "agent",
     ]);
     env.issue("stale", "agent", &["--not-after", "2021-01-01"]);
+    env.issue("ops", "operator", &[]);
     let shown = env.vitals_ok(&["certs", "show", env.cert("stale").0.to_str().unwrap()]);
     assert!(shown.contains("EXPIRED"), "{shown}");
 
@@ -930,7 +931,6 @@ fn bench_ingest_drives_a_running_collector_and_every_acked_sample_is_stored() {
 fn kernel_events_from_recorded_kmsg_arrive_once_with_their_labels() {
     let env = Env::new();
     env.issue("train-01", "agent", &[]);
-    env.issue("ops", "operator", &[]);
     let port = free_port();
     let _collector = start_collector(&env, port);
     let reader = Reader::new(&env, port);
