@@ -100,6 +100,9 @@ pub struct SourcesConfig {
     /// `[sources.probe]`: inference endpoint probes.
     #[serde(default)]
     pub probe: crate::sources::probe::ProbeConfig,
+    /// `[sources.kmsg]`: kernel events from /dev/kmsg.
+    #[serde(default)]
+    pub kmsg: crate::sources::kmsg::KmsgConfig,
 }
 
 /// `[sources.joblog]`.
@@ -350,6 +353,11 @@ pub struct ZfsConfig {
     /// hung (`vitals_zfs_command_timeouts_total`, `vitals_zfs_command_hung`).
     #[serde(default = "default_command_timeout", with = "config::duration")]
     pub command_timeout: Duration,
+    /// Datasets whose SSD-cache eligibility is reported (`zfs get` of
+    /// their cache properties, size against ARC + L2ARC), e.g.
+    /// `["tank/train"]`; `vitals cache check` prints the verdicts.
+    #[serde(default)]
+    pub cache_datasets: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -380,6 +388,7 @@ impl Default for ZfsConfig {
             zpool: default_zpool(),
             zfs: default_zfs(),
             command_timeout: default_command_timeout(),
+            cache_datasets: Vec::new(),
         }
     }
 }
@@ -486,6 +495,9 @@ pub fn load_raw(path: &Path) -> Result<RawConfig, ConfigError> {
     if let Some(lib) = &raw.sources.gpu.library {
         raw.sources.gpu.library = Some(base.join(lib));
     }
+    if let Some(p) = &raw.sources.kmsg.path {
+        raw.sources.kmsg.path = Some(base.join(p));
+    }
     let slurm = &mut raw.sources.slurm;
     for p in [&mut slurm.restd_token_file, &mut slurm.restd_ca_file]
         .into_iter()
@@ -589,6 +601,9 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
             "must be at least 10ms",
         ));
     }
+    if let Err((key, message)) = crate::sources::kmsg::check(&raw.sources.kmsg) {
+        return Err(ConfigError::invalid(path, &key, message));
+    }
     let tls = raw
         .tls
         .load()
@@ -620,6 +635,22 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
             path,
             "sources.slurm.command_timeout",
             "must be at least 10ms",
+        ));
+    }
+    for ds in &raw.sources.zfs.cache_datasets {
+        if ds.is_empty() || ds.starts_with('-') || ds.contains(['\t', '\n', '@']) {
+            return Err(ConfigError::invalid(
+                path,
+                "sources.zfs.cache_datasets",
+                format!("{ds:?} is not a dataset name like \"tank/train\""),
+            ));
+        }
+    }
+    if !raw.sources.zfs.cache_datasets.is_empty() && !raw.sources.zfs.commands {
+        return Err(ConfigError::invalid(
+            path,
+            "sources.zfs.cache_datasets",
+            "needs `zfs get`: set commands = true or remove cache_datasets",
         ));
     }
     check_restd(path, &raw.sources.slurm)?;

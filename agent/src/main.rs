@@ -184,6 +184,8 @@ fn once(
     if let Some(b) = over.gpu_backend {
         raw.sources.gpu.backend = b;
     }
+    // A one-off cycle must not move the daemon's kernel log position.
+    raw.sources.kmsg.keep_position = false;
     if let Some(l) = over.gpu_library {
         raw.sources.gpu.library = Some(l);
     }

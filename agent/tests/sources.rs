@@ -2021,6 +2021,10 @@ fn the_readme_agent_config_parses_with_every_source_table() {
         d.sources.slurm.command_timeout,
         cfg.sources.slurm.command_timeout
     );
+    assert_eq!(cfg.sources.kmsg.start, d.sources.kmsg.start);
+    assert_eq!(cfg.sources.kmsg.max_lines, d.sources.kmsg.max_lines);
+    assert_eq!(cfg.sources.kmsg.max_bytes, d.sources.kmsg.max_bytes);
+    assert!(cfg.sources.kmsg.default_patterns && cfg.sources.kmsg.patterns.is_empty());
 }
 
 // ---------------------------------------------------------------- slurm
@@ -2890,4 +2894,581 @@ fn the_packaged_agent_config_parses_and_uses_the_package_paths() {
     assert_eq!(cfg.tls.key, Path::new("/etc/vitals/tls/agent.key"));
     assert_eq!(cfg.tls.ca, Path::new("/etc/vitals/tls/ca.pem"));
     assert!(cfg.collector.is_some_and(|c| c.starts_with("https://")));
+}
+
+// ---------------------------------------------------------------- kmsg
+
+mod kmsg {
+    use super::*;
+    use vitals_agent::sources::SourceEvent;
+    use vitals_agent::sources::kmsg::Start;
+    use vitals_proto::v1::Severity;
+
+    const RECORDED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/kmsg/train-01.kmsg");
+
+    /// A kmsg source reading `path`, its position in `spool`, PIDs in `proc`.
+    fn cfg(path: &Path, spool: &Path, proc: &Path, start: Start) -> RawConfig {
+        let mut cfg = RawConfig::default();
+        cfg.paths.procfs = proc.to_path_buf();
+        cfg.spool.dir = spool.to_path_buf();
+        cfg.sources.kmsg.path = Some(path.to_path_buf());
+        cfg.sources.kmsg.start = start;
+        cfg
+    }
+
+    fn cycle(sources: &mut Sources) -> Cycle {
+        let c = sources.collect();
+        let r = c.reports.iter().find(|r| r.source == "kmsg").unwrap();
+        assert_eq!(r.status, "ok", "{:?}", r.error);
+        c
+    }
+
+    fn class(e: &SourceEvent) -> &str {
+        e.labels["class"].as_str()
+    }
+
+    fn of<'a>(events: &'a [SourceEvent], c: &str) -> Vec<&'a SourceEvent> {
+        events.iter().filter(|e| class(e) == c).collect()
+    }
+
+    /// A /proc tree holding PID 9911 in SLURM job 77 of user carol.
+    fn proc_tree(dir: &Path) -> PathBuf {
+        let p = dir.join("proc/9911");
+        fs::create_dir_all(&p).unwrap();
+        fs::write(
+            p.join("cgroup"),
+            "0::/system.slice/slurmstepd.scope/job_77/step_0/user/task_0\n",
+        )
+        .unwrap();
+        fs::write(
+            p.join("environ"),
+            b"SLURM_JOB_USER=carol\0SLURM_JOB_ID=77\0",
+        )
+        .unwrap();
+        dir.join("proc")
+    }
+
+    #[test]
+    fn recorded_lines_become_events_with_severities_and_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let proc = proc_tree(dir.path());
+        let mut s = Sources::new(
+            &cfg(Path::new(RECORDED), dir.path(), &proc, Start::Beginning),
+            &["kmsg".into()],
+        )
+        .unwrap();
+        let c = cycle(&mut s);
+        let ev = &c.events;
+        let classes: Vec<&str> = ev.iter().map(class).collect();
+        assert_eq!(
+            classes,
+            [
+                "link_up",
+                "nfs_not_responding",
+                "nfs_not_responding",
+                "nfs_ok",
+                "gpu_ring_timeout",
+                "gpu_reset",
+                "gpu_reset",
+                "gpu_ras_uncorrectable",
+                "gpu_ras_correctable",
+                "nvidia_xid",
+                "link_down",
+                "oom_kill",
+                "oom_kill",
+                "mce",
+                "hung_task",
+            ],
+            "garbage, chatter, continuation and oom-kill context lines make no events"
+        );
+        assert!(ev.iter().all(|e| e.kind == "kernel"));
+        let one = |c: &str| {
+            let v = of(ev, c);
+            assert_eq!(v.len(), 1, "{c}");
+            v[0]
+        };
+        let nfs = of(ev, "nfs_not_responding");
+        assert_eq!(nfs[0].labels["server"], "nas-01");
+        assert_eq!(nfs[0].severity, Severity::Warning);
+        assert_eq!(
+            nfs[0].message,
+            "nfs: server nas-01 not responding, still trying"
+        );
+        assert_eq!(one("nfs_ok").severity, Severity::Info);
+        let xid = one("nvidia_xid");
+        assert_eq!(xid.labels["xid"], "79");
+        assert_eq!(xid.labels["pci"], "0000:3b:00");
+        assert_eq!(xid.severity, Severity::Critical);
+        assert_eq!(one("gpu_ring_timeout").labels["ring"], "gfx_0.0.0");
+        assert_eq!(of(ev, "gpu_reset")[0].labels["pci"], "0000:43:00.0");
+        let ras = one("gpu_ras_uncorrectable");
+        assert_eq!(
+            (ras.labels["count"].as_str(), ras.labels["block"].as_str()),
+            ("2", "umc")
+        );
+        assert_eq!(ras.severity, Severity::Critical);
+        assert_eq!(one("gpu_ras_correctable").severity, Severity::Warning);
+        assert_eq!(one("link_up").labels["device"], "ens1f0");
+        let down = one("link_down");
+        assert_eq!(down.labels["device"], "ens1f0");
+        assert_eq!(down.severity, Severity::Warning);
+        let oom = of(ev, "oom_kill");
+        // From the oom-kill line's task_memcg: the victim is already gone.
+        assert_eq!(oom[0].labels["pid"], "7788");
+        assert_eq!(oom[0].labels["comm"], "python");
+        assert_eq!(oom[0].labels["job_id"], "4242");
+        // No oom-kill line for it: its cgroup under paths.procfs.
+        assert_eq!(oom[1].labels["pid"], "9911");
+        assert_eq!(oom[1].labels["job_id"], "77");
+        assert_eq!(oom[1].labels["user"], "carol");
+        assert_eq!(oom[1].severity, Severity::Critical);
+        assert_eq!(one("mce").severity, Severity::Critical);
+        let hung = one("hung_task");
+        assert_eq!(
+            (
+                hung.labels["task"].as_str(),
+                hung.labels["pid"].as_str(),
+                hung.labels["seconds"].as_str()
+            ),
+            ("python", "6001", "122")
+        );
+        let v = |name: &str, l: &[(&str, &str)]| value(&c.samples, name, l);
+        assert_eq!(
+            v(
+                "vitals_kernel_events_total",
+                &[("class", "nfs_not_responding")]
+            ),
+            2.0
+        );
+        assert_eq!(
+            v("vitals_kernel_events_total", &[("class", "oom_kill")]),
+            2.0
+        );
+        assert_eq!(
+            v("vitals_kernel_events_total", &[("class", "nvidia_xid")]),
+            1.0
+        );
+        assert_eq!(v("vitals_kernel_records_read_total", &[]), 19.0);
+        assert_eq!(v("vitals_kernel_records_lost_total", &[]), 0.0);
+        assert_eq!(
+            count(&c.samples, "vitals_kernel_events_total"),
+            vitals_agent::sources::kmsg::parse::DEFAULT_PATTERNS.len(),
+            "every class from 0"
+        );
+    }
+
+    #[test]
+    fn bounded_reads_and_a_restart_neither_replays_nor_misses() {
+        let dir = tempfile::tempdir().unwrap();
+        let proc = dir.path().join("proc");
+        let mut all = Vec::new();
+        {
+            let mut c = cfg(Path::new(RECORDED), dir.path(), &proc, Start::Beginning);
+            c.sources.kmsg.max_lines = 6;
+            let mut s = Sources::new(&c, &["kmsg".into()]).unwrap();
+            let first = cycle(&mut s);
+            assert_eq!(
+                value(&first.samples, "vitals_kernel_records_read_total", &[]),
+                6.0,
+                "at most max_lines records per cycle"
+            );
+            assert_eq!(first.events.len(), 5, "records 1201-1206");
+            all.extend(first.events);
+            let second = cycle(&mut s);
+            assert_eq!(
+                value(&second.samples, "vitals_kernel_records_read_total", &[]),
+                11.0,
+                "1207-1211 and a garbage line: lines that are not records count against the limit too"
+            );
+            all.extend(second.events);
+        }
+        // A new agent on the same spool goes on after record 1211.
+        let c = cfg(Path::new(RECORDED), dir.path(), &proc, Start::Beginning);
+        let mut s = Sources::new(&c, &["kmsg".into()]).unwrap();
+        let third = cycle(&mut s);
+        assert_eq!(
+            value(&third.samples, "vitals_kernel_records_read_total", &[]),
+            8.0,
+            "1212-1219 only"
+        );
+        assert_eq!(
+            value(&third.samples, "vitals_kernel_records_lost_total", &[]),
+            0.0
+        );
+        all.extend(third.events);
+        let mut once = Sources::new(
+            &cfg(
+                Path::new(RECORDED),
+                &dir.path().join("other"),
+                &proc,
+                Start::Beginning,
+            ),
+            &["kmsg".into()],
+        )
+        .unwrap();
+        fs::create_dir_all(dir.path().join("other")).unwrap();
+        let whole = cycle(&mut once).events;
+        assert_eq!(all.len(), whole.len());
+        for (a, b) in all.iter().zip(&whole) {
+            assert_eq!(a.message, b.message);
+        }
+        // The byte limit holds too: 400 records of 100 bytes, 4 KiB a cycle.
+        let spool = dir.path().join("bytes");
+        fs::create_dir_all(&spool).unwrap();
+        let file = spool.join("kmsg");
+        let body: String = (0..400)
+            .map(|i| format!("6,{i:03},{i:03}000,-;{:<84}\n", "nfs: server nas-01 OK"))
+            .collect();
+        assert_eq!(body.len(), 400 * 100);
+        fs::write(&file, body).unwrap();
+        let mut c = cfg(&file, &spool, &proc, Start::Beginning);
+        c.sources.kmsg.max_bytes = 4096;
+        let mut s = Sources::new(&c, &["kmsg".into()]).unwrap();
+        let first = cycle(&mut s);
+        assert_eq!(
+            value(&first.samples, "vitals_kernel_records_read_total", &[]),
+            41.0
+        );
+        assert_eq!(first.events.len(), 41);
+        let second = cycle(&mut s);
+        assert_eq!(
+            value(&second.samples, "vitals_kernel_records_read_total", &[]),
+            82.0
+        );
+    }
+
+    #[test]
+    fn first_start_at_the_end_then_new_records_and_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let proc = dir.path().join("proc");
+        let file = dir.path().join("kmsg");
+        fs::copy(RECORDED, &file).unwrap();
+        let append = |line: &str| {
+            use std::io::Write;
+            let mut f = fs::OpenOptions::new().append(true).open(&file).unwrap();
+            writeln!(f, "{line}").unwrap();
+        };
+        let c = cfg(&file, dir.path(), &proc, Start::End);
+        {
+            let mut s = Sources::new(&c, &["kmsg".into()]).unwrap();
+            let first = cycle(&mut s);
+            assert!(first.events.is_empty(), "what was there before: no events");
+            append("3,1220,990000000,-;nfs: server nas-02 not responding, still trying");
+            let second = cycle(&mut s);
+            assert_eq!(second.events.len(), 1);
+            assert_eq!(second.events[0].labels["server"], "nas-02");
+        }
+        // Written while the agent was stopped, after a gap of 9 overwritten records.
+        append("5,1230,995000000,-;nfs: server nas-02 OK");
+        let mut s = Sources::new(&c, &["kmsg".into()]).unwrap();
+        let third = cycle(&mut s);
+        let classes: Vec<&str> = third.events.iter().map(class).collect();
+        assert_eq!(classes, ["nfs_ok"]);
+        assert_eq!(
+            value(&third.samples, "vitals_kernel_records_lost_total", &[]),
+            9.0
+        );
+        assert!(vitals_agent::sources::kmsg::state_file(dir.path()).exists());
+    }
+
+    /// `vitals-agent once` neither reads nor saves the position.
+    #[test]
+    fn without_keep_position_nothing_is_saved_or_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let proc = dir.path().join("proc");
+        let mut c = cfg(Path::new(RECORDED), dir.path(), &proc, Start::Beginning);
+        let mut s = Sources::new(&c, &["kmsg".into()]).unwrap();
+        assert_eq!(cycle(&mut s).events.len(), 15);
+        drop(s);
+        assert!(vitals_agent::sources::kmsg::state_file(dir.path()).exists());
+        c.sources.kmsg.keep_position = false;
+        let mut s = Sources::new(&c, &["kmsg".into()]).unwrap();
+        assert_eq!(
+            cycle(&mut s).events.len(),
+            15,
+            "the saved position is not used"
+        );
+        let other = dir.path().join("other");
+        fs::create_dir_all(&other).unwrap();
+        c.spool.dir = other.clone();
+        let mut s = Sources::new(&c, &["kmsg".into()]).unwrap();
+        cycle(&mut s);
+        assert!(!vitals_agent::sources::kmsg::state_file(&other).exists());
+    }
+
+    #[test]
+    fn configured_patterns_come_first_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            r#"
+collector = "https://c.example:7443"
+node = "train-01"
+[tls]
+ca = "{RECORDED}"
+cert = "{RECORDED}"
+key = "{RECORDED}"
+[sources.kmsg]
+path = "{RECORDED}"
+start = "beginning"
+default_patterns = false
+patterns = [{{ class = "pf_inet6", severity = "error", regex = 'Registered (?P<family>PF_\w+)' }}]
+"#
+        );
+        let cfg: RawConfig = vitals_common::config::parse(Path::new("agent.toml"), &toml).unwrap();
+        let mut cfg = cfg;
+        cfg.spool.dir = dir.path().to_path_buf();
+        let mut s = Sources::new(&cfg, &["kmsg".into()]).unwrap();
+        let c = cycle(&mut s);
+        assert_eq!(c.events.len(), 1);
+        assert_eq!(c.events[0].labels["family"], "PF_INET6");
+        assert_eq!(c.events[0].severity, Severity::Error);
+        let bad = toml.replace("\"error\"", "\"loud\"");
+        let path = dir.path().join("agent.toml");
+        fs::write(&path, bad).unwrap();
+        let raw = vitals_agent::config::load_raw(&path).unwrap();
+        let e = vitals_agent::config::validate(&path, raw)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("sources.kmsg.patterns") && e.contains("loud"),
+            "{e}"
+        );
+    }
+
+    /// The real /dev/kmsg (through `paths.devfs`): records are read, the
+    /// read ends when there is nothing new instead of blocking.
+    #[test]
+    fn real_dev_kmsg_does_not_block() {
+        let readable = fs::File::open("/dev/kmsg").is_ok();
+        if !readable {
+            assert_ne!(
+                std::env::var("VITALS_TEST_KMSG").as_deref(),
+                Ok("1"),
+                "VITALS_TEST_KMSG=1 but /dev/kmsg cannot be read (run as root)"
+            );
+            eprintln!(
+                "skipped: /dev/kmsg cannot be read here (VITALS_TEST_KMSG=1 makes this fail)"
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = RawConfig::default();
+        c.spool.dir = dir.path().to_path_buf();
+        c.sources.kmsg.start = Start::Beginning;
+        c.sources.kmsg.max_lines = 100_000;
+        c.sources.kmsg.max_bytes = 64 << 20;
+        let mut s = Sources::new(&c, &["kmsg".into()]).unwrap();
+        let t = Instant::now();
+        let first = cycle(&mut s);
+        let second = cycle(&mut s);
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(value(&first.samples, "vitals_kernel_records_read_total", &[]) > 0.0);
+        let state =
+            fs::read_to_string(vitals_agent::sources::kmsg::state_file(dir.path())).unwrap();
+        assert!(state.contains("boot_id"), "{state}");
+        assert!(
+            value(&second.samples, "vitals_kernel_records_read_total", &[])
+                >= value(&first.samples, "vitals_kernel_records_read_total", &[])
+        );
+    }
+
+    mod arbitrary {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+            /// Any bytes as a kmsg file: no panic, the source answers ok,
+            /// every event it makes is a kernel event with a class.
+            #[test]
+            fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096),
+                                    prefix in proptest::collection::vec(any::<u8>(), 0..64)) {
+                let dir = tempfile::tempdir().unwrap();
+                let file = dir.path().join("kmsg");
+                let mut body = b"3,1,2,-;".to_vec();
+                body.extend_from_slice(&prefix);
+                body.extend_from_slice(b"nfs: server x not responding\n");
+                body.extend_from_slice(&bytes);
+                fs::write(&file, &body).unwrap();
+                let c = cfg(&file, dir.path(), &dir.path().join("proc"), Start::Beginning);
+                let mut s = Sources::new(&c, &["kmsg".into()]).unwrap();
+                let out = s.collect();
+                prop_assert_eq!(out.reports[0].status, "ok");
+                prop_assert!(out.events.iter().all(|e| e.kind == "kernel" && e.labels.contains_key("class")));
+                let line = String::from_utf8_lossy(&bytes);
+                let _ = vitals_agent::sources::kmsg::parse::parse_record(&line);
+                let _ = vitals_agent::sources::kmsg::parse::parse_oom_context(&line);
+            }
+        }
+    }
+}
+
+// ------------------------------------------------- SSD-cache eligibility
+
+mod zfs_cache {
+    use super::*;
+    use vitals_agent::sources::zfs::cache::{CacheSizes, Reading, parse_zfs_get, verdict};
+
+    const GIB: f64 = (1u64 << 30) as f64;
+
+    fn recorded() -> Vec<vitals_agent::sources::zfs::cache::Dataset> {
+        parse_zfs_get(&zdata("openzfs-2.x-get-cache-Hp.txt")).unwrap()
+    }
+
+    /// 256 GiB of ARC, 3.5 TiB in the L2ARC.
+    fn nas() -> CacheSizes {
+        CacheSizes {
+            arc_max_bytes: Some(256.0 * GIB),
+            l2_bytes: Some(3584.0 * GIB),
+        }
+    }
+
+    #[test]
+    fn secondarycache_metadata_is_not_cacheable_on_the_nvme_with_the_fix() {
+        let ds = recorded();
+        let names: Vec<&str> = ds.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["tank/train", "tank/models", "tank/archive"]);
+        let train = verdict(&ds[0], nas(), Reading::default());
+        assert!(!train.cacheable);
+        assert_eq!(train.reasons.len(), 1, "{train:?}");
+        assert!(
+            train.reasons[0]
+                .problem
+                .contains("secondarycache=metadata: not cacheable on the L2ARC (NVMe)"),
+            "{train:?}"
+        );
+        assert_eq!(
+            train.reasons[0].fix.as_deref(),
+            Some("zfs set secondarycache=all tank/train")
+        );
+        let models = verdict(&ds[1], nas(), Reading::default());
+        assert!(models.cacheable && models.reasons.is_empty(), "{models:?}");
+        let archive = verdict(&ds[2], nas(), Reading::default());
+        assert!(!archive.cacheable);
+        assert!(
+            archive.reasons[0]
+                .problem
+                .starts_with("far larger than the cache: 51200.0 GiB of data, 3840.0 GiB"),
+            "{archive:?}"
+        );
+        // Read hard with few hits: said, but the properties are right.
+        let busy = verdict(
+            &ds[1],
+            nas(),
+            Reading {
+                read_bytes_per_second: Some(800.0 * 1024.0 * 1024.0),
+                arc_hit_ratio: Some(0.2),
+                l2_hit_ratio: Some(0.1),
+            },
+        );
+        assert!(busy.cacheable);
+        assert!(
+            busy.reasons[0]
+                .problem
+                .starts_with("read mostly from disk: 800.0 MiB/s"),
+            "{busy:?}"
+        );
+        // primarycache=none starves both caches.
+        let mut d = ds[1].clone();
+        d.props.insert("primarycache".into(), "none".into());
+        let v = verdict(&d, nas(), Reading::default());
+        assert!(!v.cacheable);
+        assert_eq!(
+            v.reasons[0].fix.as_deref(),
+            Some("zfs set primarycache=all tank/models")
+        );
+        // No L2ARC: worth saying, not blocking by itself.
+        let v = verdict(
+            &ds[1],
+            CacheSizes {
+                arc_max_bytes: Some(256.0 * GIB),
+                l2_bytes: Some(0.0),
+            },
+            Reading::default(),
+        );
+        assert!(
+            v.cacheable && v.reasons[0].problem.starts_with("no L2ARC"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn the_zfs_source_reports_properties_and_verdicts_as_series() {
+        let fake = FakeZfs::new(
+            OPENZFS_ZPOOL,
+            r#"case "$1" in
+  get) [ "$5" = "primarycache,secondarycache,recordsize,compression,sync,logbias,used,referenced" ] && [ "$6" = "tank/train" ] && [ "$8" = "tank/archive" ] && cat $D/openzfs-2.x-get-cache-Hp.txt ;;
+  list) cat $D/openzfs-2.x-snapshots-Hp.txt ;;
+  *) exit 1 ;;
+esac"#,
+        );
+        let mut cfg = fake.config(Duration::from_secs(10));
+        cfg.sources.zfs.cache_datasets = vec![
+            "tank/train".into(),
+            "tank/models".into(),
+            "tank/archive".into(),
+        ];
+        // arcstats with a 256 GiB ARC and 3.5 TiB of L2ARC.
+        let kstat = fake.dir.path().join("proc/spl/kstat/zfs");
+        fs::create_dir_all(&kstat).unwrap();
+        let arc = read(&fixture("node_exporter/proc/spl/kstat/zfs/arcstats"))
+            .replace(
+                "c_max                           4    8367976448",
+                "c_max                           4    274877906944",
+            )
+            .replace(
+                "l2_size                         4    0",
+                "l2_size                         4    3848290697216",
+            );
+        fs::write(kstat.join("arcstats"), arc).unwrap();
+        let s = collect_ok(&cfg, &["zfs"]);
+        fn ds(d: &str) -> [(&str, &str); 2] {
+            [("zpool", "tank"), ("dataset", d)]
+        }
+        assert_eq!(
+            value(&s, "vitals_zfs_dataset_cacheable", &ds("tank/train")),
+            0.0
+        );
+        assert_eq!(
+            value(&s, "vitals_zfs_dataset_cacheable", &ds("tank/models")),
+            1.0
+        );
+        assert_eq!(
+            value(&s, "vitals_zfs_dataset_cacheable", &ds("tank/archive")),
+            0.0
+        );
+        assert_eq!(
+            value(&s, "vitals_zfs_dataset_recordsize_bytes", &ds("tank/train")),
+            1048576.0
+        );
+        assert_eq!(
+            value(
+                &s,
+                "vitals_zfs_dataset_referenced_bytes",
+                &ds("tank/models")
+            ),
+            96636764160.0
+        );
+        assert_eq!(
+            value(
+                &s,
+                "vitals_zfs_dataset_info",
+                &[
+                    ("zpool", "tank"),
+                    ("dataset", "tank/train"),
+                    ("primarycache", "all"),
+                    ("secondarycache", "metadata"),
+                    ("compression", "lz4"),
+                    ("sync", "standard"),
+                    ("logbias", "throughput"),
+                ]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(&s, "vitals_zfs_command_success", &[("command", "zfs get")]),
+            1.0
+        );
+    }
 }

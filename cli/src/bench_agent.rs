@@ -50,6 +50,11 @@ pub fn agent(opts: &Options) -> anyhow::Result<String> {
     // `zpool`/`zfs` would measure ZFS, not the agent (and run on threads
     // this measurement does not see).
     cfg.sources.zfs.commands = false;
+    // The kernel log is this host's, not the tree's, and its position
+    // would be saved in the default spool folder: only when asked for.
+    if !opts.sources.iter().any(|s| s == "kmsg") {
+        cfg.sources.kmsg.enabled = Some(false);
+    }
     let mut sources = Sources::new(&cfg, &opts.sources)?;
     // One cycle first: the first one sets up caches that later ones reuse.
     let warm = sources.collect();

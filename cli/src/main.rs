@@ -7,6 +7,7 @@ mod bench_agent;
 mod bench_fleet;
 mod bench_probe;
 mod bench_query;
+mod cache;
 mod certs;
 mod chart;
 mod client;
@@ -296,6 +297,12 @@ enum Command {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// SSD-cache eligibility of the datasets NAS agents report
+    /// ([sources.zfs] cache_datasets).
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// Create and inspect certificates (the role is stored in the subject OU).
     Certs {
         #[command(subcommand)]
@@ -366,6 +373,27 @@ enum SilenceCommand {
     },
     /// End a silence now.
     Rm { id: i64 },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Whether each dataset can be served from the NVMe cache (L2ARC) and
+    /// RAM (ARC): the verdict, the reasons (secondarycache/primarycache
+    /// none or metadata, far larger than ARC + L2ARC, read mostly from disk
+    /// in the last 15 minutes) and the fix.
+    ///
+    /// Examples:
+    ///   vitals cache check
+    ///   vitals cache check tank/train --json
+    #[command(verbatim_doc_comment)]
+    Check {
+        /// One dataset (default: every reported one).
+        dataset: Option<String>,
+        /// Print {"datasets":[{"node","dataset","cacheable","reasons":[{"problem","fix","blocking"}],
+        /// "properties","referenced_bytes","cache_bytes","read_bytes_per_second","arc_hit_ratio","l2_hit_ratio"}]}.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -859,6 +887,11 @@ fn main() -> ExitCode {
         Command::Rules {
             command: RulesCommand::Check { file, json },
         } => alerts::check(&file, json).map(|text| print_out(&text)),
+        Command::Cache {
+            command: CacheCommand::Check { dataset, json },
+        } => with_client(cli.config, |cfg| async move {
+            cache::check(&cfg, dataset, json).await
+        }),
         Command::Nodes { json } => with_client(cli.config, |cfg| async move {
             commands::nodes(&cfg, json).await
         }),

@@ -51,6 +51,20 @@ fn gpu_node(day: &mut Samples, rng: &mut Rng, t: i64, cycle: f64, counters: &mut
         t,
         cycle,
     );
+    // The kernel log of a healthy day: links came up once at boot, the NFS
+    // server answered; nothing else.
+    for (class, n) in [
+        ("link_up", 2.0),
+        ("nfs_ok", 1.0),
+        ("nfs_not_responding", 0.0),
+        ("gpu_reset", 0.0),
+        ("gpu_ring_timeout", 0.0),
+        ("oom_kill", 0.0),
+        ("mce", 0.0),
+    ] {
+        let l = labels(&[("node", node), ("class", class)]);
+        day.put("vitals_kernel_events_total", &l, t, n);
+    }
     if cycle == 1.0 {
         // Alice's earlier `train` runs: 4.5 hours each.
         let fl = labels(&[
@@ -298,6 +312,17 @@ fn nas_node(day: &mut Samples, rng: &mut Rng, t: i64, cycle: f64, t0: i64) {
         &labels(&[("node", node)]),
         t,
         cycle,
+    );
+    // The training data's dataset, cacheable all day.
+    day.put(
+        "vitals_zfs_dataset_cacheable",
+        &labels(&[
+            ("node", node),
+            ("zpool", "tank"),
+            ("dataset", "tank/datasets"),
+        ]),
+        t,
+        1.0,
     );
     for st in [
         "online",

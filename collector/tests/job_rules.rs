@@ -2,7 +2,8 @@
 //! the real store: a two-node job whose second node straggles, a job
 //! whose GPUs went idle, a job whose throughput fell, a job near its time
 //! limit whose step stopped — and, next to each, a healthy job that must
-//! not fire.
+//! not fire. Also the kernel-event rules over the kmsg source's
+//! counters.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -324,6 +325,116 @@ async fn job_rules_name_the_straggler_the_idle_job_the_slow_pipeline_and_the_doo
         "{:?}",
         a.evidence
     );
+    drop(w);
+    let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+}
+
+/// The kernel-event rules (the agent's kmsg source counts kernel log lines
+/// per class): each fires once on the node whose counter of its class
+/// went up, and not for other classes or on a node where nothing happened;
+/// and the dataset rule on the one dataset that cannot be cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_event_and_dataset_cache_rules_fire_on_their_series_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.db");
+    let (w, store, handle) =
+        store::spawn_writer(store::open(&path).unwrap(), &path, StoreOptions::default()).unwrap();
+    let nodes = ["gpu-01", "gpu-02"];
+    for n in nodes {
+        w.hello(n, "i", "test").await.unwrap();
+    }
+    let now = vitals_common::now_ms();
+    let t0 = (now - 3_600_000) / STEP_MS * STEP_MS;
+    let trouble = t0 + 20 * 60_000;
+    let end = t0 + 40 * 60_000;
+    let classes = [
+        "nfs_not_responding",
+        "nfs_ok",
+        "gpu_reset",
+        "gpu_ring_timeout",
+        "oom_kill",
+        "mce",
+        "link_up",
+        "hung_task",
+    ];
+    for (seq, node) in nodes.iter().enumerate() {
+        let mut b = Samples::default();
+        let mut t = t0;
+        while t <= end {
+            for class in classes {
+                let l = labels(&[("node", node), ("class", class)]);
+                // gpu-01: one of each class at `trouble`; gpu-02: only
+                // the harmless ones (link up, NFS OK), every few minutes.
+                let n = match (*node, class) {
+                    ("gpu-01", _) if t >= trouble => 1.0,
+                    ("gpu-02", "link_up" | "nfs_ok") => ((t - t0) / 300_000) as f64,
+                    _ => 0.0,
+                };
+                b.put("vitals_kernel_events_total", &l, t, n);
+            }
+            t += STEP_MS;
+        }
+        if *node == "gpu-02" {
+            // The NAS side: one training dataset whose L2ARC takes only
+            // metadata from `trouble` on, one that stays cacheable.
+            let mut t = t0;
+            while t <= end {
+                for (ds, ok) in [("tank/train", t < trouble), ("tank/models", true)] {
+                    let l = labels(&[("node", node), ("zpool", "tank"), ("dataset", ds)]);
+                    b.put(
+                        "vitals_zfs_dataset_cacheable",
+                        &l,
+                        t,
+                        f64::from(u8::from(ok)),
+                    );
+                }
+                t += STEP_MS;
+            }
+        }
+        let r = w.write(node, "i", b.batch(seq as u64 + 1)).await.unwrap();
+        r.await.unwrap().unwrap();
+    }
+    let wanted = [
+        "ZfsDatasetNotCacheable",
+        "KernelNfsServerNotResponding",
+        "KernelGpuReset",
+        "KernelOomKill",
+        "KernelMachineCheck",
+    ];
+    let mut rules = rules::builtin().unwrap();
+    rules.retain(|r| wanted.contains(&r.name.as_str()));
+    assert_eq!(
+        rules.len(),
+        wanted.len(),
+        "kernel rules missing from the pack"
+    );
+    let engine = Engine::new(rules, Duration::from_secs(60), Vec::new());
+    let fired = fired_between(engine, &store, t0 + 60_000, end, STEP_MS).await;
+    let show = fired
+        .iter()
+        .map(|(t, a)| format!("+{}s {} {:?}", (t - trouble) / 1000, a.rule, a.labels))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for name in wanted {
+        let f: Vec<_> = fired.iter().filter(|(_, a)| a.rule == name).collect();
+        assert_eq!(f.len(), 1, "{name}:\n{show}");
+        let (at, a) = f[0];
+        if name == "ZfsDatasetNotCacheable" {
+            assert_eq!(a.labels["dataset"], "tank/train");
+            // After its 10 minutes.
+            assert!(
+                *at >= trouble + 10 * 60_000 && *at <= trouble + 11 * 60_000,
+                "{name} at {at}"
+            );
+            continue;
+        }
+        assert_eq!(a.labels["node"], "gpu-01", "{name}");
+        assert!(
+            *at >= trouble && *at <= trouble + 2 * STEP_MS,
+            "{name} at {at}"
+        );
+    }
+    assert_eq!(fired.len(), wanted.len(), "{show}");
     drop(w);
     let _ = tokio::task::spawn_blocking(move || handle.join()).await;
 }

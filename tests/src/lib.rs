@@ -325,7 +325,7 @@ pub fn agent_config(
     // batches: only the host source runs, whatever this machine has (a
     // SLURM client without a cluster, say), unless `extra` has the table.
     let only_host = format!(
-        "[sources.net]\nenabled = false\n[sources.nfs]\nenabled = false\n[sources.nfsd]\nenabled = false\n[sources.zfs]\nenabled = false\n{}{}{extra}",
+        "[sources.net]\nenabled = false\n[sources.nfs]\nenabled = false\n[sources.nfsd]\nenabled = false\n[sources.zfs]\nenabled = false\n{}{}{}{extra}",
         if extra.contains("[sources.gpu]") {
             ""
         } else {
@@ -335,6 +335,12 @@ pub fn agent_config(
             ""
         } else {
             "[sources.slurm]\nenabled = false\n"
+        },
+        // The machine's own kernel log would add events of its own.
+        if extra.contains("[sources.kmsg]") {
+            ""
+        } else {
+            "[sources.kmsg]\nenabled = false\n"
         }
     );
     let node = opts

@@ -10,8 +10,8 @@ use std::time::Duration;
 use tokio_stream::StreamExt;
 use vitals_e2e::*;
 use vitals_proto::v1::{
-    AgentMessage, Batch, Event, Hello, Label, ListNodesRequest, SeriesDef, Severity, agent_message,
-    collector_message, ingest_client::IngestClient, query_client::QueryClient,
+    AgentMessage, Batch, Event, Hello, Label, ListNodesRequest, MatchOp, SeriesDef, Severity,
+    agent_message, collector_message, ingest_client::IngestClient, query_client::QueryClient,
 };
 
 #[path = "e2e/service.rs"]
@@ -920,4 +920,98 @@ fn bench_ingest_drives_a_running_collector_and_every_acked_sample_is_stored() {
     collector.term(Duration::from_secs(30));
     let _collector = start_collector(&env, port);
     check("after a restart");
+}
+
+/// Recorded kernel log records (the kmsg source's `path`) through a real
+/// agent and collector: the kernel events arrive with their classes,
+/// severities and labels (the NVIDIA Xid number, the OOM victim's SLURM
+/// job), the per-class counters are stored, and a restarted agent sends
+/// none of them again.
+#[test]
+fn kernel_events_from_recorded_kmsg_arrive_once_with_their_labels() {
+    let env = Env::new();
+    env.issue("train-01", "agent", &[]);
+    let port = free_port();
+    let _collector = start_collector(&env, port);
+    let reader = Reader::new(&env, port);
+    let recorded =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/data/kmsg/train-01.kmsg");
+    let cfg = agent_config(
+        &env,
+        "train-01",
+        port,
+        &opts(&env, "train-01"),
+        &format!("[sources.kmsg]\npath = {recorded:?}\nstart = \"beginning\"\nmax_lines = 4\n"),
+    );
+    let mut agent = restart_agent(&cfg);
+    let cli = env.cli_config(port);
+    let events = || -> Vec<serde_json::Value> {
+        let out = env.vitals_ok(&[
+            "--config",
+            cli.to_str().unwrap(),
+            "events",
+            "--kind",
+            "kernel",
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["events"].as_array().unwrap().clone()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || events().len() >= 15),
+        "{:?}\n{}",
+        events(),
+        agent.proc.log_text()
+    );
+    let ev = events();
+    assert_eq!(ev.len(), 15);
+    let class = |c: &str| -> Vec<&serde_json::Value> {
+        ev.iter().filter(|e| e["labels"]["class"] == c).collect()
+    };
+    let xid = class("nvidia_xid");
+    assert_eq!(xid.len(), 1);
+    assert_eq!(xid[0]["labels"]["xid"], "79");
+    assert_eq!(xid[0]["severity"], "critical");
+    assert_eq!(xid[0]["node"], "train-01");
+    let oom = class("oom_kill");
+    assert_eq!(oom.len(), 2);
+    assert!(
+        oom.iter()
+            .any(|e| e["labels"]["pid"] == "7788" && e["labels"]["job_id"] == "4242"),
+        "{oom:?}"
+    );
+    let nfs = class("nfs_not_responding");
+    assert_eq!(nfs.len(), 2);
+    assert!(
+        nfs.iter()
+            .all(|e| e["labels"]["server"] == "nas-01" && e["severity"] == "warning")
+    );
+    let counter = |c: &str| {
+        reader.series(
+            "vitals_kernel_events_total",
+            &[
+                ("class", MatchOp::Equal, c),
+                ("node", MatchOp::Equal, "train-01"),
+            ],
+        )
+    };
+    assert!(wait_until(Duration::from_secs(10), || counter("oom_kill")
+        .first()
+        .and_then(|s| s.points.last())
+        .is_some_and(|p| p.value == 2.0)));
+
+    // A restart reads on from the kept position: nothing again.
+    stop_agent(&mut agent);
+    let mut agent = restart_agent(&cfg);
+    let before = reader
+        .samples("vitals_agent_cycles_total", "train-01")
+        .len();
+    assert!(wait_until(Duration::from_secs(20), || {
+        reader
+            .samples("vitals_agent_cycles_total", "train-01")
+            .len()
+            >= before + 5
+    }));
+    assert_eq!(events().len(), 15, "a restart replayed kernel events");
+    stop_agent(&mut agent);
 }

@@ -865,3 +865,180 @@ fn tcp_jwt() -> Option<()> {
     agent.proc.term(Duration::from_secs(20));
     Some(())
 }
+
+/// The fake ROCm library's capture with uncorrectable ECC errors on GPU 0's
+/// UMC block (the fake's own `ECC <block> ...` keys).
+fn capture_with_ecc(path: &Path, uncorrectable: u64) {
+    let text =
+        std::fs::read_to_string(Path::new(FIXTURES).join("rocm-smi/mi100_rocm571.json")).unwrap();
+    let mut j: serde_json::Value = serde_json::from_str(&text).unwrap();
+    j["card0"]["ECC umc correctable"] = "0".into();
+    j["card0"]["ECC umc uncorrectable"] = uncorrectable.to_string().into();
+    // Written whole and renamed: the library never reads half a file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, j.to_string()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The drain action against the real cluster: uncorrectable ECC errors
+/// from the fake ROCm library fire `GpuEccUncorrectable`, whose action runs
+/// `scontrol update ... state=drain` once on the collector (or, dry, only
+/// says what it would run). Returns the audit records, `sinfo`'s
+/// `state|reason` of the node afterwards, the alerts and the `action`
+/// events; None when skipped.
+#[allow(clippy::type_complexity)]
+fn drain_on_ecc(
+    test: &str,
+    dry_run: bool,
+) -> Option<(
+    Vec<serde_json::Value>,
+    String,
+    String,
+    Vec<serde_json::Value>,
+)> {
+    required(test, "VITALS_TEST_SLURM", slurm_binaries())?;
+    let env = Env::new();
+    let cluster = Cluster::start(&env.path().join("slurm"));
+    // The agent's node name is the SLURM node's, as on a real cluster.
+    let node = cluster.node.clone();
+    env.issue(&node, "agent", &[]);
+    let port = free_port();
+    let extra = format!(
+        "[alerting]\neval_interval = \"500ms\"\n\
+         [alerting.actions.drain]\n\
+         command = [\"scontrol\", \"update\", \"nodename={{{{slurm_node or node}}}}\", \"state=drain\", \"reason=vitals: uncorrectable ECC on GPU {{{{gpu}}}}\"]\n\
+         rules = [\"GpuEccUncorrectable\"]\ndry_run = {dry_run}\ntimeout = \"20s\"\n"
+    );
+    let _collector = start_collector_full(&env, port, &extra, &[cluster.env()]);
+    let cli = env.cli_config(port);
+    let capture = env.path().join("capture.json");
+    capture_with_ecc(&capture, 0);
+    let lib = bin("libfake_rocm_smi.so");
+    let opts = AgentOpts {
+        cert: env.cert(&node),
+        ca: None,
+        node: None,
+        interval: "300ms",
+        spool_max_bytes: 64 << 20,
+    };
+    let cfg = agent_config(
+        &env,
+        &node,
+        port,
+        &opts,
+        &format!("[sources.gpu]\nbackend = \"rocm\"\nlibrary = {lib:?}\n"),
+    );
+    let mut agent = restart_agent_env(
+        &cfg,
+        &[("VITALS_FAKE_ROCM_SMI_JSON", capture.to_str().unwrap())],
+    );
+    let reader = Reader::new(&env, port);
+    let ecc = || {
+        reader.series(
+            "gpu_ecc_uncorrect_total",
+            &[
+                ("gpu", MatchOp::Equal, "0"),
+                ("node", MatchOp::Equal, &node),
+            ],
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || ecc()
+            .first()
+            .is_some_and(|s| s.points.len() >= 2)),
+        "ECC counters arrive at 0 first; agent log:\n{}",
+        agent.proc.log_text()
+    );
+    assert_eq!(cluster.run("sinfo", &["-h", "-o", "%T"]).trim(), "idle");
+    capture_with_ecc(&capture, 2);
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["--config", cli.to_str().unwrap()];
+        all.extend_from_slice(args);
+        serde_json::from_str(&env.vitals_ok(&all)).unwrap()
+    };
+    let runs = || {
+        json(&["actions", "--json"])["actions"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let done = |r: &serde_json::Value| r["outcome"] == "ok" || r["outcome"] == "dry_run";
+    assert!(
+        wait_until(Duration::from_secs(60), || runs().iter().any(done)),
+        "the action ran; actions: {:?}; alerts: {}",
+        runs(),
+        json(&["alerts", "--all", "--json"])
+    );
+    // More evaluations of the same firing alert run nothing more.
+    std::thread::sleep(Duration::from_secs(3));
+    let all = runs();
+    let state = cluster.run("sinfo", &["-h", "-N", "-o", "%T|%E"]);
+    let alerts = json(&["alerts", "--all", "--json"]).to_string();
+    let events = json(&["events", "--kind", "action", "--json"])["events"]
+        .as_array()
+        .unwrap()
+        .clone();
+    agent.proc.term(Duration::from_secs(20));
+    Some((all, state.trim().to_string(), alerts, events))
+}
+
+#[test]
+fn slurm_uncorrectable_ecc_drains_the_node_once_with_the_reason_and_an_audit_record() {
+    let Some((runs, state, alerts, events)) = drain_on_ecc("slurm drain action", false) else {
+        return;
+    };
+    // The run is an event on the node too.
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["labels"]["action"], "drain");
+    assert_eq!(events[0]["labels"]["rule"], "GpuEccUncorrectable");
+    assert_eq!(events[0]["labels"]["outcome"], "ok");
+    assert_eq!(events[0]["severity"], "info");
+    assert!(
+        events[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("state=drain"),
+        "{events:?}"
+    );
+    assert_eq!(runs.len(), 1, "one run per alert: {runs:?}");
+    let r = &runs[0];
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert_eq!(r["action"], "drain");
+    assert_eq!(r["rule"], "GpuEccUncorrectable");
+    assert_eq!(r["dry_run"], false);
+    assert_eq!(r["exit_code"], 0);
+    let what = r["what"].as_str().unwrap();
+    assert!(what.contains("state=drain"), "{what}");
+    assert!(
+        what.contains("reason=vitals: uncorrectable ECC on GPU 0"),
+        "{what}"
+    );
+    // sinfo: drained (no job was running), with the reason.
+    let (st, reason) = state.split_once('|').unwrap();
+    assert!(st.starts_with("drain"), "{state}");
+    assert_eq!(reason, "vitals: uncorrectable ECC on GPU 0", "{state}");
+    assert!(alerts.contains("GpuEccUncorrectable"), "{alerts}");
+}
+
+#[test]
+fn slurm_drain_action_in_dry_run_runs_nothing_and_says_what_it_would_run() {
+    let Some((runs, state, _, events)) = drain_on_ecc("slurm drain action, dry run", true) else {
+        return;
+    };
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["labels"]["outcome"], "dry_run");
+    assert!(
+        events[0]["message"].as_str().unwrap().contains("would run"),
+        "{events:?}"
+    );
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let r = &runs[0];
+    assert_eq!(r["outcome"], "dry_run", "{r}");
+    assert_eq!(r["dry_run"], true);
+    let what = r["what"].as_str().unwrap();
+    assert!(
+        what.contains("scontrol") && what.contains("state=drain"),
+        "the record says what would have run: {what}"
+    );
+    assert_eq!(state, "idle|none", "nothing ran: the node is not drained");
+}

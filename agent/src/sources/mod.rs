@@ -8,6 +8,7 @@
 pub mod command;
 pub mod gpu;
 pub mod host;
+pub mod kmsg;
 pub mod net;
 pub mod nfs;
 pub mod nfsd;
@@ -133,6 +134,12 @@ pub const SOURCES: &[SourceSpec] = &[
         help: "inference endpoint probes: latency, status, failures by step, golden-input correctness ([[sources.probe.endpoints]])",
         build: probe::build,
     },
+    SourceSpec {
+        name: "kmsg",
+        enabled_by_default: true,
+        help: "kernel events from /dev/kmsg: NFS server not responding, GPU resets and RAS errors, NVIDIA Xid, link up/down, OOM kills (with the SLURM job), MCE, hung tasks",
+        build: kmsg::build,
+    },
 ];
 
 /// Whether a source is enabled by the config (or its default).
@@ -146,6 +153,7 @@ pub fn enabled(cfg: &RawConfig, spec: &SourceSpec) -> bool {
         "gpu" => cfg.sources.gpu.enabled,
         "slurm" => cfg.sources.slurm.enabled,
         "probe" => cfg.sources.probe.enabled,
+        "kmsg" => cfg.sources.kmsg.enabled,
         _ => None,
     };
     toggle.unwrap_or(spec.enabled_by_default)

@@ -187,7 +187,10 @@ pub fn settings(
     Ok(out)
 }
 
-/// `{{label}}` → the alert's label (unknown ones become empty).
+/// `{{label}}` → the alert's label (unknown ones become empty);
+/// `{{a or b}}` → the first of those labels the alert has, non-empty
+/// (e.g. `{{slurm_node or node}}`: SLURM's node name where the alert
+/// carries one, else the agent's).
 pub fn fill(template: &str, labels: &Labels) -> String {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
@@ -196,8 +199,11 @@ pub fn fill(template: &str, labels: &Labels) -> String {
         let after = &rest[i + 2..];
         match after.find("}}") {
             Some(j) => {
-                let name = after[..j].trim();
-                out.push_str(labels.get(name).map(String::as_str).unwrap_or(""));
+                let value = after[..j]
+                    .split(" or ")
+                    .filter_map(|name| labels.get(name.trim()))
+                    .find(|v| !v.is_empty());
+                out.push_str(value.map(String::as_str).unwrap_or(""));
                 rest = &after[j + 2..];
             }
             None => {
@@ -397,6 +403,11 @@ mod tests {
             "drain gpu01 for blue"
         );
         assert_eq!(fill("{{missing}}x", &l), "x");
+        assert_eq!(
+            fill("nodename={{slurm_node or node}}", &l),
+            "nodename=gpu01"
+        );
+        assert_eq!(fill("{{ endpoint or node }}", &l), "blue");
         assert_eq!(fill("open {{ without end", &l), "open {{ without end");
     }
 

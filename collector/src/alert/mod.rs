@@ -590,19 +590,20 @@ pub async fn run(
             let refs: Vec<&Alert> = open.iter().collect();
             let queued = sink.tick(&refs, &silenced, now, stopping);
             mark_notified(&s2, &queued);
-            let due = if stopping {
-                Vec::new()
+            let (due, skipped) = if stopping {
+                (Vec::new(), Vec::new())
             } else {
                 plan_actions(&s2, now)
             };
-            (sink, open, due)
+            (sink, open, due, skipped)
         })
         .await;
         sink = match step {
-            Ok((s, open, due)) => {
-                spawn_actions(&shared, due);
+            Ok((s, open, due, skipped)) => {
+                spawn_actions(&shared, due, own.clone());
                 if let (Some(w), false) = (&own, stopping) {
                     write_alerts(w, &open, now).await;
+                    write_action_events(w, &skipped, now).await;
                 }
                 s
             }
@@ -627,16 +628,17 @@ fn who(rule: &str) -> String {
 
 /// Records the actions due for firing alerts (one row per action and
 /// alert, committed before anything runs) and returns those to run now.
-pub fn plan_actions(shared: &Shared, now: i64) -> Vec<action::Planned> {
+pub fn plan_actions(shared: &Shared, now: i64) -> (Vec<action::Planned>, Vec<ActionEvent>) {
     let mut g = match shared.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     };
     let st = &mut *g;
     if st.actions.is_empty() {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     }
     let mut due = Vec::new();
+    let mut skipped = Vec::new();
     let mut firing: Vec<&Alert> = st
         .engine
         .open
@@ -685,10 +687,12 @@ pub fn plan_actions(shared: &Shared, now: i64) -> Vec<action::Planned> {
                         });
                     }
                     "dry_run" => {
-                        tracing::warn!(action = %name, alert = %a.rule, "dry run: would run {what}")
+                        tracing::warn!(action = %name, alert = %a.rule, "dry run: would run {what}");
+                        skipped.push(ActionEvent::new(name, a, "dry_run", None, &what));
                     }
                     _ => {
-                        tracing::info!(action = %name, alert = %a.rule, cooldown = ?act.cooldown, "action not run: it ran within its cooldown")
+                        tracing::info!(action = %name, alert = %a.rule, cooldown = ?act.cooldown, "action not run: it ran within its cooldown");
+                        skipped.push(ActionEvent::new(name, a, outcome, None, &what));
                     }
                 },
                 Ok(None) => {}
@@ -698,13 +702,109 @@ pub fn plan_actions(shared: &Shared, now: i64) -> Vec<action::Planned> {
             }
         }
     }
-    due
+    (due, skipped)
 }
 
-/// Runs planned actions, each on its own task, and records how they end.
-fn spawn_actions(shared: &Shared, due: Vec<action::Planned>) {
+/// An action's run, or its skip (dry run, cooldown), as an event of kind
+/// `action` on the alert's node (labels `action`, `rule`, `outcome`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionEvent {
+    /// The alert's `node` label; None: no node, no event.
+    pub node: Option<String>,
+    pub action: String,
+    pub rule: String,
+    pub outcome: String,
+    pub code: Option<i64>,
+    pub what: String,
+}
+
+impl ActionEvent {
+    pub fn new(action: &str, alert: &Alert, outcome: &str, code: Option<i64>, what: &str) -> Self {
+        ActionEvent {
+            node: alert.labels.get("node").filter(|n| !n.is_empty()).cloned(),
+            action: action.to_string(),
+            rule: alert.rule.clone(),
+            outcome: outcome.to_string(),
+            code,
+            what: what.to_string(),
+        }
+    }
+
+    /// The event, as a batch of its node; None without a node.
+    pub fn batch(&self, now: i64) -> Option<(String, crate::store::CleanBatch)> {
+        let node = self.node.clone()?;
+        let severity = match self.outcome.as_str() {
+            "ok" | "dry_run" | "cooldown" => vitals_proto::v1::Severity::Info,
+            _ => vitals_proto::v1::Severity::Warning,
+        };
+        let code = self
+            .code
+            .map(|c| format!(" (exit {c})"))
+            .unwrap_or_default();
+        let verb = match self.outcome.as_str() {
+            "dry_run" => "would run",
+            "cooldown" => "not run (cooldown)",
+            _ => "ran",
+        };
+        let message = format!(
+            "action {} for {}: {verb} {}: {}{code}",
+            self.action, self.rule, self.what, self.outcome
+        );
+        let labels = [
+            ("action", &self.action),
+            ("rule", &self.rule),
+            ("outcome", &self.outcome),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+        Some((
+            node,
+            crate::store::CleanBatch {
+                seq: u64::try_from(now).unwrap_or(0),
+                series: Vec::new(),
+                series_idx: Vec::new(),
+                timestamps_ms: Vec::new(),
+                values: Vec::new(),
+                events: vec![crate::store::CleanEvent {
+                    timestamp_ms: now,
+                    kind: "action".into(),
+                    severity: severity as i32,
+                    message,
+                    labels,
+                }],
+            },
+        ))
+    }
+}
+
+/// Stores action events (logged, not fatal, when the store refuses).
+async fn write_action_events(writer: &crate::store::Writer, events: &[ActionEvent], now: i64) {
+    for e in events {
+        let Some((node, batch)) = e.batch(now) else {
+            continue;
+        };
+        let r = match writer.write_own(&node, ACTIONS_SOURCE, batch).await {
+            Ok(rx) => rx
+                .await
+                .map_err(|_| "the store closed".to_string())
+                .and_then(|r| r),
+            Err(e) => Err(e),
+        };
+        if let Err(err) = r {
+            tracing::warn!(node = %node, action = %e.action, error = %err, "cannot store the action's event");
+        }
+    }
+}
+
+const ACTIONS_SOURCE: &str = "vitals-collector/actions";
+
+/// Runs planned actions, each on its own task, and records how they end
+/// (in the audit, and as an event through `own`).
+fn spawn_actions(shared: &Shared, due: Vec<action::Planned>, own: Option<crate::store::Writer>) {
     for p in due {
         let shared = shared.clone();
+        let own = own.clone();
         tokio::spawn(async move {
             let ended = action::execute(&p).await;
             tracing::warn!(
@@ -712,6 +812,13 @@ fn spawn_actions(shared: &Shared, due: Vec<action::Planned>) {
                 outcome = ended.0,
                 code = ?ended.1,
                 "action ended"
+            );
+            let event = ActionEvent::new(
+                &p.action.name,
+                &p.alert,
+                ended.0,
+                ended.1,
+                &p.action.describe(&p.alert.labels),
             );
             let _ = tokio::task::spawn_blocking(move || {
                 let mut g = match shared.lock() {
@@ -723,6 +830,9 @@ fn spawn_actions(shared: &Shared, due: Vec<action::Planned>) {
                 }
             })
             .await;
+            if let Some(w) = own {
+                write_action_events(&w, &[event], vitals_common::now_ms()).await;
+            }
         });
     }
 }

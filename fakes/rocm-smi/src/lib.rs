@@ -21,6 +21,11 @@
 //! - `VITALS_FAKE_ROCM_SMI_CALLS`: a file each `rsmi_init` and
 //!   `rsmi_shut_down` call appends its name to.
 //!
+//! ECC counts come from a card's `"ECC <block> correctable"` and
+//! `"ECC <block> uncorrectable"` entries (block names as in
+//! `rsmi_gpu_block_t`: `umc`, `sdma`, `gfx`, ...; this fake's own keys, which
+//! a test adds to a capture); without them ECC is not supported.
+//!
 //! Processes come from the capture's `system` entries `PID<n>`:
 //! `"name, gpus, vram bytes, sdma, cu occupancy"`; a process with `gpus` = k
 //! uses devices 0..k.
@@ -572,14 +577,63 @@ pub extern "C" fn rsmi_dev_volt_metric_get(
     with_card(dv, |c| put(mv, number(c, "Voltage (mV)").map(|v| v as i64)))
 }
 
-#[unsafe(no_mangle)]
-pub extern "C" fn rsmi_dev_ecc_enabled_get(dv: u32, _mask: *mut u64) -> Status {
-    with_card(dv, |_| NOT_SUPPORTED)
+/// `rsmi_gpu_block_t` bits by block name, as ROCm SMI 5.x numbers them.
+const ECC_BLOCKS: &[(u64, &str)] = &[
+    (0x1, "umc"),
+    (0x2, "sdma"),
+    (0x4, "gfx"),
+    (0x8, "mmhub"),
+    (0x10, "athub"),
+    (0x20, "pcie_bif"),
+    (0x40, "hdp"),
+    (0x80, "xgmi_wafl"),
+    (0x100, "df"),
+    (0x200, "smn"),
+    (0x400, "sem"),
+    (0x800, "mp0"),
+    (0x1000, "mp1"),
+    (0x2000, "fuse"),
+];
+
+/// A block's (correctable, uncorrectable) counts from the capture's
+/// `"ECC <block> correctable"` / `"ECC <block> uncorrectable"` keys (this
+/// fake's own: `rocm-smi --json` has no per-block ECC counts); None when
+/// the capture has neither.
+fn ecc_of(card: &Card, block: &str) -> Option<(u64, u64)> {
+    let c = number(card, &format!("ECC {block} correctable"));
+    let u = number(card, &format!("ECC {block} uncorrectable"));
+    if c.is_none() && u.is_none() {
+        return None;
+    }
+    Some((c.unwrap_or(0.0) as u64, u.unwrap_or(0.0) as u64))
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn rsmi_dev_ecc_count_get(dv: u32, _block: u64, _ec: *mut ErrorCount) -> Status {
-    with_card(dv, |_| NOT_SUPPORTED)
+pub extern "C" fn rsmi_dev_ecc_enabled_get(dv: u32, mask: *mut u64) -> Status {
+    with_card(dv, |c| {
+        let m = ECC_BLOCKS
+            .iter()
+            .filter(|(_, b)| ecc_of(c, b).is_some())
+            .fold(0u64, |m, (bit, _)| m | bit);
+        put(mask, (m != 0).then_some(m))
+    })
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn rsmi_dev_ecc_count_get(dv: u32, block: u64, ec: *mut ErrorCount) -> Status {
+    with_card(dv, |c| {
+        let counts = ECC_BLOCKS
+            .iter()
+            .find(|(bit, _)| *bit == block)
+            .and_then(|(_, b)| ecc_of(c, b));
+        put(
+            ec,
+            counts.map(|(correctable_err, uncorrectable_err)| ErrorCount {
+                correctable_err,
+                uncorrectable_err,
+            }),
+        )
+    })
 }
 
 #[unsafe(no_mangle)]

@@ -19,7 +19,17 @@
 //! command reports on itself: `vitals_zfs_command_success`,
 //! `vitals_zfs_command_duration_seconds`, `vitals_zfs_command_timeouts_total`
 //! and `vitals_zfs_command_hung`.
+//!
+//! SSD-cache eligibility (`cache_datasets`): `zfs get -Hp -o
+//! name,property,value` of [`cache::PROPERTIES`] for those datasets →
+//! `vitals_zfs_dataset_info{zpool,dataset,primarycache,secondarycache,
+//! compression,sync,logbias}` (1), `vitals_zfs_dataset_recordsize_bytes`,
+//! `vitals_zfs_dataset_used_bytes`, `vitals_zfs_dataset_referenced_bytes`,
+//! and `vitals_zfs_dataset_cacheable` (1/0: [`cache::verdict`] on the
+//! properties and the size against the ARC's `c_max` + `l2_size`); the
+//! per-dataset read volume is the objset kstats' `node_zfs_zpool_dataset_nread`.
 
+pub mod cache;
 pub mod kstat;
 pub mod zpool;
 
@@ -84,6 +94,10 @@ pub struct Zfs {
     names: Interned<Name>,
     labels: Interned<LabelSet>,
     key: String,
+    /// `zfs get` of the configured `cache_datasets`; None without any.
+    cache_get: Option<Runner>,
+    /// ARC max and L2ARC size from this cycle's arcstats.
+    sizes: cache::CacheSizes,
 }
 
 pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
@@ -139,7 +153,29 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
             ),
         ]
     });
+    let cache_get = (z.commands && !z.cache_datasets.is_empty()).then(|| {
+        let mut args = vec![
+            "get".to_string(),
+            "-Hp".into(),
+            "-o".into(),
+            "name,property,value".into(),
+            cache::PROPERTIES.join(","),
+        ];
+        args.extend(z.cache_datasets.iter().cloned());
+        Runner::new(
+            CommandSpec {
+                label: "zfs get",
+                program: z.zfs.clone(),
+                variants: vec![args],
+                fallback_on: &[],
+                env: Vec::new(),
+            },
+            z.command_timeout,
+        )
+    });
     Box::new(Zfs {
+        cache_get,
+        sizes: cache::CacheSizes::default(),
         procfs: cfg.paths.procfs.clone(),
         zpool: z.zpool.clone(),
         commands,
@@ -165,7 +201,11 @@ impl Source for Zfs {
             for r in runners.iter_mut() {
                 r.start();
             }
+            if let Some(r) = &mut self.cache_get {
+                r.start();
+            }
         }
+        self.sizes = cache::CacheSizes::default();
 
         let kstat_dir = self.procfs.join("spl/kstat/zfs");
         let mut states_from_kstat = BTreeSet::new();
@@ -187,12 +227,87 @@ impl Source for Zfs {
         }
         if have_zpool {
             self.commands_samples(now, have_kstats, &states_from_kstat, out)?;
+            self.cache_samples(now, out)?;
         }
         Ok(())
     }
 }
 
 impl Zfs {
+    /// The configured datasets' cache properties and verdicts.
+    fn cache_samples(&mut self, now: Instant, out: &mut Vec<Sample>) -> Result<(), SourceError> {
+        let Some(r) = &mut self.cache_get else {
+            return Ok(());
+        };
+        r.receive(Some(now + self.wait));
+        let label = r.spec.label;
+        let hung = r.hung();
+        let sample = |name: &'static str, v: f64| Sample::new(name, v).label("command", label);
+        out.push(sample("vitals_zfs_command_hung", f64::from(u8::from(hung))));
+        out.push(sample(
+            "vitals_zfs_command_timeouts_total",
+            r.timeouts_total as f64,
+        ));
+        let Some(last) = &r.last else { return Ok(()) };
+        if let Some(d) = last.duration() {
+            out.push(sample(
+                "vitals_zfs_command_duration_seconds",
+                d.as_secs_f64(),
+            ));
+        }
+        let success = last.success().filter(|_| !hung);
+        out.push(sample(
+            "vitals_zfs_command_success",
+            f64::from(u8::from(success.is_some())),
+        ));
+        let Some((_, text)) = success else {
+            if let Some(why) = last.failure()
+                && self.logged.get(label) != Some(&why)
+            {
+                tracing::warn!(command = label, error = %why, "zfs command failed; the cache_datasets samples are left out");
+                self.logged.insert(label, why);
+            }
+            return Ok(());
+        };
+        self.logged.remove(label);
+        let datasets = cache::parse_zfs_get(text)
+            .map_err(|e| SourceError::Failed(format!("`zfs get` output: {e}")))?;
+        for ds in &datasets {
+            let pool = ds.name.split('/').next().unwrap_or_default();
+            let s = |name: &'static str, v: f64| {
+                Sample::new(name, v)
+                    .label("zpool", pool)
+                    .label("dataset", ds.name.as_str())
+            };
+            let mut info = s("vitals_zfs_dataset_info", 1.0);
+            for p in [
+                "primarycache",
+                "secondarycache",
+                "compression",
+                "sync",
+                "logbias",
+            ] {
+                info = info.label(p, ds.get(p).unwrap_or(""));
+            }
+            out.push(info);
+            for (p, name) in [
+                ("recordsize", "vitals_zfs_dataset_recordsize_bytes"),
+                ("used", "vitals_zfs_dataset_used_bytes"),
+                ("referenced", "vitals_zfs_dataset_referenced_bytes"),
+            ] {
+                if let Some(v) = ds.bytes(p) {
+                    out.push(s(name, v as f64));
+                }
+            }
+            let v = cache::verdict(ds, self.sizes, cache::Reading::default());
+            out.push(s(
+                "vitals_zfs_dataset_cacheable",
+                f64::from(u8::from(v.cacheable)),
+            ));
+        }
+        Ok(())
+    }
+
     fn read_kstats(
         &mut self,
         dir: &Path,
@@ -214,6 +329,16 @@ impl Zfs {
             }
             if *file == "arcstats" {
                 arc_ratios(&mut self.deltas, &fields, now, out);
+                let get = |n: &str| {
+                    fields
+                        .iter()
+                        .find(|(k, _)| *k == n)
+                        .and_then(|(_, v)| v.as_f64())
+                };
+                self.sizes = cache::CacheSizes {
+                    arc_max_bytes: get("c_max"),
+                    l2_bytes: get("l2_size"),
+                };
             }
         }
         let pools =
