@@ -285,8 +285,11 @@ async fn agent(
     }
     shared.connected.fetch_add(1, Ordering::Relaxed);
     let (defs, mut gens) = realistic_series(index, m);
+    // Skip, not Delay: after a stall each agent keeps its own phase, as
+    // real agents (which do not wait for acks to collect) do; Delay would
+    // line every agent up on the moment the stall ended.
     let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let (mut seq, mut last_ts) = (0u64, 0i64);
     let r: Result<()> = async {
         while !shared.stop.load(Ordering::Relaxed) {
