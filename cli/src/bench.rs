@@ -483,25 +483,29 @@ pub(crate) fn tempfile_dir(keep: &Option<PathBuf>) -> Result<Scratch> {
     Ok(Scratch::Temp(p))
 }
 
-async fn run_agent(
+/// A simulated agent's ingest stream: connected, hello sent, welcome read.
+/// Returns where to send batches and where acks come from.
+pub(crate) async fn open_stream(
+    endpoint: &Endpoint,
+    node: &str,
+    version: &str,
     index: usize,
-    node: String,
-    endpoint: Endpoint,
-    m: usize,
-    window: usize,
-    shared: Arc<Shared>,
-) -> Result<()> {
+    capacity: usize,
+) -> Result<(
+    mpsc::Sender<AgentMessage>,
+    tonic::Streaming<vitals_proto::v1::CollectorMessage>,
+)> {
     let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("agent {node} cannot connect"))?;
     let mut client = IngestClient::new(channel).max_encoding_message_size(64 << 20);
-    let (tx, rx) = mpsc::channel::<AgentMessage>(window + 2);
+    let (tx, rx) = mpsc::channel::<AgentMessage>(capacity);
     tx.send(AgentMessage {
         msg: Some(agent_message::Msg::Hello(Hello {
-            node: node.clone(),
-            agent_version: "bench".into(),
-            instance_id: format!("bench-{index}-{}", vitals_common::now_ms()),
+            node: node.to_string(),
+            agent_version: version.into(),
+            instance_id: format!("{version}-{index}-{}", vitals_common::now_ms()),
         })),
     })
     .await?;
@@ -510,6 +514,18 @@ async fn run_agent(
         Some(collector_message::Msg::Welcome(_)) => {}
         _ => bail!("no welcome for {node}"),
     }
+    Ok((tx, inbound))
+}
+
+async fn run_agent(
+    index: usize,
+    node: String,
+    endpoint: Endpoint,
+    m: usize,
+    window: usize,
+    shared: Arc<Shared>,
+) -> Result<()> {
+    let (tx, mut inbound) = open_stream(&endpoint, &node, "bench", index, window + 2).await?;
     let (defs, mut gens) = realistic_series(index, m);
     // Simulated time: one tick of 1 s per batch, starting a day ago.
     let mut ts = vitals_common::now_ms() - 86_400_000;

@@ -11,14 +11,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use tokio::sync::{Mutex, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use anyhow::{Result, bail};
+use tokio::sync::Mutex;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use vitals_common::identity::Role;
-use vitals_proto::v1::{
-    AgentMessage, Batch, Hello, agent_message, collector_message, ingest_client::IngestClient,
-};
+use vitals_proto::v1::{AgentMessage, Batch, agent_message, collector_message};
 
 use crate::bench::{SeriesGen, cpu_seconds, realistic_series, start_collector, tempfile_dir};
 use crate::certs;
@@ -264,25 +261,8 @@ async fn agent(
     shared: Arc<Shared>,
 ) -> Result<()> {
     tokio::time::sleep_until(first).await;
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("agent {node} cannot connect"))?;
-    let mut client = IngestClient::new(channel);
-    let (tx, rx) = mpsc::channel::<AgentMessage>(4);
-    tx.send(AgentMessage {
-        msg: Some(agent_message::Msg::Hello(Hello {
-            node: node.clone(),
-            agent_version: "bench-fleet".into(),
-            instance_id: format!("fleet-{index}-{}", vitals_common::now_ms()),
-        })),
-    })
-    .await?;
-    let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
-    match inbound.message().await?.and_then(|m| m.msg) {
-        Some(collector_message::Msg::Welcome(_)) => {}
-        _ => bail!("no welcome for {node}"),
-    }
+    let (tx, mut inbound) =
+        crate::bench::open_stream(&endpoint, &node, "bench-fleet", index, 4).await?;
     shared.connected.fetch_add(1, Ordering::Relaxed);
     let (defs, mut gens) = realistic_series(index, m);
     // Skip, not Delay: after a stall each agent keeps its own phase, as

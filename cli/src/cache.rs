@@ -226,27 +226,10 @@ pub async fn check(cfg: &CliConfig, dataset: Option<String>, json: bool) -> Resu
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use vitals_proto::v1::{Label, Point};
 
     use super::*;
 
-    fn s(name: &str, labels: &[(&str, &str)], v: f64) -> Series {
-        Series {
-            name: name.into(),
-            labels: labels
-                .iter()
-                .map(|(n, v)| Label {
-                    name: n.to_string(),
-                    value: v.to_string(),
-                })
-                .collect(),
-            points: vec![Point {
-                timestamp_ms: 1,
-                value: v,
-            }],
-            ..Default::default()
-        }
-    }
+    use crate::commands::test_series as s;
 
     #[test]
     fn metadata_only_l2arc_is_reported_with_the_fix() {

@@ -513,3 +513,24 @@ pub async fn instant_with_alerts<K: Ord + Copy>(
         .collect();
     Ok((series, alerts))
 }
+
+/// One series with one point (time 1) of `v`: for the tests of commands
+/// that build rows from query answers.
+#[cfg(test)]
+pub fn test_series(name: &str, labels: &[(&str, &str)], v: f64) -> vitals_proto::v1::Series {
+    vitals_proto::v1::Series {
+        name: name.into(),
+        labels: labels
+            .iter()
+            .map(|(n, v)| vitals_proto::v1::Label {
+                name: n.to_string(),
+                value: v.to_string(),
+            })
+            .collect(),
+        points: vec![vitals_proto::v1::Point {
+            timestamp_ms: 1,
+            value: v,
+        }],
+        ..Default::default()
+    }
+}

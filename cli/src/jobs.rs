@@ -250,27 +250,11 @@ pub async fn jobs(cfg: &CliConfig, json: bool) -> Result<String> {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use vitals_proto::v1::{Label, Point};
+    use vitals_proto::v1::Label;
 
     use super::*;
 
-    fn s(name: &str, labels: &[(&str, &str)], v: f64) -> Series {
-        Series {
-            name: name.into(),
-            labels: labels
-                .iter()
-                .map(|(n, v)| Label {
-                    name: n.to_string(),
-                    value: v.to_string(),
-                })
-                .collect(),
-            points: vec![Point {
-                timestamp_ms: 1,
-                value: v,
-            }],
-            ..Default::default()
-        }
-    }
+    use crate::commands::test_series as s;
 
     #[test]
     fn answers_become_one_row_per_running_job() {

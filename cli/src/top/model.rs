@@ -469,25 +469,9 @@ pub fn build(a: &Answers) -> Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vitals_proto::v1::{Label, Point};
+    use vitals_proto::v1::Label;
 
-    fn s(name: &str, labels: &[(&str, &str)], v: f64) -> Series {
-        Series {
-            name: name.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| Label {
-                    name: k.to_string(),
-                    value: v.to_string(),
-                })
-                .collect(),
-            points: vec![Point {
-                timestamp_ms: 1,
-                value: v,
-            }],
-            ..Default::default()
-        }
-    }
+    use crate::commands::test_series as s;
 
     fn info(name: &str, role: &str) -> NodeInfo {
         NodeInfo {
