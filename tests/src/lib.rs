@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod model;
+pub mod netns;
 pub mod prometheus;
 pub mod receivers;
 pub mod slurm;
