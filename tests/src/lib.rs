@@ -113,6 +113,19 @@ impl Env {
         self.vitals_ok(&args);
     }
 
+    /// Issues the collector's certificate again, valid also for `ips`
+    /// (addresses agents in other network namespaces dial).
+    pub fn reissue_collector(&self, ips: &[&str]) {
+        let mut args = vec!["--dns", "localhost", "--ip", "127.0.0.1"];
+        for ip in ips {
+            args.extend(["--ip", ip]);
+        }
+        for ext in ["pem", "key"] {
+            let _ = std::fs::remove_file(self.certs().join(format!("collector.{ext}")));
+        }
+        self.issue("collector", "collector", &args);
+    }
+
     pub fn cert(&self, name: &str) -> (PathBuf, PathBuf) {
         (
             self.certs().join(format!("{name}.pem")),
@@ -257,6 +270,19 @@ pub fn start_collector_with_env(env: &Env, port: u16, vars: &[(&str, &str)]) -> 
 
 /// `start_collector` with extra TOML and environment variables.
 pub fn start_collector_full(env: &Env, port: u16, extra: &str, vars: &[(&str, &str)]) -> Proc {
+    start_collector_at(env, "127.0.0.1", port, extra, vars)
+}
+
+/// `start_collector_full` listening on `host:port` (e.g. `0.0.0.0` for
+/// agents in other network namespaces; see [`Env::reissue_collector`]).
+/// It is waited for on 127.0.0.1, so `host` must include loopback.
+pub fn start_collector_at(
+    env: &Env,
+    host: &str,
+    port: u16,
+    extra: &str,
+    vars: &[(&str, &str)],
+) -> Proc {
     let dir = env.path().join("collector");
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = env.cert("collector");
@@ -264,7 +290,7 @@ pub fn start_collector_full(env: &Env, port: u16, extra: &str, vars: &[(&str, &s
     std::fs::write(
         &cfg,
         format!(
-            "listen = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[storage]\npath = {:?}\n{extra}",
+            "listen = \"{host}:{port}\"\nshutdown_grace = \"5s\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[storage]\npath = {:?}\n{extra}",
             env.ca(),
             cert,
             key,
@@ -383,6 +409,37 @@ pub fn restart_agent_env(cfg: &Path, vars: &[(&str, &str)]) -> Agent {
         spool: dir.join("spool"),
         config: cfg.to_path_buf(),
     }
+}
+
+/// Starts an agent from an existing config inside network namespace `ns`
+/// (`ip netns exec`); point its `collector` at an address reachable from
+/// there with [`set_collector`].
+pub fn restart_agent_in(cfg: &Path, ns: &netns::Ns) -> Agent {
+    let dir = cfg.parent().unwrap();
+    let mut cmd = Command::new(bin("vitals-agent"));
+    cmd.args(["--config", cfg.to_str().unwrap()]);
+    let proc = Proc::spawn_cmd(&mut ns.command(&cmd), &dir.join("agent.log"));
+    Agent {
+        proc,
+        spool: dir.join("spool"),
+        config: cfg.to_path_buf(),
+    }
+}
+
+/// Rewrites an agent config's `collector = "https://…"` to `url`.
+pub fn set_collector(cfg: &Path, url: &str) {
+    let text = std::fs::read_to_string(cfg).unwrap();
+    let out: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("collector = ") {
+                format!("collector = {url:?}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    std::fs::write(cfg, out.join("\n") + "\n").unwrap();
 }
 
 /// The batches in an agent's spool (read-only), oldest first.
