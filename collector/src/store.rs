@@ -9,8 +9,14 @@
 //! their own read-only connections and copy the head under a read lock.
 //!
 //! Restart = load the head snapshot of the last checkpoint, then replay the
-//! WAL rows written after it. A checkpoint writes every open chunk to
-//! `head_snapshot` and deletes the WAL rows it covers, in one transaction.
+//! WAL rows written after it. A checkpoint is a round: it notes the newest
+//! WAL id, then writes the open chunks to `head_snapshot` a slice of series
+//! at a time between the writer's batches (so ingest never waits for all of
+//! them), and when every series is written records that WAL id as covered
+//! and deletes the WAL rows up to it. Each series' snapshot row is written
+//! after the round began, so it holds every sample of the covered rows;
+//! replay drops what a snapshot or closed chunk already holds (time only
+//! moves forward), so a crash in the middle of a round loses nothing.
 //!
 //! Invariants: a batch is acknowledged only after the transaction holding its
 //! WAL row committed; a batch whose (node, instance, seq) is not above the
@@ -48,6 +54,9 @@ pub struct StoreOptions {
     pub checkpoint_interval: Duration,
     /// A checkpoint also happens when the WAL holds this many bytes.
     pub checkpoint_wal_bytes: u64,
+    /// At most this many series' open chunks are written to the snapshot
+    /// between two groups of batches (also bounded by `CHECKPOINT_STEP_TIME`).
+    pub checkpoint_step_series: usize,
     /// Names of the remote-write endpoints: the WAL rows one of them has
     /// not sent yet outlive checkpoints (see `remote_write`).
     pub remote_write: Vec<String>,
@@ -60,6 +69,7 @@ impl Default for StoreOptions {
             retention: Duration::from_secs(30 * 86400),
             checkpoint_interval: Duration::from_secs(300),
             checkpoint_wal_bytes: 1 << 30,
+            checkpoint_step_series: 8192,
             remote_write: Vec::new(),
         }
     }
@@ -663,7 +673,30 @@ struct WriterState {
     /// The cursor (last delivered WAL id) of each configured remote-write
     /// endpoint: a checkpoint keeps the WAL rows above the lowest.
     rw_cursors: HashMap<String, i64>,
+    /// The checkpoint round in progress, if any.
+    round: Option<Round>,
 }
+
+/// A checkpoint in progress: the head is written to the snapshot a slice of
+/// series at a time; when all are written, WAL rows up to `wal_id` are
+/// covered.
+struct Round {
+    /// The newest WAL id when the round began: every series' snapshot row,
+    /// written after that, holds the samples of the rows up to it.
+    wal_id: i64,
+    /// The head's WAL byte count then (rows the round will cover).
+    wal_bytes: u64,
+    /// The next series id to write.
+    next: usize,
+    /// Open chunks in their compact form (the final checkpoint).
+    compact: bool,
+    started: Instant,
+    steps: u32,
+}
+
+/// A checkpoint step between two groups of batches stops after this long
+/// (ack latency), or after `checkpoint_step_series` series.
+const CHECKPOINT_STEP_TIME: Duration = Duration::from_millis(40);
 
 /// The series each scored series' anomaly scores are stored in.
 pub const SCORE_METRIC: &str = "vitals_anomaly_score";
@@ -678,6 +711,54 @@ pub fn spawn_writer(
     path: &Path,
     opts: StoreOptions,
 ) -> Result<(Writer, Store, std::thread::JoinHandle<()>), StoreError> {
+    let (mut state, store) = writer_state(conn, path, opts)?;
+    let (tx, mut rx) = mpsc::channel::<Command>(4096);
+    let handle = std::thread::Builder::new()
+        .name("vitals-store-writer".into())
+        .spawn(move || {
+            loop {
+                // While a checkpoint round is in progress, an idle writer
+                // goes on with it instead of waiting.
+                let first = if state.round.is_some() {
+                    match rx.try_recv() {
+                        Ok(c) => Some(c),
+                        Err(mpsc::error::TryRecvError::Empty) => None,
+                        Err(mpsc::error::TryRecvError::Disconnected) => break,
+                    }
+                } else {
+                    match rx.blocking_recv() {
+                        Some(c) => Some(c),
+                        None => break,
+                    }
+                };
+                if let Some(first) = first {
+                    let mut group = vec![first];
+                    while group.len() < 1024 {
+                        match rx.try_recv() {
+                            Ok(c) => group.push(c),
+                            Err(_) => break,
+                        }
+                    }
+                    state.apply(group);
+                }
+                state.maybe_checkpoint();
+            }
+            // Last words: leave a short WAL for the next start.
+            if let Err(e) = state.checkpoint(true) {
+                tracing::warn!(error = %e, "final checkpoint failed; the WAL will be replayed on start");
+            }
+            tracing::debug!("store writer stopped: every queued batch handled");
+        })
+        .map_err(StoreError::Thread)?;
+    Ok((Writer { tx }, store, handle))
+}
+
+/// The writer's state over a loaded head, and the readers' handle.
+fn writer_state(
+    conn: Connection,
+    path: &Path,
+    opts: StoreOptions,
+) -> Result<(WriterState, Store), StoreError> {
     let head = Arc::new(RwLock::new(load_head(&conn)?));
     let mut acked = HashMap::new();
     {
@@ -695,7 +776,7 @@ pub fn spawn_writer(
         head: head.clone(),
         detect: detect_stats.clone(),
     };
-    let mut state = WriterState {
+    let state = WriterState {
         conn,
         head,
         acked,
@@ -705,34 +786,9 @@ pub fn spawn_writer(
         alarms: HashMap::new(),
         detect_stats,
         rw_cursors,
+        round: None,
     };
-    let (tx, mut rx) = mpsc::channel::<Command>(4096);
-    let handle = std::thread::Builder::new()
-        .name("vitals-store-writer".into())
-        .spawn(move || {
-            loop {
-                let first = match rx.blocking_recv() {
-                    Some(c) => c,
-                    None => break,
-                };
-                let mut group = vec![first];
-                while group.len() < 1024 {
-                    match rx.try_recv() {
-                        Ok(c) => group.push(c),
-                        Err(_) => break,
-                    }
-                }
-                state.apply(group);
-                state.maybe_checkpoint();
-            }
-            // Last words: leave a short WAL for the next start.
-            if let Err(e) = state.checkpoint(true) {
-                tracing::warn!(error = %e, "final checkpoint failed; the WAL will be replayed on start");
-            }
-            tracing::debug!("store writer stopped: every queued batch handled");
-        })
-        .map_err(StoreError::Thread)?;
-    Ok((Writer { tx }, store, handle))
+    Ok((state, store))
 }
 
 /// The newest WAL id ever written (0: none): AUTOINCREMENT's counter.
@@ -1080,74 +1136,160 @@ impl WriterState {
         }
     }
 
+    /// Starts a checkpoint round when one is due (time or WAL size), and
+    /// goes on with the one in progress by one step.
     fn maybe_checkpoint(&mut self) {
-        let wal_bytes = self.head.read().map(|h| h.wal_bytes).unwrap_or(0);
-        let due = self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval
-            || wal_bytes >= self.opts.checkpoint_wal_bytes;
-        if due && let Err(e) = self.checkpoint(false) {
+        if self.round.is_none() {
+            let wal_bytes = self.head.read().map(|h| h.wal_bytes).unwrap_or(0);
+            let due = self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval
+                || wal_bytes >= self.opts.checkpoint_wal_bytes;
+            if !due {
+                return;
+            }
+            if let Err(e) = self.start_round(false) {
+                tracing::error!(error = %e, "checkpoint failed; the WAL keeps growing until one succeeds");
+                return;
+            }
+        }
+        let budget = (
+            self.opts.checkpoint_step_series.max(1),
+            CHECKPOINT_STEP_TIME,
+        );
+        if let Err(e) = self.checkpoint_step(Some(budget)) {
+            self.round = None;
             tracing::error!(error = %e, "checkpoint failed; the WAL keeps growing until one succeeds");
         }
     }
 
-    /// Snapshot of every open chunk, WAL truncated, retention applied.
-    /// `compact`: open chunks in their compact form, which costs a decode and
-    /// an encode of each (the last checkpoint before exit, when the head
-    /// lock no longer holds up ingest); else their streaming form.
-    fn checkpoint(&mut self, compact: bool) -> Result<(), StoreError> {
-        let started = Instant::now();
+    fn start_round(&mut self, compact: bool) -> Result<(), StoreError> {
         self.last_checkpoint = Instant::now();
-        let mut head = match self.head.write() {
+        let wal_bytes = match self.head.read() {
+            Ok(h) => h.wal_bytes,
+            Err(p) => p.into_inner().wal_bytes,
+        };
+        self.round = Some(Round {
+            wal_id: last_wal_id(&self.conn)?,
+            wal_bytes,
+            next: 0,
+            compact,
+            started: Instant::now(),
+            steps: 0,
+        });
+        Ok(())
+    }
+
+    /// A whole checkpoint now: a new round run to its end in one step.
+    /// `compact`: open chunks in their compact form, which costs a decode
+    /// and an encode of each (the last checkpoint before exit, when nothing
+    /// waits for the writer any more); else their streaming form.
+    fn checkpoint(&mut self, compact: bool) -> Result<(), StoreError> {
+        self.start_round(compact)?;
+        let r = self.checkpoint_step(None);
+        if r.is_err() {
+            self.round = None;
+        }
+        r.map(|_| ())
+    }
+
+    /// Writes the next slice of the round's series to the snapshot, at
+    /// most `budget` (series, time); the whole head without one. When the
+    /// last series is written, the same transaction records the covered
+    /// WAL id, deletes the covered WAL rows (those a remote-write endpoint
+    /// has not delivered stay, unless older than the retention) and
+    /// applies the retention. Returns whether the round ended.
+    fn checkpoint_step(&mut self, budget: Option<(usize, Duration)>) -> Result<bool, StoreError> {
+        let Some(round) = self.round.as_mut() else {
+            return Ok(true);
+        };
+        let t0 = Instant::now();
+        round.steps += 1;
+        // Only this thread changes the head: readers may go on meanwhile.
+        let head = match self.head.read() {
             Ok(h) => h,
             Err(p) => p.into_inner(),
         };
         let tx = self.conn.unchecked_transaction()?;
-        tx.execute("DELETE FROM head_snapshot", [])?;
         {
-            let mut ins =
-                tx.prepare_cached("INSERT INTO head_snapshot (series_id, data) VALUES (?1, ?2)")?;
-            for (id, s) in head.series.iter().enumerate() {
-                if let Some(s) = s
-                    && !s.open.is_empty()
-                {
-                    let data = if compact {
+            let mut ins = tx.prepare_cached(
+                "INSERT OR REPLACE INTO head_snapshot (series_id, data) VALUES (?1, ?2)",
+            )?;
+            let mut del = tx.prepare_cached("DELETE FROM head_snapshot WHERE series_id = ?1")?;
+            let mut written = 0usize;
+            while round.next < head.series.len() {
+                let id = round.next;
+                round.next += 1;
+                let Some(s) = &head.series[id] else {
+                    continue;
+                };
+                if s.open.is_empty() {
+                    // Its samples are in closed chunks now (or it has none).
+                    del.execute([id as i64])?;
+                } else {
+                    let data = if round.compact {
                         s.open.compact_bytes()
                     } else {
                         s.open.bytes()
                     };
                     ins.execute(params![id as i64, data])?;
                 }
+                written += 1;
+                if let Some((max_series, max_time)) = budget
+                    && (written >= max_series
+                        || (written.is_multiple_of(256) && t0.elapsed() >= max_time))
+                {
+                    break;
+                }
             }
         }
-        // Every WAL row is in the snapshot now; rows a remote-write
-        // endpoint has not delivered stay (its queue) unless older than
-        // the retention.
-        let covered = last_wal_id(&tx)?;
-        tx.execute(
-            "INSERT INTO store_meta (key, value) VALUES ('checkpoint_wal_id', ?1)
-             ON CONFLICT (key) DO UPDATE SET value = ?1",
-            [covered],
-        )?;
-        let keep_above = self.rw_cursors.values().copied().min().unwrap_or(i64::MAX);
-        let cutoff = vitals_common::now_ms() - self.opts.retention.as_millis() as i64;
-        tx.execute("DELETE FROM wal WHERE id <= ?1", [keep_above])?;
-        let (expired_rows, expired_samples): (i64, i64) = tx.query_row(
-            "SELECT count(*), coalesce(sum(samples), 0) FROM wal WHERE received_ms < ?1",
-            [cutoff],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        if expired_rows > 0 {
-            tx.execute("DELETE FROM wal WHERE received_ms < ?1", [cutoff])?;
-            tracing::error!(
-                rows = expired_rows,
-                samples = expired_samples,
-                retention = ?self.opts.retention,
-                "remote write: samples not delivered within storage.retention dropped from the queue"
-            );
-        }
-        let expired = tx.execute("DELETE FROM chunks WHERE max_ts < ?1", [cutoff])?;
-        tx.commit()?;
-        head.wal_bytes = 0;
         drop(head);
+        let done = round.next
+            >= match self.head.read() {
+                Ok(h) => h.series.len(),
+                Err(p) => p.into_inner().series.len(),
+            };
+        let mut expired = 0;
+        if done {
+            let covered = round.wal_id;
+            tx.execute(
+                "INSERT INTO store_meta (key, value) VALUES ('checkpoint_wal_id', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = ?1",
+                [covered],
+            )?;
+            let keep_above = self.rw_cursors.values().copied().min().unwrap_or(i64::MAX);
+            let cutoff = vitals_common::now_ms() - self.opts.retention.as_millis() as i64;
+            tx.execute("DELETE FROM wal WHERE id <= ?1", [keep_above.min(covered)])?;
+            let (expired_rows, expired_samples): (i64, i64) = tx.query_row(
+                "SELECT count(*), coalesce(sum(samples), 0) FROM wal WHERE received_ms < ?1 AND id <= ?2",
+                params![cutoff, covered],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            if expired_rows > 0 {
+                tx.execute(
+                    "DELETE FROM wal WHERE received_ms < ?1 AND id <= ?2",
+                    params![cutoff, covered],
+                )?;
+                tracing::error!(
+                    rows = expired_rows,
+                    samples = expired_samples,
+                    retention = ?self.opts.retention,
+                    "remote write: samples not delivered within storage.retention dropped from the queue"
+                );
+            }
+            expired = tx.execute("DELETE FROM chunks WHERE max_ts < ?1", [cutoff])?;
+        }
+        tx.commit()?;
+        if !done {
+            return Ok(false);
+        }
+        let (took, steps, covered_bytes) = (round.started.elapsed(), round.steps, round.wal_bytes);
+        self.round = None;
+        match self.head.write() {
+            Ok(mut h) => h.wal_bytes = h.wal_bytes.saturating_sub(covered_bytes),
+            Err(p) => {
+                let mut h = p.into_inner();
+                h.wal_bytes = h.wal_bytes.saturating_sub(covered_bytes);
+            }
+        }
         // Give the space back: SQLite's own WAL file and freed pages.
         let _ = self
             .conn
@@ -1158,8 +1300,8 @@ impl WriterState {
         {
             while let Ok(Some(_)) = rows.next() {}
         }
-        tracing::debug!(took = ?started.elapsed(), expired_chunks = expired, "checkpoint done");
-        Ok(())
+        tracing::debug!(?took, steps, expired_chunks = expired, "checkpoint done");
+        Ok(true)
     }
 }
 
@@ -1927,6 +2069,103 @@ mod tests {
             .into_iter()
             .map(|r| r.id)
             .collect()
+    }
+
+    /// Checkpoint rounds go a few series at a time between batches; the
+    /// writer stopped without its last checkpoint (a crash) at every point
+    /// of a round — chunks closing meanwhile, the WAL partly covered —
+    /// comes back with every sample exactly once, and a finished round
+    /// leaves only the rows after it in the WAL.
+    #[test]
+    fn a_crash_at_any_point_of_a_checkpoint_round_loses_nothing() {
+        const SERIES: usize = 10;
+        const WRITES: u64 = 40;
+        // Every 7th write jumps over the chunk span: chunks close mid-round.
+        // Recent enough that the retention keeps the closed chunks.
+        let base = vitals_common::now_ms() - 30 * CHUNK_MAX_SPAN_MS;
+        let ts_of = |k: u64| base + k as i64 * 1000 + (k as i64 / 7) * CHUNK_MAX_SPAN_MS;
+        let write = |st: &mut WriterState, k: u64| {
+            let series = (0..SERIES)
+                .map(|i| {
+                    let mut l = Labels::new();
+                    l.insert("node".into(), "a".into());
+                    l.insert("s".into(), i.to_string());
+                    Arc::new(SeriesKey::new("m".into(), l))
+                })
+                .collect::<Vec<_>>();
+            let (reply, mut rx) = oneshot::channel();
+            st.apply(vec![Command::Write {
+                node: "a".into(),
+                instance_id: "i".into(),
+                batch: CleanBatch {
+                    seq: k,
+                    series,
+                    series_idx: (0..SERIES as u32).collect(),
+                    timestamps_ms: vec![ts_of(k); SERIES],
+                    values: (0..SERIES).map(|i| (k * 100 + i as u64) as f64).collect(),
+                    events: vec![],
+                },
+                reply,
+                from_agent: true,
+                detect: false,
+            }]);
+            assert_eq!(rx.try_recv().unwrap().unwrap(), Outcome::Stored);
+            st.maybe_checkpoint();
+        };
+        let mut rounds_done = 0;
+        for crash_after in [1, 3, 4, 5, 9, 13, 22, 31, WRITES] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("v.db");
+            let opts = StoreOptions {
+                checkpoint_interval: Duration::ZERO,
+                checkpoint_step_series: 3,
+                ..Default::default()
+            };
+            let (mut st, _store) = writer_state(open(&path).unwrap(), &path, opts).unwrap();
+            for k in 1..=crash_after {
+                write(&mut st, k);
+            }
+            let mid_round = st.round.as_ref().map(|r| r.next);
+            let covered: i64 = st
+                .conn
+                .query_row(
+                    "SELECT coalesce((SELECT value FROM store_meta WHERE key = 'checkpoint_wal_id'), 0)",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            let oldest_wal: i64 = st
+                .conn
+                .query_row("SELECT coalesce(min(id), 0) FROM wal", [], |r| r.get(0))
+                .unwrap();
+            if covered > 0 {
+                rounds_done += 1;
+                assert_eq!(
+                    oldest_wal,
+                    covered + 1,
+                    "rows up to the covered id are gone"
+                );
+            }
+            drop(st); // no final checkpoint
+
+            let (w, store, h) = start(&path);
+            for i in 0..SERIES {
+                let got = points(&store, &format!("m{{s=\"{i}\"}}"), 0, i64::MAX);
+                let want: Vec<_> = (1..=crash_after)
+                    .map(|k| (ts_of(k), (k * 100 + i as u64) as f64))
+                    .collect();
+                assert_eq!(
+                    got, want,
+                    "series {i} after a crash after write {crash_after} (round at {mid_round:?})"
+                );
+            }
+            drop((w, store));
+            h.join().unwrap();
+        }
+        assert!(
+            rounds_done >= 5,
+            "rounds finished before some crashes: {rounds_done}"
+        );
     }
 
     /// A schema-5 database (WAL rows from before AUTOINCREMENT, no sample
