@@ -287,14 +287,19 @@ pub fn start_collector_at(
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = env.cert("collector");
     let cfg = dir.join("collector.toml");
+    // `extra` may bring its own `[storage]` (a store elsewhere).
+    let storage = if extra.contains("[storage]") {
+        String::new()
+    } else {
+        format!("[storage]\npath = {:?}\n", env.db())
+    };
     std::fs::write(
         &cfg,
         format!(
-            "listen = \"{host}:{port}\"\nshutdown_grace = \"5s\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[storage]\npath = {:?}\n{extra}",
+            "listen = \"{host}:{port}\"\nshutdown_grace = \"5s\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{storage}{extra}",
             env.ca(),
             cert,
             key,
-            env.db()
         ),
     )
     .unwrap();
@@ -708,4 +713,64 @@ pub fn ingest(
             }
         }
     })
+}
+
+/// Stored (timestamp, value) of `vitals_agent_cycles_total` for `node`.
+pub fn cycles(reader: &Reader, node: &str) -> Vec<(i64, u64)> {
+    reader
+        .samples("vitals_agent_cycles_total", node)
+        .into_iter()
+        .map(|(ts, v)| (ts, v as u64))
+        .collect()
+}
+
+/// Every cycle the agent ran is stored exactly once and complete: cycle
+/// numbers 1..=N without gap or repeat, and at each cycle's timestamp exactly
+/// as many samples as the cycle reported carrying. The store drops a sample
+/// that is not newer than its series' newest, so a backlog delivered out of
+/// order would show up here as a gap.
+pub fn assert_complete_run(reader: &Reader, node: &str, expected_cycles: u64) {
+    let all = reader.node_series(node);
+    let points = |name: &str| -> Vec<(i64, f64)> {
+        all.iter()
+            .filter(|s| s.name == name)
+            .flat_map(|s| s.points.iter().map(|p| (p.timestamp_ms, p.value)))
+            .collect()
+    };
+    let cycles: Vec<(i64, f64)> = points("vitals_agent_cycles_total");
+    let values: Vec<u64> = cycles.iter().map(|c| c.1 as u64).collect();
+    let want: Vec<u64> = (1..=expected_cycles).collect();
+    assert_eq!(values, want, "node {node}: stored cycle numbers");
+    let sizes: std::collections::HashMap<i64, f64> =
+        points("vitals_agent_cycle_samples").into_iter().collect();
+    for (ts, n) in &cycles {
+        let want = sizes.get(ts).copied().unwrap_or(-1.0) as usize;
+        assert_eq!(
+            Reader::samples_at(&all, *ts),
+            want,
+            "node {node}: samples stored for cycle {n} at {ts}"
+        );
+    }
+    assert_eq!(
+        Reader::duplicates(&all),
+        0,
+        "a (series, timestamp) pair is stored twice"
+    );
+}
+
+/// SIGTERM; asserts a clean exit with an empty spool; returns the cycles it
+/// logged having run.
+pub fn stop_agent(agent: &mut Agent) -> u64 {
+    let st = agent.proc.term(Duration::from_secs(20));
+    assert!(
+        st.success(),
+        "agent exit {st:?}; log:\n{}",
+        agent.proc.log_text()
+    );
+    assert!(
+        spool_batches(&agent.spool).is_empty(),
+        "agent spool not empty after a clean stop"
+    );
+    let log = agent.proc.log_text();
+    stopped_cycles(&log).unwrap_or_else(|| panic!("agent did not log its cycle count:\n{log}"))
 }

@@ -158,6 +158,18 @@ impl Ns {
         );
     }
 
+    /// Packets the `counter` statements of the [`filter`](Self::filter)
+    /// table matched, summed.
+    pub fn filter_packets(&self) -> u64 {
+        let listing = self.sh("nft", &["list", "table", "inet", "vitals_test"]);
+        let words: Vec<&str> = listing.split_whitespace().collect();
+        words
+            .windows(2)
+            .filter(|w| w[0] == "packets")
+            .filter_map(|w| w[1].parse::<u64>().ok())
+            .sum()
+    }
+
     /// Removes the table [`filter`](Self::filter) made (if any).
     pub fn clear_filter(&self) {
         nft(

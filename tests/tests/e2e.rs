@@ -34,63 +34,6 @@ fn nothing_stored(env: &Env, reader: &Reader) -> bool {
     reader.all().is_empty() && no_events
 }
 
-/// Stored (timestamp, value) of `vitals_agent_cycles_total` for `node`.
-fn cycles(reader: &Reader, node: &str) -> Vec<(i64, u64)> {
-    reader
-        .samples("vitals_agent_cycles_total", node)
-        .into_iter()
-        .map(|(ts, v)| (ts, v as u64))
-        .collect()
-}
-
-/// Every cycle the agent ran is stored exactly once and complete: cycle
-/// numbers 1..=N without gap or repeat, and at each cycle's timestamp exactly
-/// as many samples as the cycle reported carrying. The store drops a sample
-/// that is not newer than its series' newest, so a backlog delivered out of
-/// order would show up here as a gap.
-fn assert_complete_run(reader: &Reader, node: &str, expected_cycles: u64) {
-    let all = reader.node_series(node);
-    let points = |name: &str| -> Vec<(i64, f64)> {
-        all.iter()
-            .filter(|s| s.name == name)
-            .flat_map(|s| s.points.iter().map(|p| (p.timestamp_ms, p.value)))
-            .collect()
-    };
-    let cycles: Vec<(i64, f64)> = points("vitals_agent_cycles_total");
-    let values: Vec<u64> = cycles.iter().map(|c| c.1 as u64).collect();
-    let want: Vec<u64> = (1..=expected_cycles).collect();
-    assert_eq!(values, want, "node {node}: stored cycle numbers");
-    let sizes: HashMap<i64, f64> = points("vitals_agent_cycle_samples").into_iter().collect();
-    for (ts, n) in &cycles {
-        let want = sizes.get(ts).copied().unwrap_or(-1.0) as usize;
-        assert_eq!(
-            Reader::samples_at(&all, *ts),
-            want,
-            "node {node}: samples stored for cycle {n} at {ts}"
-        );
-    }
-    assert_eq!(
-        Reader::duplicates(&all),
-        0,
-        "a (series, timestamp) pair is stored twice"
-    );
-}
-
-fn stop_agent(agent: &mut Agent) -> u64 {
-    let st = agent.proc.term(Duration::from_secs(20));
-    assert!(
-        st.success(),
-        "agent exit {st:?}; log:\n{}",
-        agent.proc.log_text()
-    );
-    assert!(
-        spool_batches(&agent.spool).is_empty(),
-        "agent spool not empty after a clean stop"
-    );
-    let log = agent.proc.log_text();
-    stopped_cycles(&log).unwrap_or_else(|| panic!("agent did not log its cycle count:\n{log}"))
-}
-
 #[test]
 fn refuses_agents_without_a_valid_agent_certificate_and_stores_nothing() {
     let env = Env::new();
