@@ -27,6 +27,8 @@ pub struct FleetArgs {
     pub duration: Duration,
     pub json: bool,
     pub keep: Option<PathBuf>,
+    /// Acks within this long of the start are also reported apart.
+    pub warmup: Duration,
 }
 
 #[derive(Default)]
@@ -154,7 +156,10 @@ pub async fn fleet(args: FleetArgs) -> Result<String> {
     let mut last = (0u64, Instant::now(), cpu_start);
     let mut peak_connected = 0;
     let mut lines = Vec::new();
+    // Ack latencies of the windows that began after the warm-up.
+    let mut steady: Vec<u64> = Vec::new();
     while began.elapsed() < args.duration {
+        let window_start = began.elapsed();
         tokio::time::sleep(Duration::from_secs(10).min(args.duration)).await;
         let connected = shared.connected.load(Ordering::Relaxed);
         peak_connected = peak_connected.max(connected);
@@ -168,6 +173,9 @@ pub async fn fleet(args: FleetArgs) -> Result<String> {
         let cpu = cpu_seconds(pid).unwrap_or(0.0);
         let mut w = std::mem::take(&mut *shared.window_us.lock().await);
         w.sort_unstable();
+        if window_start >= args.warmup {
+            steady.extend_from_slice(&w);
+        }
         let secs = last.1.elapsed().as_secs_f64();
         let line = format!(
             "[{:>5.0}s] {connected} agents connected, {:.0} samples/s acked, ack p50 {:.1} ms p99 {:.1} ms, collector CPU {:.0}% RSS {:.1} MiB, errors {}",
@@ -201,6 +209,7 @@ pub async fn fleet(args: FleetArgs) -> Result<String> {
     drop(collector);
     let mut all = std::mem::take(&mut *shared.all_us.lock().await);
     all.sort_unstable();
+    steady.sort_unstable();
     let acked = shared.acked_samples.load(Ordering::Relaxed);
     let per_agent =
         rss_full_kb.map(|f| f.saturating_sub(rss_idle_kb) as f64 * 1024.0 / args.agents as f64);
@@ -216,6 +225,10 @@ pub async fn fleet(args: FleetArgs) -> Result<String> {
         "ack_p50_ms": quantile(&all, 0.5),
         "ack_p99_ms": quantile(&all, 0.99),
         "ack_max_ms": all.last().map(|u| *u as f64 / 1000.0),
+        "warmup_seconds": args.warmup.as_secs_f64(),
+        "ack_p50_after_warmup_ms": (!steady.is_empty()).then(|| quantile(&steady, 0.5)),
+        "ack_p99_after_warmup_ms": (!steady.is_empty()).then(|| quantile(&steady, 0.99)),
+        "ack_max_after_warmup_ms": steady.last().map(|u| *u as f64 / 1000.0),
         "collector_cpu_cores": cpu / elapsed,
         "collector_rss_idle_bytes": rss_idle_kb * 1024,
         "collector_rss_end_bytes": rss_end_kb * 1024,
@@ -228,7 +241,7 @@ pub async fn fleet(args: FleetArgs) -> Result<String> {
         return Ok(report.to_string());
     }
     Ok(format!(
-        "agents:             {} connected of {} ({} failed{})\nacked samples:      {acked} in {elapsed:.0} s ({:.0}/s)\nack latency:        p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\ncollector CPU:      {:.1}% of one core\ncollector RSS:      idle {:.1} MiB, end {:.1} MiB, peak {:.1} MiB\nper connected agent: {}",
+        "agents:             {} connected of {} ({} failed{})\nacked samples:      {acked} in {elapsed:.0} s ({:.0}/s)\nack latency:        p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\nafter warm-up:      {}\ncollector CPU:      {:.1}% of one core\ncollector RSS:      idle {:.1} MiB, end {:.1} MiB, peak {:.1} MiB\nper connected agent: {}",
         peak_connected,
         args.agents,
         failures.len(),
@@ -240,6 +253,20 @@ pub async fn fleet(args: FleetArgs) -> Result<String> {
         quantile(&all, 0.5),
         quantile(&all, 0.99),
         all.last().map_or(0.0, |u| *u as f64 / 1000.0),
+        if steady.is_empty() {
+            format!(
+                "none (the run was not longer than --warmup {:?})",
+                args.warmup
+            )
+        } else {
+            format!(
+                "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (acks after the first {:?})",
+                quantile(&steady, 0.5),
+                quantile(&steady, 0.99),
+                steady.last().map_or(0.0, |u| *u as f64 / 1000.0),
+                args.warmup
+            )
+        },
         cpu / elapsed * 100.0,
         rss_idle_kb as f64 / 1024.0,
         rss_end_kb as f64 / 1024.0,

@@ -447,8 +447,13 @@ enum BenchCommand {
         /// Keep the collector's directory here instead of a temporary one.
         #[arg(long)]
         keep: Option<PathBuf>,
+        /// Acks in the first part of the run (every agent connecting and
+        /// creating its series at once) are reported apart, as warm-up.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        warmup: std::time::Duration,
         /// Print {"connected_agents","acked_samples_per_sec","ack_p50_ms","ack_p99_ms",
-        /// "collector_cpu_cores","collector_peak_rss_bytes","rss_per_agent_bytes",...}.
+        /// "ack_p99_after_warmup_ms","collector_cpu_cores","collector_peak_rss_bytes",
+        /// "rss_per_agent_bytes",...}.
         #[arg(long)]
         json: bool,
     },
@@ -676,6 +681,7 @@ fn main() -> ExitCode {
                     minutes,
                     seconds,
                     keep,
+                    warmup,
                     json,
                 },
         } => runtime().and_then(|rt| {
@@ -686,6 +692,7 @@ fn main() -> ExitCode {
                 duration: std::time::Duration::from_secs(seconds.unwrap_or(minutes * 60)),
                 json,
                 keep,
+                warmup,
             }))?;
             print_out(&text);
             Ok(())
