@@ -675,6 +675,8 @@ struct WriterState {
     rw_cursors: HashMap<String, i64>,
     /// The checkpoint round in progress, if any.
     round: Option<Round>,
+    /// Free pages still to give back to the file system, a few per step.
+    vacuum_left: u64,
 }
 
 /// A checkpoint in progress: the head is written to the snapshot a slice of
@@ -688,6 +690,9 @@ struct Round {
     wal_bytes: u64,
     /// The next series id to write.
     next: usize,
+    /// Every series is written and `wal_id` recorded as covered: the
+    /// covered WAL rows are being deleted, a slice per step.
+    trimming: bool,
     /// Open chunks in their compact form (the final checkpoint).
     compact: bool,
     started: Instant,
@@ -717,9 +722,9 @@ pub fn spawn_writer(
         .name("vitals-store-writer".into())
         .spawn(move || {
             loop {
-                // While a checkpoint round is in progress, an idle writer
-                // goes on with it instead of waiting.
-                let first = if state.round.is_some() {
+                // While a checkpoint round (or giving free pages back) is in
+                // progress, an idle writer goes on with it instead of waiting.
+                let first = if state.round.is_some() || state.vacuum_left > 0 {
                     match rx.try_recv() {
                         Ok(c) => Some(c),
                         Err(mpsc::error::TryRecvError::Empty) => None,
@@ -787,6 +792,7 @@ fn writer_state(
         detect_stats,
         rw_cursors,
         round: None,
+        vacuum_left: 0,
     };
     Ok((state, store))
 }
@@ -1137,13 +1143,17 @@ impl WriterState {
     }
 
     /// Starts a checkpoint round when one is due (time or WAL size), and
-    /// goes on with the one in progress by one step.
+    /// goes on with the one in progress by one step; between rounds, gives
+    /// a few free pages back.
     fn maybe_checkpoint(&mut self) {
         if self.round.is_none() {
             let wal_bytes = self.head.read().map(|h| h.wal_bytes).unwrap_or(0);
             let due = self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval
                 || wal_bytes >= self.opts.checkpoint_wal_bytes;
             if !due {
+                if self.vacuum_left > 0 {
+                    self.vacuum_step(Some(VACUUM_STEP_PAGES));
+                }
                 return;
             }
             if let Err(e) = self.start_round(false) {
@@ -1171,6 +1181,7 @@ impl WriterState {
             wal_id: last_wal_id(&self.conn)?,
             wal_bytes,
             next: 0,
+            trimming: false,
             compact,
             started: Instant::now(),
             steps: 0,
@@ -1178,31 +1189,86 @@ impl WriterState {
         Ok(())
     }
 
-    /// A whole checkpoint now: a new round run to its end in one step.
+    /// A whole checkpoint now: a new round run to its end in one step,
+    /// and every free page given back.
     /// `compact`: open chunks in their compact form, which costs a decode
     /// and an encode of each (the last checkpoint before exit, when nothing
     /// waits for the writer any more); else their streaming form.
     fn checkpoint(&mut self, compact: bool) -> Result<(), StoreError> {
         self.start_round(compact)?;
-        let r = self.checkpoint_step(None);
-        if r.is_err() {
-            self.round = None;
-        }
-        r.map(|_| ())
+        while !self
+            .checkpoint_step(None)
+            .inspect_err(|_| self.round = None)?
+        {}
+        self.vacuum_step(None);
+        Ok(())
     }
 
-    /// Writes the next slice of the round's series to the snapshot, at
-    /// most `budget` (series, time); the whole head without one. When the
-    /// last series is written, the same transaction records the covered
-    /// WAL id, deletes the covered WAL rows (those a remote-write endpoint
-    /// has not delivered stay, unless older than the retention) and
-    /// applies the retention. Returns whether the round ended.
+    /// One step of the round, within `budget` (series or WAL rows, time);
+    /// without one, the rest of the phase. Snapshot phase: writes the next
+    /// slice of series' open chunks to `head_snapshot`; the transaction of
+    /// the last slice records the round's WAL id as covered (replay starts
+    /// after it) and applies the retention to chunks. Trim phase: deletes
+    /// covered WAL rows (those a remote-write endpoint has not delivered
+    /// stay, unless older than the retention), a slice per step; every
+    /// series' snapshot row holds their samples already. Returns whether
+    /// the round ended.
     fn checkpoint_step(&mut self, budget: Option<(usize, Duration)>) -> Result<bool, StoreError> {
         let Some(round) = self.round.as_mut() else {
             return Ok(true);
         };
         let t0 = Instant::now();
         round.steps += 1;
+        if round.trimming {
+            let keep_above = self.rw_cursors.values().copied().min().unwrap_or(i64::MAX);
+            let upto = keep_above.min(round.wal_id);
+            let limit = budget.map_or(i64::MAX, |(n, _)| n.min(TRIM_STEP_ROWS) as i64);
+            let tx = self.conn.unchecked_transaction()?;
+            let deleted = tx.execute(
+                "DELETE FROM wal WHERE id IN (SELECT id FROM wal WHERE id <= ?1 ORDER BY id LIMIT ?2)",
+                params![upto, limit],
+            )?;
+            tx.commit()?;
+            if deleted as i64 >= limit {
+                return Ok(false);
+            }
+            let (took, steps, covered_bytes) =
+                (round.started.elapsed(), round.steps, round.wal_bytes);
+            self.round = None;
+            match self.head.write() {
+                Ok(mut h) => h.wal_bytes = h.wal_bytes.saturating_sub(covered_bytes),
+                Err(p) => {
+                    let mut h = p.into_inner();
+                    h.wal_bytes = h.wal_bytes.saturating_sub(covered_bytes);
+                }
+            }
+            // SQLite's own WAL file back to nothing (a few pages to copy:
+            // it checkpoints itself every 1000 pages).
+            let _ = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            // Free pages are reused by the next rows; only a file that is
+            // mostly free (a backlog gone, old data expired) is shrunk.
+            let pages = |pragma: &str| -> u64 {
+                self.conn
+                    .query_row(pragma, [], |r| r.get::<_, i64>(0))
+                    .map_or(0, |n| n.max(0) as u64)
+            };
+            let (free, total) = (pages("PRAGMA freelist_count"), pages("PRAGMA page_count"));
+            self.vacuum_left = if free * 2 > total {
+                free - total / 4
+            } else {
+                0
+            };
+            tracing::debug!(
+                ?took,
+                steps,
+                free_pages = free,
+                pages = total,
+                "checkpoint done"
+            );
+            return Ok(true);
+        }
         // Only this thread changes the head: readers may go on meanwhile.
         let head = match self.head.read() {
             Ok(h) => h,
@@ -1241,29 +1307,22 @@ impl WriterState {
                 }
             }
         }
+        let snapshot_done = round.next >= head.series.len();
         drop(head);
-        let done = round.next
-            >= match self.head.read() {
-                Ok(h) => h.series.len(),
-                Err(p) => p.into_inner().series.len(),
-            };
-        let mut expired = 0;
-        if done {
+        if snapshot_done {
             let covered = round.wal_id;
             tx.execute(
                 "INSERT INTO store_meta (key, value) VALUES ('checkpoint_wal_id', ?1)
                  ON CONFLICT (key) DO UPDATE SET value = ?1",
                 [covered],
             )?;
-            let keep_above = self.rw_cursors.values().copied().min().unwrap_or(i64::MAX);
             let cutoff = vitals_common::now_ms() - self.opts.retention.as_millis() as i64;
-            tx.execute("DELETE FROM wal WHERE id <= ?1", [keep_above.min(covered)])?;
             let (expired_rows, expired_samples): (i64, i64) = tx.query_row(
                 "SELECT count(*), coalesce(sum(samples), 0) FROM wal WHERE received_ms < ?1 AND id <= ?2",
                 params![cutoff, covered],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            if expired_rows > 0 {
+            if expired_rows > 0 && !self.rw_cursors.is_empty() {
                 tx.execute(
                     "DELETE FROM wal WHERE received_ms < ?1 AND id <= ?2",
                     params![cutoff, covered],
@@ -1275,35 +1334,43 @@ impl WriterState {
                     "remote write: samples not delivered within storage.retention dropped from the queue"
                 );
             }
-            expired = tx.execute("DELETE FROM chunks WHERE max_ts < ?1", [cutoff])?;
+            let expired = tx.execute("DELETE FROM chunks WHERE max_ts < ?1", [cutoff])?;
+            if expired > 0 {
+                tracing::debug!(expired_chunks = expired, "retention: chunks deleted");
+            }
+            round.trimming = true;
         }
         tx.commit()?;
-        if !done {
-            return Ok(false);
-        }
-        let (took, steps, covered_bytes) = (round.started.elapsed(), round.steps, round.wal_bytes);
-        self.round = None;
-        match self.head.write() {
-            Ok(mut h) => h.wal_bytes = h.wal_bytes.saturating_sub(covered_bytes),
-            Err(p) => {
-                let mut h = p.into_inner();
-                h.wal_bytes = h.wal_bytes.saturating_sub(covered_bytes);
-            }
-        }
-        // Give the space back: SQLite's own WAL file and freed pages.
-        let _ = self
+        Ok(false)
+    }
+
+    /// Gives up to `pages` free pages back to the file system (`None`:
+    /// every free page).
+    fn vacuum_step(&mut self, pages: Option<u64>) {
+        // incremental_vacuum(0) frees every page.
+        let n = match pages {
+            Some(p) => p.min(self.vacuum_left).max(1),
+            None => 0,
+        };
+        // It answers with rows: step through them all.
+        if let Ok(mut st) = self
             .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
-        // incremental_vacuum answers with rows: step through them all.
-        if let Ok(mut st) = self.conn.prepare("PRAGMA incremental_vacuum")
+            .prepare(&format!("PRAGMA incremental_vacuum({n})"))
             && let Ok(mut rows) = st.query([])
         {
             while let Ok(Some(_)) = rows.next() {}
         }
-        tracing::debug!(?took, steps, expired_chunks = expired, "checkpoint done");
-        Ok(true)
+        self.vacuum_left = match pages {
+            Some(_) => self.vacuum_left.saturating_sub(n),
+            None => 0,
+        };
     }
 }
+
+/// Free pages given back per step between batches (4 MiB of 4 KiB pages).
+const VACUUM_STEP_PAGES: u64 = 1024;
+/// Covered WAL rows deleted per step (a batch each, a few KiB).
+const TRIM_STEP_ROWS: usize = 1024;
 
 /// What `insert_batch` needs to score samples.
 struct Detection<'a> {
@@ -2112,7 +2179,7 @@ mod tests {
             assert_eq!(rx.try_recv().unwrap().unwrap(), Outcome::Stored);
             st.maybe_checkpoint();
         };
-        let mut rounds_done = 0;
+        let (mut rounds_done, mut finished_rounds_checked) = (0, 0);
         for crash_after in [1, 3, 4, 5, 9, 13, 22, 31, WRITES] {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("v.db");
@@ -2125,6 +2192,12 @@ mod tests {
             for k in 1..=crash_after {
                 write(&mut st, k);
             }
+            if crash_after == WRITES {
+                // An idle writer finishes the round by itself.
+                while st.round.is_some() {
+                    st.maybe_checkpoint();
+                }
+            }
             let mid_round = st.round.as_ref().map(|r| r.next);
             let covered: i64 = st
                 .conn
@@ -2134,17 +2207,21 @@ mod tests {
                     |r| r.get(0),
                 )
                 .unwrap();
-            let oldest_wal: i64 = st
+            let (covered_left, total_left): (i64, i64) = st
                 .conn
-                .query_row("SELECT coalesce(min(id), 0) FROM wal", [], |r| r.get(0))
+                .query_row(
+                    "SELECT count(*) FILTER (WHERE id <= ?1), count(*) FROM wal",
+                    [covered],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
                 .unwrap();
             if covered > 0 {
                 rounds_done += 1;
-                assert_eq!(
-                    oldest_wal,
-                    covered + 1,
-                    "rows up to the covered id are gone"
-                );
+                if st.round.is_none() {
+                    finished_rounds_checked += 1;
+                    assert_eq!(covered_left, 0, "rows up to the covered id are gone");
+                    assert_eq!(total_left, crash_after as i64 - covered, "the rest stay");
+                }
             }
             drop(st); // no final checkpoint
 
@@ -2162,6 +2239,10 @@ mod tests {
             drop((w, store));
             h.join().unwrap();
         }
+        assert!(
+            finished_rounds_checked >= 1,
+            "the last crash point comes after a finished round"
+        );
         assert!(
             rounds_done >= 5,
             "rounds finished before some crashes: {rounds_done}"
