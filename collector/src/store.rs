@@ -491,9 +491,11 @@ impl Writer {
 }
 
 /// One series in memory: its identity, its open chunk, its newest timestamp.
+/// Name and labels are shared, so that a query copies them under the head's
+/// lock as two reference counts (the writer waits for that lock).
 struct HeadSeries {
-    name: String,
-    labels: Labels,
+    name: Arc<str>,
+    labels: Arc<Labels>,
     open: ChunkEncoder,
     /// Newest stored timestamp (head or closed chunks), if any.
     last_ts: Option<i64>,
@@ -525,8 +527,8 @@ impl Head {
         self.by_name.entry(name.clone()).or_default().push(id);
         self.by_key.insert(format!("{name}{key_json}"), id);
         self.series[idx] = Some(HeadSeries {
-            name,
-            labels,
+            name: Arc::from(name.as_str()),
+            labels: Arc::new(labels),
             open: ChunkEncoder::new(),
             last_ts: None,
             detect: None,
@@ -1448,18 +1450,20 @@ fn score_series(
         return Ok(Some(sid));
     }
     let selected = *s.detect.get_or_insert_with(|| {
-        s.name != SCORE_METRIC && s.name != ALARMS_METRIC && selector.matches(&s.name, &s.labels)
+        &*s.name != SCORE_METRIC
+            && &*s.name != ALARMS_METRIC
+            && selector.matches(&s.name, &s.labels)
     });
     if !selected {
         return Ok(None);
     }
-    let mut labels = s.labels.clone();
+    let mut labels = (*s.labels).clone();
     let key = if labels.contains_key("metric") {
         "anomaly_metric"
     } else {
         "metric"
     };
-    labels.insert(key.into(), s.name.clone());
+    labels.insert(key.into(), s.name.to_string());
     let sid = series_id(tx, head, SCORE_METRIC, labels)?;
     if let Some(s) = head.get_mut(id) {
         s.score_id = Some(sid);
@@ -1693,7 +1697,9 @@ impl Store {
         // Pin one database snapshot while the head is locked, so that a chunk
         // closed concurrently is seen exactly once (head or table).
         conn.execute_batch("BEGIN")?;
-        let matched: Vec<(i64, String, Labels, Option<Vec<u8>>)> = {
+        // (id, name, labels, open chunk bytes if in range)
+        type Matched = (i64, Arc<str>, Arc<Labels>, Option<Vec<u8>>);
+        let matched: Vec<Matched> = {
             let head = match self.head.read() {
                 Ok(h) => h,
                 Err(p) => p.into_inner(),
@@ -1867,7 +1873,7 @@ impl Store {
                 head.series
                     .get(*id as usize)
                     .and_then(Option::as_ref)
-                    .map(|s| (s.name.clone(), s.labels.clone()))
+                    .map(|s| (s.name.to_string(), (*s.labels).clone()))
             })
             .collect()
     }
@@ -1898,11 +1904,10 @@ impl Store {
             Ok(h) => h,
             Err(p) => p.into_inner(),
         };
-        let mut out: Vec<(String, Labels)> = Vec::new();
-        let mut more = false;
+        let mut shared: Vec<(Arc<str>, Arc<Labels>)> = Vec::new();
         let mut consider = |s: &HeadSeries| {
             if selector.matches(&s.name, &s.labels) {
-                out.push((s.name.clone(), s.labels.clone()));
+                shared.push((s.name.clone(), s.labels.clone()));
             }
         };
         if selector.metric.is_empty() {
@@ -1914,7 +1919,14 @@ impl Store {
                 }
             }
         }
-        out.sort();
+        drop(head);
+        shared.sort();
+        let mut more = false;
+        let mut out: Vec<(String, Labels)> = shared
+            .into_iter()
+            .take(limit.saturating_add(1))
+            .map(|(n, l)| (n.to_string(), (*l).clone()))
+            .collect();
         if out.len() > limit {
             out.truncate(limit);
             more = true;
@@ -1936,7 +1948,7 @@ impl Store {
         let conn = open_reader(&self.path)?;
         // One snapshot pinned while the head is locked (see query_range).
         conn.execute_batch("BEGIN")?;
-        let candidates: Vec<(i64, String, Labels, bool)> = {
+        let candidates: Vec<(i64, Arc<str>, Arc<Labels>, bool)> = {
             let head = match self.head.read() {
                 Ok(h) => h,
                 Err(p) => p.into_inner(),
@@ -1991,6 +2003,10 @@ impl Store {
         out.sort();
         let more = out.len() > limit;
         out.truncate(limit);
+        let out = out
+            .into_iter()
+            .map(|(n, l)| (n.to_string(), (*l).clone()))
+            .collect();
         Ok((out, more))
     }
 
@@ -2008,7 +2024,7 @@ impl Store {
             let Some(node) = s.labels.get("node") else {
                 continue;
             };
-            let source = if s.name == "vitals_source_success" {
+            let source = if &*s.name == "vitals_source_success" {
                 s.labels.get("source").map(String::as_str)
             } else if s.name.starts_with("gpu_") {
                 Some("gpu")
