@@ -1369,6 +1369,9 @@ impl WriterState {
     }
 }
 
+/// Series whose open chunks a query copies per hold of the head's lock.
+const QUERY_SLICE_SERIES: usize = 1024;
+
 /// Free pages given back per step between batches (4 MiB of 4 KiB pages).
 const VACUUM_STEP_PAGES: u64 = 1024;
 /// Covered WAL rows deleted per step (a batch each, a few KiB).
@@ -1694,17 +1697,13 @@ impl Store {
         mut each: impl FnMut(&str, &Labels, &[(i64, f64)]),
     ) -> Result<(), QueryError> {
         let conn = open_reader(&self.path)?;
-        // Pin one database snapshot while the head is locked, so that a chunk
-        // closed concurrently is seen exactly once (head or table).
-        conn.execute_batch("BEGIN")?;
-        // (id, name, labels, open chunk bytes if in range)
-        type Matched = (i64, Arc<str>, Arc<Labels>, Option<Vec<u8>>);
-        let matched: Vec<Matched> = {
+        // The matching series first: ids and shared names and labels, cheap
+        // to copy under the head's lock (which the writer waits for).
+        let mut matched: Vec<(i64, Arc<str>, Arc<Labels>)> = {
             let head = match self.head.read() {
                 Ok(h) => h,
                 Err(p) => p.into_inner(),
             };
-            conn.query_row("SELECT count(*) FROM nodes", [], |_| Ok(()))?;
             let candidates: Box<dyn Iterator<Item = i64>> = if selector.metric.is_empty() {
                 Box::new(
                     (0..head.series.len() as i64).filter(|i| head.series[*i as usize].is_some()),
@@ -1729,63 +1728,84 @@ impl Store {
                 if out.len() >= limits.max_series {
                     return Err(QueryError::TooManySeries(limits.max_series));
                 }
-                let open = s
-                    .open
-                    .time_range()
-                    .filter(|(lo, hi)| *hi >= start_ms && *lo <= end_ms)
-                    .map(|_| s.open.bytes());
-                out.push((id, s.name.clone(), s.labels.clone(), open));
+                out.push((id, s.name.clone(), s.labels.clone()));
             }
             out
         };
+        matched.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.2.cmp(&b.2)));
         let mut total = 0usize;
         let mut points = Vec::new();
-        let mut stmt = conn.prepare_cached(
-            "SELECT data FROM chunks WHERE series_id = ?1 AND max_ts >= ?2 AND min_ts <= ?3 ORDER BY min_ts",
-        )?;
-        let mut sorted = matched;
-        sorted.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.2.cmp(&b.2)));
-        for (id, name, labels, open) in sorted {
-            points.clear();
-            let mut take = |bytes: &[u8], points: &mut Vec<(i64, f64)>| -> Result<(), QueryError> {
-                let mut over = false;
-                chunk::decode_into(bytes, |ts, v| {
-                    if ts > end_ms {
-                        return false;
-                    }
-                    if ts >= start_ms {
-                        points.push((ts, v));
-                        total += 1;
-                        if total > limits.max_points {
-                            over = true;
-                            return false;
-                        }
-                    }
-                    true
-                })
-                .map_err(|e| {
-                    tracing::error!(series = id, error = %e, "corrupt chunk skipped in a query");
-                })
-                .ok();
-                if over {
-                    return Err(QueryError::TooManyPoints(limits.max_points));
-                }
-                Ok(())
+        // Then a slice of series at a time: with the head locked, pin a
+        // database snapshot and copy the slice's open chunks, so that a
+        // chunk closed concurrently is seen exactly once (head or table);
+        // the lock is held for one slice only.
+        for slice in matched.chunks(QUERY_SLICE_SERIES) {
+            conn.execute_batch("BEGIN")?;
+            let opens: Vec<Option<Vec<u8>>> = {
+                let head = match self.head.read() {
+                    Ok(h) => h,
+                    Err(p) => p.into_inner(),
+                };
+                conn.query_row("SELECT count(*) FROM nodes", [], |_| Ok(()))?;
+                slice
+                    .iter()
+                    .map(|(id, _, _)| {
+                        let s = head.series.get(*id as usize).and_then(Option::as_ref)?;
+                        s.open
+                            .time_range()
+                            .filter(|(lo, hi)| *hi >= start_ms && *lo <= end_ms)
+                            .map(|_| s.open.bytes())
+                    })
+                    .collect()
             };
-            let mut rows = stmt.query(params![id, start_ms, end_ms])?;
-            while let Some(r) = rows.next()? {
-                let data: Vec<u8> = r.get(0)?;
-                take(&data, &mut points)?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT data FROM chunks WHERE series_id = ?1 AND max_ts >= ?2 AND min_ts <= ?3 ORDER BY min_ts",
+            )?;
+            for ((id, name, labels), open) in slice.iter().zip(opens) {
+                let id = *id;
+                points.clear();
+                let mut take = |bytes: &[u8],
+                                points: &mut Vec<(i64, f64)>|
+                 -> Result<(), QueryError> {
+                    let mut over = false;
+                    chunk::decode_into(bytes, |ts, v| {
+                            if ts > end_ms {
+                                return false;
+                            }
+                            if ts >= start_ms {
+                                points.push((ts, v));
+                                total += 1;
+                                if total > limits.max_points {
+                                    over = true;
+                                    return false;
+                                }
+                            }
+                            true
+                        })
+                        .map_err(|e| {
+                            tracing::error!(series = id, error = %e, "corrupt chunk skipped in a query");
+                        })
+                        .ok();
+                    if over {
+                        return Err(QueryError::TooManyPoints(limits.max_points));
+                    }
+                    Ok(())
+                };
+                let mut rows = stmt.query(params![id, start_ms, end_ms])?;
+                while let Some(r) = rows.next()? {
+                    let data: Vec<u8> = r.get(0)?;
+                    take(&data, &mut points)?;
+                }
+                if let Some(open) = open {
+                    take(&open, &mut points)?;
+                }
+                if !points.is_empty() {
+                    each(name, labels, &points);
+                }
             }
-            if let Some(open) = open {
-                take(&open, &mut points)?;
-            }
-            if !points.is_empty() {
-                each(&name, &labels, &points);
-            }
+            drop(stmt);
+            conn.execute_batch("COMMIT")?;
         }
-        drop(stmt);
-        conn.execute_batch("COMMIT")?;
         Ok(())
     }
 
