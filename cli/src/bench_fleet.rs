@@ -292,10 +292,13 @@ async fn agent(
         crate::bench::open_stream(&endpoint, &node, "bench-fleet", index, 4).await?;
     shared.connected.fetch_add(1, Ordering::Relaxed);
     let (defs, mut gens) = realistic_series(index, m);
-    // Skip, not Delay: after a stall each agent keeps its own phase, as
-    // real agents (which do not wait for acks to collect) do; Delay would
-    // line every agent up on the moment the stall ended.
-    let mut tick = tokio::time::interval(every);
+    // Ticks on its own planned phase (`first` + k × every), not from when
+    // its connection came up: a thousand TLS handshakes at the start finish
+    // in clumps, and agents ticking from then would send in bursts for the
+    // whole run. Skip, not Delay: after a stall each agent keeps its phase,
+    // as real agents (which do not wait for acks to collect) do; Delay
+    // would line every agent up on the moment the stall ended.
+    let mut tick = tokio::time::interval_at(first, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let (mut seq, mut last_ts) = (0u64, 0i64);
     let r: Result<()> = async {
