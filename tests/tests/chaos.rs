@@ -204,7 +204,7 @@ fn ten_percent_packet_loss_for_two_minutes_loses_and_duplicates_nothing() {
     let dropped = lab.ns.filter_packets();
     lab.ns.clear_filter();
     eprintln!("10 % loss: {dropped} packets dropped, {start_cycles} → {during} cycles stored");
-    assert!(dropped > 50, "the rule dropped only {dropped} packets");
+    assert!(dropped > 20, "the rule dropped only {dropped} packets");
     assert!(
         during > start_cycles + 100,
         "under 10 % loss the agent should still deliver: {start_cycles} → {during} cycles stored"
