@@ -103,6 +103,9 @@ pub struct SourcesConfig {
     /// `[sources.kmsg]`: kernel events from /dev/kmsg.
     #[serde(default)]
     pub kmsg: crate::sources::kmsg::KmsgConfig,
+    /// `[sources.mesh]`: probes of peer hosts (ICMP, TCP connect).
+    #[serde(default)]
+    pub mesh: crate::sources::mesh::MeshConfig,
 }
 
 /// `[sources.joblog]`.
@@ -675,6 +678,9 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
         ));
     }
     if let Err((key, message)) = crate::sources::probe::check(&raw.sources.probe) {
+        return Err(ConfigError::invalid(path, &key, message));
+    }
+    if let Err((key, message)) = crate::sources::mesh::check(&raw.sources.mesh) {
         return Err(ConfigError::invalid(path, &key, message));
     }
     if raw.sources.joblog.max_read_bytes < 1024 {

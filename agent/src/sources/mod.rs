@@ -9,6 +9,7 @@ pub mod command;
 pub mod gpu;
 pub mod host;
 pub mod kmsg;
+pub mod mesh;
 pub mod net;
 pub mod nfs;
 pub mod nfsd;
@@ -140,6 +141,12 @@ pub const SOURCES: &[SourceSpec] = &[
         help: "kernel events from /dev/kmsg: NFS server not responding, GPU resets and RAS errors, NVIDIA Xid, link up/down, OOM kills (with the SLURM job), MCE, hung tasks",
         build: kmsg::build,
     },
+    SourceSpec {
+        name: "mesh",
+        enabled_by_default: true,
+        help: "peer mesh: ICMP echo and TCP connect times, loss and jitter to each configured peer ([[sources.mesh.peers]])",
+        build: mesh::build,
+    },
 ];
 
 /// Whether a source is enabled by the config (or its default).
@@ -154,6 +161,7 @@ pub fn enabled(cfg: &RawConfig, spec: &SourceSpec) -> bool {
         "slurm" => cfg.sources.slurm.enabled,
         "probe" => cfg.sources.probe.enabled,
         "kmsg" => cfg.sources.kmsg.enabled,
+        "mesh" => cfg.sources.mesh.enabled,
         _ => None,
     };
     toggle.unwrap_or(spec.enabled_by_default)
