@@ -1,0 +1,312 @@
+//! The network lab: two agents in two network namespaces joined by a veth
+//! pair (the link under test), each with a management veth to the root
+//! namespace where the collector runs, so cutting the link does not cut
+//! reporting. nftables rules make the link lose packets or drop
+//! everything silently; the peer mesh must see it, the built-in rule must
+//! fire and resolve.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use vitals_e2e::netns::{Ns, Veth};
+use vitals_e2e::*;
+use vitals_proto::v1::{MatchOp, Series};
+
+/// The mesh's round: `COUNT` probes over `MESH_INTERVAL`.
+const MESH_INTERVAL_MS: i64 = 1000;
+const MESH_TIMEOUT_MS: i64 = 500;
+const COUNT: u32 = 100;
+const CYCLE_MS: i64 = 500;
+
+/// The built-in peer rules as shipped, with `for` shortened to 2s.
+fn peer_rules() -> String {
+    let pack: toml::Table =
+        toml::from_str(include_str!("../../collector/src/alert/builtin.toml")).unwrap();
+    let rules: Vec<toml::Value> = pack["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["name"].as_str().unwrap().starts_with("Peer"))
+        .map(|r| {
+            let mut r = r.as_table().unwrap().clone();
+            r.insert("for".into(), "2s".into());
+            toml::Value::Table(r)
+        })
+        .collect();
+    assert_eq!(rules.len(), 3, "the pack's peer rules");
+    let mut t = toml::Table::new();
+    t.insert("rules".into(), toml::Value::Array(rules));
+    toml::to_string(&t).unwrap()
+}
+
+struct Lab {
+    env: Env,
+    cli: std::path::PathBuf,
+    reader: Reader,
+    _collector: Proc,
+    a: Agent,
+    b: Agent,
+    link: Veth,
+    ns_b: Ns,
+    // Dropped after the agents (their namespaces go last).
+    _mgmt: [Veth; 2],
+    _ns_a: Ns,
+}
+
+impl Lab {
+    /// The namespaces, the collector, and the agents `lab-a` (probing
+    /// `lab-b` across the link with `mesh`) and `lab-b`.
+    fn start(a_extra: impl Fn(&Veth) -> String, b_extra: impl Fn(&Veth) -> String) -> Lab {
+        let env = Env::new();
+        let (ns_a, ns_b) = (Ns::new("a"), Ns::new("b"));
+        let link = Veth::new(Some(&ns_a), Some(&ns_b));
+        let mgmt = [Veth::new(Some(&ns_a), None), Veth::new(Some(&ns_b), None)];
+        // Unprivileged ICMP echo inside the lab only (the root namespace's
+        // setting is left alone).
+        for ns in [&ns_a, &ns_b] {
+            ns.sh("sysctl", &["-w", "net.ipv4.ping_group_range=0 2147483647"]);
+        }
+        env.reissue_collector(&[&mgmt[0].b.ip, &mgmt[1].b.ip]);
+        env.issue("lab-a", "agent", &["--ip", &link.a.ip]);
+        env.issue("lab-b", "agent", &["--ip", &link.b.ip]);
+        std::fs::create_dir_all(env.path().join("collector")).unwrap();
+        std::fs::write(env.path().join("collector/rules.toml"), peer_rules()).unwrap();
+        let port = free_port();
+        let collector = start_collector_at(
+            &env,
+            "0.0.0.0",
+            port,
+            "[alerting]\neval_interval = \"500ms\"\nkeep_firing_for = \"1s\"\nrule_files = [\"rules.toml\"]\n",
+            &[],
+        );
+        let start = |name: &str, ns: &Ns, mgmt: &Veth, extra: &str| {
+            let opts = AgentOpts {
+                cert: env.cert(name),
+                ca: None,
+                node: None,
+                interval: "500ms",
+                spool_max_bytes: 64 << 20,
+            };
+            let cfg = agent_config(&env, name, port, &opts, extra);
+            set_collector(&cfg, &format!("https://{}:{port}", mgmt.b.ip));
+            restart_agent_in(&cfg, ns)
+        };
+        let a = start("lab-a", &ns_a, &mgmt[0], &a_extra(&link));
+        let b = start("lab-b", &ns_b, &mgmt[1], &b_extra(&link));
+        Lab {
+            cli: env.cli_config(port),
+            reader: Reader::new(&env, port),
+            env,
+            _collector: collector,
+            a,
+            b,
+            link,
+            ns_b,
+            _mgmt: mgmt,
+            _ns_a: ns_a,
+        }
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--config", self.cli.to_str().unwrap()];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.env.vitals_ok(&all)).unwrap()
+    }
+
+    fn alert(&self, rule: &str, state: &str) -> Option<serde_json::Value> {
+        self.json(&["alerts", "--all", "--json"])["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["rule"] == rule && a["state"] == state)
+            .cloned()
+    }
+
+    /// lab-a's series `metric` about peer `lab-b`, `method` if given.
+    fn peer(&self, metric: &str, method: Option<&str>) -> Vec<(i64, f64)> {
+        let mut m = vec![
+            ("node", MatchOp::Equal, "lab-a"),
+            ("peer", MatchOp::Equal, "lab-b"),
+        ];
+        if let Some(method) = method {
+            m.push(("method", MatchOp::Equal, method));
+        }
+        let series: Vec<Series> = self.reader.series(metric, &m);
+        assert!(series.len() <= 1, "{metric}: one series, got {series:?}");
+        series
+            .into_iter()
+            .flat_map(|s| s.points)
+            .map(|p| (p.timestamp_ms, p.value))
+            .collect()
+    }
+
+    fn last(&self, metric: &str, method: Option<&str>) -> Option<f64> {
+        self.peer(metric, method).last().map(|p| p.1)
+    }
+
+    fn logs(&self) -> String {
+        format!(
+            "lab-a log:\n{}\nlab-b log:\n{}",
+            self.a.proc.log_text(),
+            self.b.proc.log_text()
+        )
+    }
+}
+
+/// lab-a's mesh config probing lab-b over the link (ICMP, and TCP to
+/// `port` in lab-b).
+fn mesh(link: &str, port: u16) -> String {
+    format!(
+        "[sources.mesh]\ninterval = \"{MESH_INTERVAL_MS}ms\"\ntimeout = \"{MESH_TIMEOUT_MS}ms\"\ncount = {COUNT}\n\
+         [[sources.mesh.peers]]\nname = \"lab-b\"\nhost = \"{link}\"\nport = {port}\nlabels = {{ link = \"lab\" }}\n"
+    )
+}
+
+/// The first sample at or after `ts`, and the last at or before `end`.
+fn span(points: &[(i64, f64)], ts: i64, end: i64) -> Option<(f64, f64)> {
+    let first = points.iter().find(|p| p.0 >= ts)?.1;
+    let last = points.iter().rev().find(|p| p.0 <= end)?.1;
+    Some((first, last))
+}
+
+#[test]
+fn the_mesh_sees_loss_and_a_silent_cut_and_the_rule_fires_and_resolves() {
+    if !netns::available("the_mesh_sees_loss_and_a_silent_cut_and_the_rule_fires_and_resolves")
+    {
+        return;
+    }
+    // TCP probes go to a port nothing listens on in lab-b: its kernel
+    // answers with a reset, which times the path as well.
+    let lab = Lab::start(|link| mesh(&link.b.ip, 7443), |_| String::new());
+    let link_dev = lab.link.b.dev.clone();
+
+    // Healthy: ICMP (the lab allows ping sockets) and TCP (a closed port
+    // answers with a reset) both answered, nothing lost.
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            lab.last("vitals_peer_up", None) == Some(1.0)
+                && lab.last("vitals_peer_rtt_seconds", None).is_some()
+                && lab.last("vitals_peer_tcp_connect_seconds", None).is_some()
+        }),
+        "the mesh reports lab-b up over ICMP and TCP; {}",
+        lab.logs()
+    );
+    let rtt = lab.last("vitals_peer_rtt_seconds", None).unwrap();
+    assert!(rtt > 0.0 && rtt < 0.1, "a veth round trip: {rtt}");
+    for method in ["icmp", "tcp"] {
+        let loss = lab.last("vitals_peer_loss_ratio", Some(method)).unwrap();
+        // A healthy veth loses nothing; a probe may still miss its 500 ms
+        // on a machine busy with other tests, hence not exactly 0.
+        assert!(loss < 0.05, "{method}: no loss on a healthy link: {loss}");
+    }
+    assert!(
+        !lab.a.proc.log_text().contains("ICMP skipped"),
+        "ping sockets are allowed in the lab; {}",
+        lab.logs()
+    );
+
+    // 20 % random loss on everything lab-b receives over the link.
+    lab.ns_b.filter(
+        &format!("iifname \"{link_dev}\" numgen random mod 100 < 20 drop"),
+        "",
+    );
+    let t0 = vitals_common::now_ms();
+    // Seen within two intervals: the first round that starts after the
+    // rule ends by t0 + interval + interval·(count−1)/count + timeout, and
+    // the next cycle takes it. Each method's round of 100 probes loses
+    // more than 3 with probability 1 − 5.8e-7 (binomial, p = 0.2).
+    let deadline = t0 + 2 * MESH_INTERVAL_MS + MESH_TIMEOUT_MS + CYCLE_MS;
+    for method in ["icmp", "tcp"] {
+        assert!(
+            wait_until(Duration::from_secs(20), || {
+                lab.peer("vitals_peer_loss_ratio", Some(method))
+                    .iter()
+                    .any(|p| p.0 > t0 && p.0 <= deadline && p.1 > 0.03)
+            }),
+            "{method}: loss reported within two intervals: {:?}",
+            lab.peer("vitals_peer_loss_ratio", Some(method))
+                .iter()
+                .filter(|p| p.0 > t0)
+                .collect::<Vec<_>>()
+        );
+    }
+    // The loss measured: every round counted from `from` on started after
+    // the rule (a round lasts at most interval + timeout). Over at least
+    // 400 probes per method the share lost is within [0.1, 0.3] but with
+    // probability 7.6e-7 (binomial, p = 0.2: ±5 standard deviations).
+    let from = t0 + MESH_INTERVAL_MS + MESH_TIMEOUT_MS + CYCLE_MS;
+    let counted = |method: &str| {
+        let probes = lab.peer("vitals_peer_probes_total", Some(method));
+        let lost = lab.peer("vitals_peer_lost_total", Some(method));
+        let now = i64::MAX;
+        let (p0, p1) = span(&probes, from, now)?;
+        let (l0, l1) = span(&lost, from, now)?;
+        Some((p1 - p0, l1 - l0))
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            ["icmp", "tcp"]
+                .iter()
+                .all(|m| counted(m).is_some_and(|(p, _)| p >= 400.0))
+        }),
+        "400 probes per method under loss; {}",
+        lab.logs()
+    );
+    for method in ["icmp", "tcp"] {
+        let (probes, lost) = counted(method).unwrap();
+        let share = lost / probes;
+        assert!(
+            (0.1..=0.3).contains(&share),
+            "{method}: {lost} of {probes} probes lost under a 20 % drop rule"
+        );
+    }
+
+    // A silent cut: lab-b drops everything from the link, answers nothing.
+    lab.ns_b
+        .filter(&format!("iifname \"{link_dev}\" drop"), "");
+    assert!(
+        wait_until(Duration::from_secs(20), || lab.last("vitals_peer_up", None)
+            == Some(0.0)),
+        "a silent cut makes the peer down: up = {:?}",
+        lab.last("vitals_peer_up", None)
+    );
+    for method in ["icmp", "tcp"] {
+        assert_eq!(
+            lab.last("vitals_peer_loss_ratio", Some(method)),
+            Some(1.0),
+            "{method}: every probe lost"
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || lab
+            .alert("PeerUnreachable", "firing")
+            .is_some()),
+        "PeerUnreachable fires; alerts: {}",
+        lab.json(&["alerts", "--all", "--json"])
+    );
+    let alert = lab.alert("PeerUnreachable", "firing").unwrap();
+    assert_eq!(alert["labels"]["peer"], "lab-b", "{alert}");
+    assert_eq!(alert["labels"]["node"], "lab-a", "{alert}");
+    // lab-b kept reporting through its own management link.
+    let b_cycles = lab.reader.samples("vitals_agent_cycles_total", "lab-b").len();
+
+    // The rule removed: up again, the alert resolves.
+    lab.ns_b.clear_filter();
+    assert!(
+        wait_until(Duration::from_secs(20), || lab.last("vitals_peer_up", None)
+            == Some(1.0)),
+        "the peer is back up"
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || lab
+            .alert("PeerUnreachable", "resolved")
+            .is_some()),
+        "PeerUnreachable resolves; alerts: {}",
+        lab.json(&["alerts", "--all", "--json"])
+    );
+    assert!(
+        lab.reader.samples("vitals_agent_cycles_total", "lab-b").len() > b_cycles,
+        "lab-b reports throughout"
+    );
+}
