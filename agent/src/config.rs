@@ -38,6 +38,9 @@ pub struct RawConfig {
     pub paths: PathsConfig,
     #[serde(default)]
     pub sources: SourcesConfig,
+    /// `[net_test]`: the throughput-test listener and scheduled tests.
+    #[serde(default)]
+    pub net_test: crate::net_test::NetTestConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -427,6 +430,7 @@ impl Default for RawConfig {
             spool: SpoolConfig::default(),
             paths: PathsConfig::default(),
             sources: SourcesConfig::default(),
+            net_test: Default::default(),
         }
     }
 }
@@ -681,6 +685,9 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
         return Err(ConfigError::invalid(path, &key, message));
     }
     if let Err((key, message)) = crate::sources::mesh::check(&raw.sources.mesh) {
+        return Err(ConfigError::invalid(path, &key, message));
+    }
+    if let Err((key, message)) = crate::net_test::check(&raw.net_test) {
         return Err(ConfigError::invalid(path, &key, message));
     }
     if raw.sources.joblog.max_read_bytes < 1024 {

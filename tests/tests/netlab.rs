@@ -50,7 +50,7 @@ struct Lab {
     link: Veth,
     ns_b: Ns,
     // Dropped after the agents (their namespaces go last).
-    _mgmt: [Veth; 2],
+    mgmt: [Veth; 2],
     _ns_a: Ns,
 }
 
@@ -68,8 +68,10 @@ impl Lab {
             ns.sh("sysctl", &["-w", "net.ipv4.ping_group_range=0 2147483647"]);
         }
         env.reissue_collector(&[&mgmt[0].b.ip, &mgmt[1].b.ip]);
-        env.issue("lab-a", "agent", &["--ip", &link.a.ip]);
-        env.issue("lab-b", "agent", &["--ip", &link.b.ip]);
+        // Valid for the link (agents dial each other there) and the
+        // management address (the CLI dials lab-a there).
+        env.issue("lab-a", "agent", &["--ip", &link.a.ip, "--ip", &mgmt[0].a.ip]);
+        env.issue("lab-b", "agent", &["--ip", &link.b.ip, "--ip", &mgmt[1].a.ip]);
         std::fs::create_dir_all(env.path().join("collector")).unwrap();
         std::fs::write(env.path().join("collector/rules.toml"), peer_rules()).unwrap();
         let port = free_port();
@@ -92,8 +94,14 @@ impl Lab {
             set_collector(&cfg, &format!("https://{}:{port}", mgmt.b.ip));
             restart_agent_in(&cfg, ns)
         };
-        let a = start("lab-a", &ns_a, &mgmt[0], &a_extra(&link));
+        // lab-b first: lab-a's scheduled test finds its listener.
         let b = start("lab-b", &ns_b, &mgmt[1], &b_extra(&link));
+        assert!(
+            wait_until(Duration::from_secs(10), || b.proc.log_text().contains("agent started")),
+            "lab-b starts: {}",
+            b.proc.log_text()
+        );
+        let a = start("lab-a", &ns_a, &mgmt[0], &a_extra(&link));
         Lab {
             cli: env.cli_config(port),
             reader: Reader::new(&env, port),
@@ -103,15 +111,30 @@ impl Lab {
             b,
             link,
             ns_b,
-            _mgmt: mgmt,
+            mgmt,
             _ns_a: ns_a,
         }
     }
 
     fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.text(args)).unwrap()
+    }
+
+    fn text(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "vitals {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
         let mut all = vec!["--config", self.cli.to_str().unwrap()];
         all.extend_from_slice(args);
-        serde_json::from_str(&self.env.vitals_ok(&all)).unwrap()
+        self.env.vitals(&all)
     }
 
     fn alert(&self, rule: &str, state: &str) -> Option<serde_json::Value> {
@@ -176,13 +199,12 @@ fn the_mesh_sees_loss_and_a_silent_cut_and_the_rule_fires_and_resolves() {
     {
         return;
     }
-    // TCP probes go to a port nothing listens on in lab-b: its kernel
-    // answers with a reset, which times the path as well.
-    let lab = Lab::start(|link| mesh(&link.b.ip, 7443), |_| String::new());
+    // TCP probes go to lab-b's net-test listener.
+    let lab = Lab::start(|link| mesh(&link.b.ip, NET_TEST_PORT), |_| net_test(""));
     let link_dev = lab.link.b.dev.clone();
 
-    // Healthy: ICMP (the lab allows ping sockets) and TCP (a closed port
-    // answers with a reset) both answered, nothing lost.
+    // Healthy: ICMP (the lab allows ping sockets) and TCP both answered,
+    // nothing lost.
     assert!(
         wait_until(Duration::from_secs(30), || {
             lab.last("vitals_peer_up", None) == Some(1.0)
@@ -200,6 +222,11 @@ fn the_mesh_sees_loss_and_a_silent_cut_and_the_rule_fires_and_resolves() {
         // on a machine busy with other tests, hence not exactly 0.
         assert!(loss < 0.05, "{method}: no loss on a healthy link: {loss}");
     }
+    assert_eq!(
+        lab.last("vitals_peer_tcp_refused_total", None),
+        Some(0.0),
+        "connects reach the listener"
+    );
     assert!(
         !lab.a.proc.log_text().contains("ICMP skipped"),
         "ping sockets are allowed in the lab; {}",
@@ -308,5 +335,126 @@ fn the_mesh_sees_loss_and_a_silent_cut_and_the_rule_fires_and_resolves() {
     assert!(
         lab.reader.samples("vitals_agent_cycles_total", "lab-b").len() > b_cycles,
         "lab-b reports throughout"
+    );
+}
+
+/// The net-test listener's port, the same in both namespaces.
+const NET_TEST_PORT: u16 = 7444;
+
+fn net_test(extra: &str) -> String {
+    format!("[net_test]\nlisten = \"0.0.0.0:{NET_TEST_PORT}\"\nmax_bytes = \"200MB\"\nmax_duration = \"20s\"\n{extra}")
+}
+
+#[test]
+fn net_test_measures_a_rate_limited_link_and_refuses_what_is_over_its_limits() {
+    if !netns::available(
+        "net_test_measures_a_rate_limited_link_and_refuses_what_is_over_its_limits",
+    ) {
+        return;
+    }
+    // lab-a also tests the link to lab-b by itself, once at its start
+    // (then hourly): the scheduled series.
+    let lab = Lab::start(
+        |link| {
+            net_test(&format!(
+                "[[net_test.schedule]]\nto = \"{}:{NET_TEST_PORT}\"\nevery = \"1h\"\nbytes = \"4MiB\"\nstreams = 2\n",
+                link.b.ip
+            ))
+        },
+        |_| net_test(""),
+    );
+    let from = format!("{}:{NET_TEST_PORT}", lab.mgmt[0].a.ip);
+    let to = format!("{}:{NET_TEST_PORT}", lab.link.b.ip);
+    let peer = [
+        ("node", MatchOp::Equal, "lab-a"),
+        ("peer", MatchOp::Equal, to.as_str()),
+    ];
+    let last = |metric: &str| {
+        lab.reader
+            .series(metric, &peer)
+            .first()
+            .and_then(|s| s.points.last())
+            .map(|p| p.value)
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || last("vitals_net_test_success")
+            == Some(1.0)),
+        "the scheduled test ran; success = {:?}; {}",
+        last("vitals_net_test_success"),
+        lab.logs()
+    );
+    assert_eq!(last("vitals_net_test_bytes"), Some(f64::from(4 << 20)));
+    assert!(last("vitals_net_test_bits_per_second").is_some_and(|b| b > 0.0));
+    assert!(last("vitals_net_test_retransmits").is_some());
+
+    // 200 Mbit/s on lab-a's end of the link: what the receiver counts
+    // (payload, so a little under the limit, which counts frames) must be
+    // within 20 % of it.
+    lab.link.a.rate_limit("200mbit");
+    let r = lab.json(&[
+        "net", "test", &from, &to, "--bytes", "40MB", "--streams", "4", "--json",
+    ]);
+    eprintln!("net test through a 200 Mbit/s tbf: {r}");
+    let gbit = r["gbit_per_second"].as_f64().unwrap();
+    assert!(
+        (0.16..=0.24).contains(&gbit),
+        "200 Mbit/s limit, measured {gbit} Gbit/s: {r}"
+    );
+    assert_eq!(r["from"], "lab-a", "{r}");
+    assert_eq!(r["to"], "lab-b", "{r}");
+    assert_eq!(r["bytes"], 40_000_000, "{r}");
+    assert_eq!(r["complete"], true, "{r}");
+    assert_eq!(r["interface"], lab.link.a.dev.as_str(), "the sending interface: {r}");
+    assert!(r["retransmits"].is_u64(), "{r}");
+    // A veth reports a speed (10 Gbit/s) or none; the ratio follows it.
+    match r["link_speed_mbps"].as_f64() {
+        Some(mbps) => {
+            let ratio = r["link_ratio"].as_f64().unwrap();
+            assert!((ratio - gbit * 1000.0 / mbps).abs() < 1e-9, "{r}");
+        }
+        None => assert!(r["link_ratio"].is_null(), "{r}"),
+    }
+    // The human form says the same.
+    let text = lab.text(&["net", "test", &from, &to, "--bytes", "10MB"]);
+    assert!(text.starts_with("lab-a → lab-b: 0.") && text.contains("Gbit/s"), "{text}");
+    assert!(text.contains("retransmits: "), "{text}");
+    assert!(text.contains("link"), "{text}");
+
+    // Refusals, each a clear error: more than the receiver allows, a
+    // listener that is not there, an agent certificate asking to run.
+    let over = lab.run(&["net", "test", &from, &to, "--bytes", "1GB"]);
+    let err = String::from_utf8_lossy(&over.stderr);
+    assert!(!over.status.success() && err.contains("max_bytes"), "{err}");
+    let nobody = format!("{}:1", lab.link.b.ip);
+    let out = lab.run(&["net", "test", &from, &nobody, "--bytes", "1MB"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cannot reach the net-test listener"),
+        "{err}"
+    );
+    let agent_cli = lab.env.path().join("agent-cli.toml");
+    let (cert, key) = lab.env.cert("lab-b");
+    std::fs::write(
+        &agent_cli,
+        format!(
+            "collector = \"https://127.0.0.1:1\"\nca = {:?}\ncert = {cert:?}\nkey = {key:?}\n",
+            lab.env.ca()
+        ),
+    )
+    .unwrap();
+    let out = lab.env.vitals(&[
+        "--config",
+        agent_cli.to_str().unwrap(),
+        "net",
+        "test",
+        &from,
+        &to,
+        "--bytes",
+        "1MB",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("needs an operator certificate"),
+        "{err}"
     );
 }

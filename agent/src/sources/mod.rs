@@ -10,6 +10,7 @@ pub mod gpu;
 pub mod host;
 pub mod kmsg;
 pub mod mesh;
+pub mod net_test;
 pub mod net;
 pub mod nfs;
 pub mod nfsd;
@@ -147,6 +148,12 @@ pub const SOURCES: &[SourceSpec] = &[
         help: "peer mesh: ICMP echo and TCP connect times, loss and jitter to each configured peer ([[sources.mesh.peers]])",
         build: mesh::build,
     },
+    SourceSpec {
+        name: "net_test",
+        enabled_by_default: true,
+        help: "scheduled throughput tests to other agents' net-test listeners ([[net_test.schedule]])",
+        build: net_test::build,
+    },
 ];
 
 /// Whether a source is enabled by the config (or its default).
@@ -162,6 +169,7 @@ pub fn enabled(cfg: &RawConfig, spec: &SourceSpec) -> bool {
         "probe" => cfg.sources.probe.enabled,
         "kmsg" => cfg.sources.kmsg.enabled,
         "mesh" => cfg.sources.mesh.enabled,
+        "net_test" => None,
         _ => None,
     };
     toggle.unwrap_or(spec.enabled_by_default)
