@@ -62,11 +62,9 @@ impl Lab {
         let (ns_a, ns_b) = (Ns::new("a"), Ns::new("b"));
         let link = Veth::new(Some(&ns_a), Some(&ns_b));
         let mgmt = [Veth::new(Some(&ns_a), None), Veth::new(Some(&ns_b), None)];
-        // Unprivileged ICMP echo inside the lab only (the root namespace's
-        // setting is left alone).
-        for ns in [&ns_a, &ns_b] {
-            ns.sh("sysctl", &["-w", "net.ipv4.ping_group_range=0 2147483647"]);
-        }
+        // Unprivileged ICMP echo in lab-a's namespace only; lab-b's keeps
+        // the kernel's default (no group may), as does the root namespace.
+        ns_a.sh("sysctl", &["-w", "net.ipv4.ping_group_range=0 2147483647"]);
         env.reissue_collector(&[&mgmt[0].b.ip, &mgmt[1].b.ip]);
         // Valid for the link (agents dial each other there) and the
         // management address (the CLI dials lab-a there).
@@ -137,12 +135,13 @@ impl Lab {
         self.env.vitals(&all)
     }
 
+    /// lab-a's alert of `rule` in `state`.
     fn alert(&self, rule: &str, state: &str) -> Option<serde_json::Value> {
         self.json(&["alerts", "--all", "--json"])["alerts"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|a| a["rule"] == rule && a["state"] == state)
+            .find(|a| a["rule"] == rule && a["state"] == state && a["labels"]["node"] == "lab-a")
             .cloned()
     }
 
@@ -177,12 +176,12 @@ impl Lab {
     }
 }
 
-/// lab-a's mesh config probing lab-b over the link (ICMP, and TCP to
-/// `port` in lab-b).
-fn mesh(link: &str, port: u16) -> String {
+/// A mesh config probing `peer` at `ip` over the link (ICMP, and TCP to
+/// `port`), `count` probes a round.
+fn mesh(peer: &str, ip: &str, port: u16, count: u32) -> String {
     format!(
-        "[sources.mesh]\ninterval = \"{MESH_INTERVAL_MS}ms\"\ntimeout = \"{MESH_TIMEOUT_MS}ms\"\ncount = {COUNT}\n\
-         [[sources.mesh.peers]]\nname = \"lab-b\"\nhost = \"{link}\"\nport = {port}\nlabels = {{ link = \"lab\" }}\n"
+        "[sources.mesh]\ninterval = \"{MESH_INTERVAL_MS}ms\"\ntimeout = \"{MESH_TIMEOUT_MS}ms\"\ncount = {count}\n\
+         [[sources.mesh.peers]]\nname = \"{peer}\"\nhost = \"{ip}\"\nport = {port}\nlabels = {{ link = \"lab\" }}\n"
     )
 }
 
@@ -199,8 +198,12 @@ fn the_mesh_sees_loss_and_a_silent_cut_and_the_rule_fires_and_resolves() {
     {
         return;
     }
-    // TCP probes go to lab-b's net-test listener.
-    let lab = Lab::start(|link| mesh(&link.b.ip, NET_TEST_PORT), |_| net_test(""));
+    // TCP probes go to the other agent's net-test listener. lab-b probes
+    // lab-a too, but may not send ICMP echo in its namespace.
+    let lab = Lab::start(
+        |link| mesh("lab-b", &link.b.ip, NET_TEST_PORT, COUNT) + &net_test(""),
+        |link| mesh("lab-a", &link.a.ip, NET_TEST_PORT, 10) + &net_test(""),
+    );
     let link_dev = lab.link.b.dev.clone();
 
     // Healthy: ICMP (the lab allows ping sockets) and TCP both answered,
@@ -232,6 +235,37 @@ fn the_mesh_sees_loss_and_a_silent_cut_and_the_rule_fires_and_resolves() {
         "ping sockets are allowed in the lab; {}",
         lab.logs()
     );
+
+    // Where the kernel refuses ping sockets, ICMP is skipped with one
+    // message and TCP goes on.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            lab.reader
+                .series(
+                    "vitals_peer_up",
+                    &[("node", MatchOp::Equal, "lab-b"), ("peer", MatchOp::Equal, "lab-a")],
+                )
+                .first()
+                .and_then(|s| s.points.last())
+                .is_some_and(|p| p.value == 1.0)
+        }),
+        "lab-b reaches lab-a by TCP; {}",
+        lab.logs()
+    );
+    let b_log = lab.b.proc.log_text();
+    assert_eq!(
+        b_log.matches("ICMP skipped").count(),
+        1,
+        "one message: {b_log}"
+    );
+    assert!(b_log.contains("ping_group_range"), "says how to allow it: {b_log}");
+    let b_methods: Vec<String> = lab
+        .reader
+        .series("vitals_peer_loss_ratio", &[("node", MatchOp::Equal, "lab-b")])
+        .iter()
+        .map(|s| labels(s)["method"].clone())
+        .collect();
+    assert_eq!(b_methods, ["tcp"], "lab-b measures TCP only");
 
     // 20 % random loss on everything lab-b receives over the link.
     lab.ns_b.filter(
