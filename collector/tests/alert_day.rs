@@ -318,6 +318,10 @@ fn nvidia_node(day: &mut Samples, rng: &mut Rng, t: i64, cycle: f64) {
         day.put("vitals_peer_loss_ratio", &labels(&l), t, lost);
         day.put("vitals_peer_jitter_seconds", &labels(&l), t, 0.00003 + rng.noise(0.00001));
     }
+    // The hourly throughput test to the NAS: 80-90 % of the 100GbE link.
+    let nt = labels(&[("node", node), ("peer", "nas-01:7444")]);
+    day.put("vitals_net_test_success", &nt, t, 1.0);
+    day.put("vitals_net_test_link_ratio", &nt, t, 0.85 + rng.noise(0.05));
 }
 
 fn nas_node(day: &mut Samples, rng: &mut Rng, t: i64, cycle: f64, t0: i64) {
