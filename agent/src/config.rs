@@ -611,6 +611,12 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
     if let Err((key, message)) = crate::sources::kmsg::check(&raw.sources.kmsg) {
         return Err(ConfigError::invalid(path, &key, message));
     }
+    if let Err((key, message)) = crate::sources::mesh::check(&raw.sources.mesh) {
+        return Err(ConfigError::invalid(path, &key, message));
+    }
+    if let Err((key, message)) = crate::net_test::check(&raw.net_test) {
+        return Err(ConfigError::invalid(path, &key, message));
+    }
     let tls = raw
         .tls
         .load()
@@ -682,12 +688,6 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
         ));
     }
     if let Err((key, message)) = crate::sources::probe::check(&raw.sources.probe) {
-        return Err(ConfigError::invalid(path, &key, message));
-    }
-    if let Err((key, message)) = crate::sources::mesh::check(&raw.sources.mesh) {
-        return Err(ConfigError::invalid(path, &key, message));
-    }
-    if let Err((key, message)) = crate::net_test::check(&raw.net_test) {
         return Err(ConfigError::invalid(path, &key, message));
     }
     if raw.sources.joblog.max_read_bytes < 1024 {

@@ -25,7 +25,9 @@ pub enum AgentError {
     Source(#[from] cycle::UnknownSource),
     #[error("cannot handle SIGHUP: {0}")]
     Signal(#[source] std::io::Error),
-    #[error("[net_test] listen = {listen:?}: cannot listen there: {source} (another process on that port? pick a free one)")]
+    #[error(
+        "[net_test] listen = {listen:?}: cannot listen there: {source} (another process on that port? pick a free one)"
+    )]
     NetTestListen {
         listen: String,
         #[source]

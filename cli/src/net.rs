@@ -13,7 +13,14 @@ use vitals_proto::v1::{NetTestRequest, NetTestResult};
 
 use crate::client::CliConfig;
 
-pub async fn test(cfg: &CliConfig, from: &str, to: &str, bytes: &str, streams: u32, json: bool) -> Result<String> {
+pub async fn test(
+    cfg: &CliConfig,
+    from: &str,
+    to: &str,
+    bytes: &str,
+    streams: u32,
+    json: bool,
+) -> Result<String> {
     let bytes = parse::bytes(bytes).map_err(|e| anyhow::anyhow!("--bytes: {e}"))?;
     if streams == 0 || streams > MAX_STREAMS {
         bail!("--streams: {streams}: between 1 and {MAX_STREAMS}");
@@ -42,7 +49,11 @@ pub async fn test(cfg: &CliConfig, from: &str, to: &str, bytes: &str, streams: u
         .await
         .map_err(|s| anyhow::anyhow!("the test from {from} to {to} failed: {}", s.message()))?
         .into_inner();
-    let text = if json { render_json(&r) } else { render(&r, streams) };
+    let text = if json {
+        render_json(&r)
+    } else {
+        render(&r, streams)
+    };
     if !r.complete {
         bail!(
             "{text}\nincomplete: {} of {bytes} bytes arrived before the receiver's limit ([net_test] max_duration or max_bytes)",
@@ -120,13 +131,19 @@ mod tests {
         let t = render(&r, 4);
         assert!(t.contains("gpu-01 → nas-01: 30.000 Gbit/s"), "{t}");
         assert!(t.contains("retransmits: 7"), "{t}");
-        assert!(t.contains("ens1f0 at 100 Gbit/s negotiated; achieved 30.0%"), "{t}");
+        assert!(
+            t.contains("ens1f0 at 100 Gbit/s negotiated; achieved 30.0%"),
+            "{t}"
+        );
         let j: serde_json::Value = serde_json::from_str(&render_json(&r)).unwrap();
         assert_eq!(j["link_ratio"], 0.3);
         r.link_speed_mbps = None;
         r.retransmits = None;
         let t = render(&r, 4);
-        assert!(t.contains("link speed: unknown (ens1f0 reports none)"), "{t}");
+        assert!(
+            t.contains("link speed: unknown (ens1f0 reports none)"),
+            "{t}"
+        );
         assert!(t.contains("retransmits: unknown"), "{t}");
         let j: serde_json::Value = serde_json::from_str(&render_json(&r)).unwrap();
         assert!(j["link_ratio"].is_null() && j["link_speed_mbps"].is_null());

@@ -310,13 +310,23 @@ fn nvidia_node(day: &mut Samples, rng: &mut Rng, t: i64, cycle: f64) {
     day.put("vitals_peer_up", &labels(&peer), t, 1.0);
     let rtt = 0.00025 * (1.0 + 0.2 * diurnal(t)) + rng.noise(0.00004);
     day.put("vitals_peer_rtt_seconds", &labels(&peer), t, rtt);
-    day.put("vitals_peer_tcp_connect_seconds", &labels(&peer), t, rtt * 1.3);
+    day.put(
+        "vitals_peer_tcp_connect_seconds",
+        &labels(&peer),
+        t,
+        rtt * 1.3,
+    );
     for method in ["icmp", "tcp"] {
         let mut l = peer.to_vec();
         l.push(("method", method));
         let lost = if rng.next() < 1.0 / 240.0 { 0.1 } else { 0.0 };
         day.put("vitals_peer_loss_ratio", &labels(&l), t, lost);
-        day.put("vitals_peer_jitter_seconds", &labels(&l), t, 0.00003 + rng.noise(0.00001));
+        day.put(
+            "vitals_peer_jitter_seconds",
+            &labels(&l),
+            t,
+            0.00003 + rng.noise(0.00001),
+        );
     }
     // The hourly throughput test to the NAS: 80-90 % of the 100GbE link.
     let nt = labels(&[("node", node), ("peer", "nas-01:7444")]);

@@ -68,8 +68,16 @@ impl Lab {
         env.reissue_collector(&[&mgmt[0].b.ip, &mgmt[1].b.ip]);
         // Valid for the link (agents dial each other there) and the
         // management address (the CLI dials lab-a there).
-        env.issue("lab-a", "agent", &["--ip", &link.a.ip, "--ip", &mgmt[0].a.ip]);
-        env.issue("lab-b", "agent", &["--ip", &link.b.ip, "--ip", &mgmt[1].a.ip]);
+        env.issue(
+            "lab-a",
+            "agent",
+            &["--ip", &link.a.ip, "--ip", &mgmt[0].a.ip],
+        );
+        env.issue(
+            "lab-b",
+            "agent",
+            &["--ip", &link.b.ip, "--ip", &mgmt[1].a.ip],
+        );
         std::fs::create_dir_all(env.path().join("collector")).unwrap();
         std::fs::write(env.path().join("collector/rules.toml"), peer_rules()).unwrap();
         let port = free_port();
@@ -95,7 +103,10 @@ impl Lab {
         // lab-b first: lab-a's scheduled test finds its listener.
         let b = start("lab-b", &ns_b, &mgmt[1], &b_extra(&link));
         assert!(
-            wait_until(Duration::from_secs(10), || b.proc.log_text().contains("agent started")),
+            wait_until(Duration::from_secs(10), || b
+                .proc
+                .log_text()
+                .contains("agent started")),
             "lab-b starts: {}",
             b.proc.log_text()
         );
@@ -194,8 +205,7 @@ fn span(points: &[(i64, f64)], ts: i64, end: i64) -> Option<(f64, f64)> {
 
 #[test]
 fn the_mesh_sees_loss_and_a_silent_cut_and_the_rule_fires_and_resolves() {
-    if !netns::available("the_mesh_sees_loss_and_a_silent_cut_and_the_rule_fires_and_resolves")
-    {
+    if !netns::available("the_mesh_sees_loss_and_a_silent_cut_and_the_rule_fires_and_resolves") {
         return;
     }
     // TCP probes go to the other agent's net-test listener. lab-b probes
@@ -243,7 +253,10 @@ fn the_mesh_sees_loss_and_a_silent_cut_and_the_rule_fires_and_resolves() {
             lab.reader
                 .series(
                     "vitals_peer_up",
-                    &[("node", MatchOp::Equal, "lab-b"), ("peer", MatchOp::Equal, "lab-a")],
+                    &[
+                        ("node", MatchOp::Equal, "lab-b"),
+                        ("peer", MatchOp::Equal, "lab-a"),
+                    ],
                 )
                 .first()
                 .and_then(|s| s.points.last())
@@ -258,10 +271,16 @@ fn the_mesh_sees_loss_and_a_silent_cut_and_the_rule_fires_and_resolves() {
         1,
         "one message: {b_log}"
     );
-    assert!(b_log.contains("ping_group_range"), "says how to allow it: {b_log}");
+    assert!(
+        b_log.contains("ping_group_range"),
+        "says how to allow it: {b_log}"
+    );
     let b_methods: Vec<String> = lab
         .reader
-        .series("vitals_peer_loss_ratio", &[("node", MatchOp::Equal, "lab-b")])
+        .series(
+            "vitals_peer_loss_ratio",
+            &[("node", MatchOp::Equal, "lab-b")],
+        )
         .iter()
         .map(|s| labels(s)["method"].clone())
         .collect();
@@ -324,8 +343,7 @@ fn the_mesh_sees_loss_and_a_silent_cut_and_the_rule_fires_and_resolves() {
     }
 
     // A silent cut: lab-b drops everything from the link, answers nothing.
-    lab.ns_b
-        .filter(&format!("iifname \"{link_dev}\" drop"), "");
+    lab.ns_b.filter(&format!("iifname \"{link_dev}\" drop"), "");
     assert!(
         wait_until(Duration::from_secs(20), || lab.last("vitals_peer_up", None)
             == Some(0.0)),
@@ -350,7 +368,10 @@ fn the_mesh_sees_loss_and_a_silent_cut_and_the_rule_fires_and_resolves() {
     assert_eq!(alert["labels"]["peer"], "lab-b", "{alert}");
     assert_eq!(alert["labels"]["node"], "lab-a", "{alert}");
     // lab-b kept reporting through its own management link.
-    let b_cycles = lab.reader.samples("vitals_agent_cycles_total", "lab-b").len();
+    let b_cycles = lab
+        .reader
+        .samples("vitals_agent_cycles_total", "lab-b")
+        .len();
 
     // The rule removed: up again, the alert resolves.
     lab.ns_b.clear_filter();
@@ -367,7 +388,10 @@ fn the_mesh_sees_loss_and_a_silent_cut_and_the_rule_fires_and_resolves() {
         lab.json(&["alerts", "--all", "--json"])
     );
     assert!(
-        lab.reader.samples("vitals_agent_cycles_total", "lab-b").len() > b_cycles,
+        lab.reader
+            .samples("vitals_agent_cycles_total", "lab-b")
+            .len()
+            > b_cycles,
         "lab-b reports throughout"
     );
 }
@@ -376,7 +400,9 @@ fn the_mesh_sees_loss_and_a_silent_cut_and_the_rule_fires_and_resolves() {
 const NET_TEST_PORT: u16 = 7444;
 
 fn net_test(extra: &str) -> String {
-    format!("[net_test]\nlisten = \"0.0.0.0:{NET_TEST_PORT}\"\nmax_bytes = \"200MB\"\nmax_duration = \"20s\"\n{extra}")
+    format!(
+        "[net_test]\nlisten = \"0.0.0.0:{NET_TEST_PORT}\"\nmax_bytes = \"200MB\"\nmax_duration = \"20s\"\n{extra}"
+    )
 }
 
 #[test]
@@ -426,7 +452,15 @@ fn net_test_measures_a_rate_limited_link_and_refuses_what_is_over_its_limits() {
     // within 20 % of it.
     lab.link.a.rate_limit("200mbit");
     let r = lab.json(&[
-        "net", "test", &from, &to, "--bytes", "40MB", "--streams", "4", "--json",
+        "net",
+        "test",
+        &from,
+        &to,
+        "--bytes",
+        "40MB",
+        "--streams",
+        "4",
+        "--json",
     ]);
     eprintln!("net test through a 200 Mbit/s tbf: {r}");
     let gbit = r["gbit_per_second"].as_f64().unwrap();
@@ -438,7 +472,11 @@ fn net_test_measures_a_rate_limited_link_and_refuses_what_is_over_its_limits() {
     assert_eq!(r["to"], "lab-b", "{r}");
     assert_eq!(r["bytes"], 40_000_000, "{r}");
     assert_eq!(r["complete"], true, "{r}");
-    assert_eq!(r["interface"], lab.link.a.dev.as_str(), "the sending interface: {r}");
+    assert_eq!(
+        r["interface"],
+        lab.link.a.dev.as_str(),
+        "the sending interface: {r}"
+    );
     assert!(r["retransmits"].is_u64(), "{r}");
     // A veth reports a speed (10 Gbit/s) or none; the ratio follows it.
     match r["link_speed_mbps"].as_f64() {
@@ -450,7 +488,10 @@ fn net_test_measures_a_rate_limited_link_and_refuses_what_is_over_its_limits() {
     }
     // The human form says the same.
     let text = lab.text(&["net", "test", &from, &to, "--bytes", "10MB"]);
-    assert!(text.starts_with("lab-a → lab-b: 0.") && text.contains("Gbit/s"), "{text}");
+    assert!(
+        text.starts_with("lab-a → lab-b: 0.") && text.contains("Gbit/s"),
+        "{text}"
+    );
     assert!(text.contains("retransmits: "), "{text}");
     assert!(text.contains("link"), "{text}");
 
@@ -491,4 +532,64 @@ fn net_test_measures_a_rate_limited_link_and_refuses_what_is_over_its_limits() {
         !out.status.success() && err.contains("needs an operator certificate"),
         "{err}"
     );
+}
+
+/// Bad `[sources.mesh]` and `[net_test]` tables stop the agent before it
+/// starts (exit 2), naming the file, the key (and the line where the value
+/// itself does not parse), and what to do.
+#[test]
+fn bad_mesh_and_net_test_config_names_file_and_key_and_exits_2() {
+    let env = Env::new();
+    let head = "collector = \"https://127.0.0.1:1\"\n";
+    let cases = [
+        (
+            "[sources.mesh]\n[[sources.mesh.peers]]\nname = \"nas\"\nhost = \"10.0.0.2\"\nicmp = false\n",
+            "sources.mesh.peers[0].port",
+            "set a TCP port, or icmp = true",
+        ),
+        (
+            "[sources.mesh]\ninterval = \"1s\"\ntimeout = \"5s\"\n",
+            "sources.mesh.timeout",
+            "at most the interval",
+        ),
+        (
+            "[sources.mesh]\n[[sources.mesh.peers]]\nname = \"nas\"\nhost = \"10.0.0.2\"\nlabels = { peer = \"x\" }\n",
+            "sources.mesh.peers[0].labels",
+            "reserved",
+        ),
+        (
+            "[net_test]\nlisten = \"nas-01:7444\"\n",
+            "net_test.listen",
+            "not ADDRESS:PORT",
+        ),
+        (
+            "[net_test]\n[[net_test.schedule]]\nto = \"nas-01\"\nevery = \"1h\"\n",
+            "net_test.schedule[0].to",
+            "is not HOST:PORT",
+        ),
+        (
+            "[net_test]\nmax_bytes = \"1MiB\"\n[[net_test.schedule]]\nto = \"nas-01:7444\"\nevery = \"1h\"\n",
+            "net_test.schedule[0].bytes",
+            "above net_test.max_bytes",
+        ),
+        (
+            "\n[net_test]\nmax_bytes = \"12 parsecs\"\n",
+            "net_test.max_bytes",
+            ":4:",
+        ),
+    ];
+    for (i, (table, key, says)) in cases.iter().enumerate() {
+        let file = env.path().join(format!("agent{i}.toml"));
+        std::fs::write(&file, format!("{head}{table}")).unwrap();
+        let out = std::process::Command::new(bin("vitals-agent"))
+            .args(["check-config", "--config", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{table}: {err}");
+        assert!(
+            err.contains(file.to_str().unwrap()) && err.contains(key) && err.contains(says),
+            "{table}: want {key} and {says:?} in: {err}"
+        );
+    }
 }

@@ -382,7 +382,12 @@ async fn read_stream(
 
 /// The sending side: asks the agent at `to` to receive, sends, and puts
 /// the receiver's count together with what this host knows.
-pub async fn send(shared: &Shared, to: &str, bytes: u64, streams: u32) -> Result<NetTestResult, String> {
+pub async fn send(
+    shared: &Shared,
+    to: &str,
+    bytes: u64,
+    streams: u32,
+) -> Result<NetTestResult, String> {
     let (host, _) = split_addr(to)?;
     let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{to}"))
         .map_err(|e| format!("bad address {to:?}: {e}"))?
@@ -426,7 +431,8 @@ pub async fn send(shared: &Shared, to: &str, bytes: u64, streams: u32) -> Result
     let token = Arc::new(ready.token);
     let mut senders = tokio::task::JoinSet::new();
     for i in 0..streams {
-        let share = bytes / u64::from(streams) + u64::from(u64::from(i) < bytes % u64::from(streams));
+        let share =
+            bytes / u64::from(streams) + u64::from(u64::from(i) < bytes % u64::from(streams));
         let token = token.clone();
         senders.spawn(async move {
             let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(data))
@@ -472,11 +478,8 @@ pub async fn send(shared: &Shared, to: &str, bytes: u64, streams: u32) -> Result
             ));
         }
     }
-    let done = match tokio::time::timeout(
-        shared.max_duration + CONNECT_TIMEOUT,
-        updates.message(),
-    )
-    .await
+    let done = match tokio::time::timeout(shared.max_duration + CONNECT_TIMEOUT, updates.message())
+        .await
     {
         Ok(Ok(Some(ReceiveUpdate {
             update: Some(receive_update::Update::Done(d)),
@@ -575,14 +578,21 @@ mod tests {
             "net_test.schedule[0].every"
         );
         assert_eq!(
-            key("max_bytes = \"1MiB\"\n[[schedule]]\nto = \"nas-01:7444\"\nevery = \"1h\"\nbytes = \"2MiB\""),
+            key(
+                "max_bytes = \"1MiB\"\n[[schedule]]\nto = \"nas-01:7444\"\nevery = \"1h\"\nbytes = \"2MiB\""
+            ),
             "net_test.schedule[0].bytes"
         );
         assert_eq!(
             key("[[schedule]]\nto = \"nas-01:7444\"\nevery = \"1h\"\nstreams = 65"),
             "net_test.schedule[0].streams"
         );
-        assert!(cfg("max_bytes = \"12 parsecs\"").unwrap_err().1.contains("unknown unit"));
+        assert!(
+            cfg("max_bytes = \"12 parsecs\"")
+                .unwrap_err()
+                .1
+                .contains("unknown unit")
+        );
     }
 
     #[test]
@@ -601,7 +611,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let token: [u8; TOKEN] = rand::random();
-        let recv = tokio::spawn(receive(listener, token, 3 << 20, 2, Duration::from_secs(10)));
+        let recv = tokio::spawn(receive(
+            listener,
+            token,
+            3 << 20,
+            2,
+            Duration::from_secs(10),
+        ));
         let mut intruder = TcpStream::connect(addr).await.unwrap();
         intruder.write_all(&[0u8; TOKEN]).await.unwrap();
         intruder.write_all(&[1u8; 4096]).await.unwrap();

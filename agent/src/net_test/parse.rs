@@ -88,7 +88,9 @@ pub fn route_interface(route: &str, dst: Ipv4Addr) -> Option<String> {
         }
         let better = match &best {
             None => true,
-            Some((m, met, _)) => mask.count_ones() > m.count_ones() || (mask == *m && metric < *met),
+            Some((m, met, _)) => {
+                mask.count_ones() > m.count_ones() || (mask == *m && metric < *met)
+            }
         };
         if better {
             best = Some((mask, metric, f[0].to_string()));
@@ -109,7 +111,11 @@ pub fn retrans_segs(snmp: &str) -> Option<u64> {
 /// `/sys/class/net/DEV/speed`: Mbit/s, None where the kernel has none
 /// (-1, unreadable, a device without a negotiated speed).
 pub fn speed_mbps(text: &str) -> Option<u64> {
-    text.trim().parse::<i64>().ok().filter(|s| *s > 0).map(|s| s as u64)
+    text.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|s| *s > 0)
+        .map(|s| s as u64)
 }
 
 #[cfg(test)]

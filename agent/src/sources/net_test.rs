@@ -145,7 +145,10 @@ pub fn samples(labels: &LabelSet, last: &Result<NetTestResult, String>, out: &mu
     let s = |name: &'static str, v: f64| Sample::with_labels(name, labels, v);
     match last {
         Ok(r) => {
-            out.push(s("vitals_net_test_success", f64::from(u8::from(r.complete))));
+            out.push(s(
+                "vitals_net_test_success",
+                f64::from(u8::from(r.complete)),
+            ));
             out.push(s("vitals_net_test_bits_per_second", r.bits_per_second));
             out.push(s("vitals_net_test_seconds", r.seconds));
             out.push(s("vitals_net_test_bytes", r.bytes as f64));
@@ -203,7 +206,8 @@ mod tests {
             ..Default::default()
         };
         samples(&labels, &Ok(r), &mut out);
-        let get = |out: &[Sample], n: &str| out.iter().find(|s| s.name.as_str() == n).map(|s| s.value);
+        let get =
+            |out: &[Sample], n: &str| out.iter().find(|s| s.name.as_str() == n).map(|s| s.value);
         assert_eq!(get(&out, "vitals_net_test_link_ratio"), Some(0.3));
         assert_eq!(get(&out, "vitals_net_test_retransmits"), Some(12.0));
         assert_eq!(get(&out, "vitals_net_test_success"), Some(1.0));
@@ -213,7 +217,11 @@ mod tests {
             ..Default::default()
         };
         samples(&labels, &Ok(r), &mut out);
-        assert_eq!(get(&out, "vitals_net_test_link_ratio"), None, "speed unknown: no ratio");
+        assert_eq!(
+            get(&out, "vitals_net_test_link_ratio"),
+            None,
+            "speed unknown: no ratio"
+        );
         out.clear();
         samples(&labels, &Err("refused".into()), &mut out);
         assert_eq!(out.len(), 1);

@@ -28,7 +28,11 @@ const PAYLOAD: usize = 16;
 /// Sends one echo request to `addr` and waits up to `timeout` for its
 /// reply: Ok(Some(round trip)), Ok(None) = lost (no reply in time, or the
 /// network said unreachable).
-pub async fn echo(addr: IpAddr, seq: u16, timeout: Duration) -> Result<Option<Duration>, EchoError> {
+pub async fn echo(
+    addr: IpAddr,
+    seq: u16,
+    timeout: Duration,
+) -> Result<Option<Duration>, EchoError> {
     let (domain, proto, req, rep) = match addr {
         IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, ECHO_V4, REPLY_V4),
         IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, ECHO_V6, REPLY_V6),

@@ -295,8 +295,7 @@ impl Peer {
                 return Some((None, false));
             };
             let t = Instant::now();
-            match tokio::time::timeout(shared.timeout, tokio::net::TcpStream::connect(addr)).await
-            {
+            match tokio::time::timeout(shared.timeout, tokio::net::TcpStream::connect(addr)).await {
                 Ok(Ok(_stream)) => Some((Some(t.elapsed().as_secs_f64()), false)),
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     Some((Some(t.elapsed().as_secs_f64()), true))
@@ -482,14 +481,19 @@ mod tests {
         assert!(mesh("").is_ok());
         assert!(mesh(peer).is_ok());
         let key = |text: &str| mesh(text).unwrap_err().0;
-        assert_eq!(key(&format!("interval = \"10ms\"\n{peer}")), "sources.mesh.interval");
+        assert_eq!(
+            key(&format!("interval = \"10ms\"\n{peer}")),
+            "sources.mesh.interval"
+        );
         assert_eq!(
             key(&format!("interval = \"1s\"\ntimeout = \"2s\"\n{peer}")),
             "sources.mesh.timeout"
         );
         assert_eq!(key(&format!("count = 0\n{peer}")), "sources.mesh.count");
         assert_eq!(
-            key(&format!("interval = \"100ms\"\ntimeout = \"50ms\"\ncount = 500\n{peer}")),
+            key(&format!(
+                "interval = \"100ms\"\ntimeout = \"50ms\"\ncount = 500\n{peer}"
+            )),
             "sources.mesh.count"
         );
         assert_eq!(
@@ -560,7 +564,10 @@ mod tests {
             assert_eq!(get("vitals_peer_up"), Some(1.0));
             assert_eq!(get("vitals_peer_loss_ratio"), Some(0.0));
             assert_eq!(get("vitals_peer_probes_total"), Some(5.0));
-            assert_eq!(get("vitals_peer_tcp_refused_total"), Some(f64::from(refused)));
+            assert_eq!(
+                get("vitals_peer_tcp_refused_total"),
+                Some(f64::from(refused))
+            );
             assert!(get("vitals_peer_tcp_connect_seconds").is_some_and(|v| v > 0.0 && v < 0.2));
             assert!(get("vitals_peer_rtt_seconds").is_none(), "no ICMP asked");
         }

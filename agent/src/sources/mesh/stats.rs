@@ -31,7 +31,8 @@ impl MethodRound {
         }
         let answered: Vec<f64> = self.rtts.iter().flatten().copied().collect();
         let lost = sent - answered.len() as u64;
-        let mean = (!answered.is_empty()).then(|| answered.iter().sum::<f64>() / answered.len() as f64);
+        let mean =
+            (!answered.is_empty()).then(|| answered.iter().sum::<f64>() / answered.len() as f64);
         let jitter = (answered.len() >= 2).then(|| {
             let d: f64 = answered.windows(2).map(|w| (w[1] - w[0]).abs()).sum();
             d / (answered.len() - 1) as f64
