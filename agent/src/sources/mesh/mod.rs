@@ -310,8 +310,9 @@ impl Peer {
         tokio::join!(icmp, tcp)
     }
 
-    /// This cycle's samples.
-    fn take(&self, out: &mut Vec<Sample>) {
+    /// This cycle's samples; without ICMP counters once the kernel
+    /// refused ping sockets (`icmp_refused`).
+    fn take(&self, out: &mut Vec<Sample>, icmp_refused: bool) {
         let l = &self.labels;
         let s = |name: &'static str, v: f64| Sample::with_labels(name, l, v);
         let acc = self.lock();
@@ -337,7 +338,12 @@ impl Peer {
             }
         }
         for (method, probes, lost, used) in [
-            ("icmp", acc.icmp_probes, acc.icmp_lost, self.cfg.icmp),
+            (
+                "icmp",
+                acc.icmp_probes,
+                acc.icmp_lost,
+                self.cfg.icmp && !icmp_refused,
+            ),
             ("tcp", acc.tcp_probes, acc.tcp_lost, self.cfg.port.is_some()),
         ] {
             if used {
@@ -459,8 +465,9 @@ impl Source for Mesh {
         if !self.started {
             self.start()?;
         }
+        let icmp_refused = self.shared.icmp_refused.load(Ordering::Relaxed);
         for p in &self.peers {
-            p.take(out);
+            p.take(out, icmp_refused);
         }
         Ok(())
     }
@@ -555,7 +562,7 @@ mod tests {
             });
             peer.clone().round(shared.clone()).await;
             let mut out = Vec::new();
-            peer.take(&mut out);
+            peer.take(&mut out, false);
             let get = |name: &str| {
                 out.iter()
                     .find(|s| s.name.as_str() == name)
