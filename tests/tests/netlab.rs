@@ -66,7 +66,21 @@ impl Lab {
         let mgmt = [Veth::new(Some(&ns_a), None), Veth::new(Some(&ns_b), None)];
         // Unprivileged ICMP echo in lab-a's namespace only; lab-b's keeps
         // the kernel's default (no group may), as does the root namespace.
-        ns_a.sh("sysctl", &["-w", "net.ipv4.ping_group_range=0 2147483647"]);
+        // (Written to /proc/sys, which shows the namespace of the writer:
+        // no procps needed.)
+        ns_a.sh(
+            "sh",
+            &[
+                "-c",
+                "echo '0 2147483647' > /proc/sys/net/ipv4/ping_group_range",
+            ],
+        );
+        assert_eq!(
+            ns_a.sh("cat", &["/proc/sys/net/ipv4/ping_group_range"])
+                .split_whitespace()
+                .collect::<Vec<_>>(),
+            ["0", "2147483647"]
+        );
         env.reissue_collector(&[&mgmt[0].b.ip, &mgmt[1].b.ip]);
         // Valid for the link (agents dial each other there) and the
         // management address (the CLI dials lab-a there).
