@@ -580,7 +580,15 @@ fn check_restd(path: &Path, s: &SlurmConfig) -> Result<(), ConfigError> {
 }
 
 /// Everything `run` needs, checked: URL, TLS files, node name, limits.
+/// An error names the line of its key where the file sets it.
 pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
+    validate_raw(path, raw).map_err(|e| match std::fs::read_to_string(path) {
+        Ok(text) => e.located(&text),
+        Err(_) => e,
+    })
+}
+
+fn validate_raw(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
     let collector_url = raw.collector.clone().ok_or_else(|| {
         ConfigError::invalid(
             path,

@@ -564,50 +564,57 @@ fn net_test_measures_a_rate_limited_link_and_refuses_what_is_over_its_limits() {
 }
 
 /// Bad `[sources.mesh]` and `[net_test]` tables stop the agent before it
-/// starts (exit 2), naming the file, the key (and the line where the value
-/// itself does not parse), and what to do.
+/// starts (exit 2), naming the file, the line, the key and what to do.
 #[test]
 fn bad_mesh_and_net_test_config_names_file_and_key_and_exits_2() {
     let env = Env::new();
     let head = "collector = \"https://127.0.0.1:1\"\n";
+    // (table after the `collector` line, key, line, what it says)
     let cases = [
         (
-            "[sources.mesh]\n[[sources.mesh.peers]]\nname = \"nas\"\nhost = \"10.0.0.2\"\nicmp = false\n",
-            "sources.mesh.peers[0].port",
+            "[sources.mesh]\n[[sources.mesh.peers]]\nname = \"nas\"\nhost = \"10.0.0.2\"\n[[sources.mesh.peers]]\nname = \"b\"\nhost = \"10.0.0.3\"\nicmp = false\n",
+            "sources.mesh.peers[1].port",
+            ":6:",
             "set a TCP port, or icmp = true",
         ),
         (
             "[sources.mesh]\ninterval = \"1s\"\ntimeout = \"5s\"\n",
             "sources.mesh.timeout",
+            ":4:",
             "at most the interval",
         ),
         (
             "[sources.mesh]\n[[sources.mesh.peers]]\nname = \"nas\"\nhost = \"10.0.0.2\"\nlabels = { peer = \"x\" }\n",
             "sources.mesh.peers[0].labels",
+            ":6:",
             "reserved",
         ),
         (
             "[net_test]\nlisten = \"nas-01:7444\"\n",
             "net_test.listen",
+            ":3:",
             "not ADDRESS:PORT",
         ),
         (
             "[net_test]\n[[net_test.schedule]]\nto = \"nas-01\"\nevery = \"1h\"\n",
             "net_test.schedule[0].to",
+            ":4:",
             "is not HOST:PORT",
         ),
         (
-            "[net_test]\nmax_bytes = \"1MiB\"\n[[net_test.schedule]]\nto = \"nas-01:7444\"\nevery = \"1h\"\n",
+            "[net_test]\nmax_bytes = \"1MiB\"\n[[net_test.schedule]]\nto = \"nas-01:7444\"\nevery = \"1h\"\nbytes = \"2MiB\"\n",
             "net_test.schedule[0].bytes",
+            ":7:",
             "above net_test.max_bytes",
         ),
         (
             "\n[net_test]\nmax_bytes = \"12 parsecs\"\n",
             "net_test.max_bytes",
             ":4:",
+            "unknown unit",
         ),
     ];
-    for (i, (table, key, says)) in cases.iter().enumerate() {
+    for (i, (table, key, line, says)) in cases.iter().enumerate() {
         let file = env.path().join(format!("agent{i}.toml"));
         std::fs::write(&file, format!("{head}{table}")).unwrap();
         let out = std::process::Command::new(bin("vitals-agent"))
@@ -616,9 +623,10 @@ fn bad_mesh_and_net_test_config_names_file_and_key_and_exits_2() {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{table}: {err}");
+        let file_line = format!("{}{line}", file.display());
         assert!(
-            err.contains(file.to_str().unwrap()) && err.contains(key) && err.contains(says),
-            "{table}: want {key} and {says:?} in: {err}"
+            err.contains(&file_line) && err.contains(key) && err.contains(says),
+            "{table}: want {file_line}, {key} and {says:?} in: {err}"
         );
     }
 }
