@@ -1,6 +1,7 @@
 //! Scheduled throughput tests (`[[net_test.schedule]]`): this agent sends
 //! to another agent's net-test listener every `every` (see
-//! `crate::net_test`) on the source's own thread, and each cycle reports
+//! `crate::net_test`) on the source's own runtime (four threads, so that a
+//! test's streams go out in parallel), and each cycle reports
 //! the last result per configured receiver (label `peer`: the `to`
 //! address): `vitals_net_test_bits_per_second`, `vitals_net_test_seconds`,
 //! `vitals_net_test_bytes`, `vitals_net_test_retransmits` (where
@@ -81,7 +82,11 @@ impl NetTest {
             procfs: self.raw.paths.procfs.clone(),
             sysfs: self.raw.paths.sysfs.clone(),
         });
-        let rt = tokio::runtime::Builder::new_current_thread()
+        // Several threads: a test's streams are sent in parallel, as a
+        // fast link needs.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .thread_name("vitals-net-test")
             .enable_all()
             .build()
             .map_err(|e| SourceError::Failed(format!("cannot start the net test runtime: {e}")))?;
