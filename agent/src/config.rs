@@ -38,6 +38,9 @@ pub struct RawConfig {
     pub paths: PathsConfig,
     #[serde(default)]
     pub sources: SourcesConfig,
+    /// `[net_test]`: the throughput-test listener and scheduled tests.
+    #[serde(default)]
+    pub net_test: crate::net_test::NetTestConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -103,6 +106,9 @@ pub struct SourcesConfig {
     /// `[sources.kmsg]`: kernel events from /dev/kmsg.
     #[serde(default)]
     pub kmsg: crate::sources::kmsg::KmsgConfig,
+    /// `[sources.mesh]`: probes of peer hosts (ICMP, TCP connect).
+    #[serde(default)]
+    pub mesh: crate::sources::mesh::MeshConfig,
 }
 
 /// `[sources.joblog]`.
@@ -424,6 +430,7 @@ impl Default for RawConfig {
             spool: SpoolConfig::default(),
             paths: PathsConfig::default(),
             sources: SourcesConfig::default(),
+            net_test: Default::default(),
         }
     }
 }
@@ -573,7 +580,15 @@ fn check_restd(path: &Path, s: &SlurmConfig) -> Result<(), ConfigError> {
 }
 
 /// Everything `run` needs, checked: URL, TLS files, node name, limits.
+/// An error names the line of its key where the file sets it.
 pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
+    validate_raw(path, raw).map_err(|e| match std::fs::read_to_string(path) {
+        Ok(text) => e.located(&text),
+        Err(_) => e,
+    })
+}
+
+fn validate_raw(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
     let collector_url = raw.collector.clone().ok_or_else(|| {
         ConfigError::invalid(
             path,
@@ -602,6 +617,12 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
         ));
     }
     if let Err((key, message)) = crate::sources::kmsg::check(&raw.sources.kmsg) {
+        return Err(ConfigError::invalid(path, &key, message));
+    }
+    if let Err((key, message)) = crate::sources::mesh::check(&raw.sources.mesh) {
+        return Err(ConfigError::invalid(path, &key, message));
+    }
+    if let Err((key, message)) = crate::net_test::check(&raw.net_test) {
         return Err(ConfigError::invalid(path, &key, message));
     }
     let tls = raw

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod cycle;
+pub mod net_test;
 pub mod reload;
 pub mod ship;
 pub mod sources;
@@ -24,6 +25,14 @@ pub enum AgentError {
     Source(#[from] cycle::UnknownSource),
     #[error("cannot handle SIGHUP: {0}")]
     Signal(#[source] std::io::Error),
+    #[error(
+        "[net_test] listen = {listen:?}: cannot listen there: {source} (another process on that port? pick a free one)"
+    )]
+    NetTestListen {
+        listen: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What a run did, reported when it ends.
@@ -66,6 +75,32 @@ pub async fn run_reloadable(
     );
     let sources = Arc::new(Mutex::new(sources));
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(listen) = settings.raw.net_test.listen.clone() {
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .map_err(|source| AgentError::NetTestListen {
+                listen: listen.clone(),
+                source,
+            })?;
+        let shared = Arc::new(net_test::Shared {
+            node: settings.node.clone(),
+            tls: settings.tls.clone(),
+            max_bytes: settings.raw.net_test.max_bytes,
+            max_duration: settings.raw.net_test.max_duration,
+            procfs: settings.raw.paths.procfs.clone(),
+            sysfs: settings.raw.paths.sysfs.clone(),
+        });
+        let mut stop = stop_rx.clone();
+        tracing::info!(%listen, "net-test listener started");
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = net_test::serve(listener, shared, stopped).await {
+                tracing::error!("{e}");
+            }
+        });
+    }
     let notify = Arc::new(Notify::new());
     let (link_tx, link_rx) = watch::channel(link(&settings));
     let shipper = tokio::spawn(

@@ -58,6 +58,9 @@ pub fn apply(current: &mut Settings, mut new: Settings) -> Outcome {
     if new.spool_dir != current.spool_dir || new.spool_max_bytes != current.spool_max_bytes {
         out.need_restart.push("spool");
     }
+    if new.raw.net_test != current.raw.net_test {
+        out.need_restart.push("net_test");
+    }
     if new.collector_url != current.collector_url {
         out.applied.push("collector");
     }
@@ -86,6 +89,7 @@ pub fn apply(current: &mut Settings, mut new: Settings) -> Outcome {
     new.spool_dir = current.spool_dir.clone();
     new.spool_max_bytes = current.spool_max_bytes;
     new.raw.spool = current.raw.spool.clone();
+    new.raw.net_test = current.raw.net_test.clone();
     *current = new;
     out
 }

@@ -2025,6 +2025,14 @@ fn the_readme_agent_config_parses_with_every_source_table() {
     assert_eq!(cfg.sources.kmsg.max_lines, d.sources.kmsg.max_lines);
     assert_eq!(cfg.sources.kmsg.max_bytes, d.sources.kmsg.max_bytes);
     assert!(cfg.sources.kmsg.default_patterns && cfg.sources.kmsg.patterns.is_empty());
+    // The mesh and net-test tables show their defaults too.
+    assert_eq!(cfg.sources.mesh.interval, d.sources.mesh.interval);
+    assert_eq!(cfg.sources.mesh.timeout, d.sources.mesh.timeout);
+    assert_eq!(cfg.sources.mesh.count, d.sources.mesh.count);
+    assert_eq!(cfg.sources.mesh.peers[0].port, Some(2049));
+    assert_eq!(cfg.net_test.max_bytes, d.net_test.max_bytes);
+    assert_eq!(cfg.net_test.max_duration, d.net_test.max_duration);
+    assert_eq!(cfg.net_test.listen, None);
 }
 
 // ---------------------------------------------------------------- slurm

@@ -139,11 +139,13 @@ pub fn issue(dir: &Path, req: &IssueRequest<'_>) -> Result<(PathBuf, PathBuf)> {
     params.subject_alt_names = sans;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = match req.role {
-        Role::Collector => vec![
+        // An agent also serves its `[net_test]` listener with its own
+        // certificate.
+        Role::Collector | Role::Agent => vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ],
-        Role::Agent | Role::Operator => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        Role::Operator => vec![ExtendedKeyUsagePurpose::ClientAuth],
     };
     let now = OffsetDateTime::now_utc();
     let not_after = req.not_after.unwrap_or(now + Duration::days(req.days));

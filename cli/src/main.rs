@@ -15,6 +15,7 @@ mod commands;
 mod detect;
 mod dev;
 mod jobs;
+mod net;
 mod probes;
 mod push;
 mod top;
@@ -303,6 +304,11 @@ enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
+    /// Throughput tests between agents ([net_test] listen in their agent.toml).
+    Net {
+        #[command(subcommand)]
+        command: NetCommand,
+    },
     /// Create and inspect certificates (the role is stored in the subject OU).
     Certs {
         #[command(subcommand)]
@@ -373,6 +379,35 @@ enum SilenceCommand {
     },
     /// End a silence now.
     Rm { id: i64 },
+}
+
+#[derive(Subcommand)]
+enum NetCommand {
+    /// Asks the agent at FROM to send N bytes over K TCP streams to the
+    /// agent at TO, and prints the throughput the receiver measured, the
+    /// sender's TCP retransmits and the share of the sending interface's
+    /// negotiated speed ("unknown" where the kernel reports none). FROM and
+    /// TO are HOST:PORT of the agents' net-test listeners; the CLI's
+    /// operator certificate (from its config) authenticates the request.
+    ///
+    /// Examples:
+    ///   vitals net test gpu-01:7444 nas-01:7444
+    ///   vitals net test gpu-01:7444 nas-01:7444 --bytes 4GiB --streams 8 --json
+    #[command(verbatim_doc_comment)]
+    Test {
+        from: String,
+        to: String,
+        /// Bytes to send: a number or a size like 256MiB, 4GiB, 10GB.
+        #[arg(long, default_value = "1GiB")]
+        bytes: String,
+        /// Parallel TCP streams (1-64).
+        #[arg(long, default_value_t = 4)]
+        streams: u32,
+        /// Print {"from","to","bytes","seconds","bits_per_second","gbit_per_second",
+        /// "retransmits","interface","link_speed_mbps","link_ratio","complete"}.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -894,6 +929,18 @@ fn main() -> ExitCode {
         Command::Rules {
             command: RulesCommand::Check { file, json },
         } => alerts::check(&file, json).map(|text| print_out(&text)),
+        Command::Net {
+            command:
+                NetCommand::Test {
+                    from,
+                    to,
+                    bytes,
+                    streams,
+                    json,
+                },
+        } => with_client(cli.config, |cfg| async move {
+            net::test(&cfg, &from, &to, &bytes, streams, json).await
+        }),
         Command::Cache {
             command: CacheCommand::Check { dataset, json },
         } => with_client(cli.config, |cfg| async move {

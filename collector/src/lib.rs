@@ -219,13 +219,30 @@ pub async fn run_reloadable(
         .set_serving::<AlertsServer<alert::api::AlertsService>>()
         .await;
     health.set_serving::<PushServer<push::PushService>>().await;
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
+    // Only the services served here: the proto file also holds the
+    // agents' NetTest.
+    let reflection = |itself: &str| {
+        let mut b = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(vitals_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        for name in [
+            "vitals.v1.Ingest",
+            "vitals.v1.Query",
+            "vitals.v1.Alerts",
+            "vitals.v1.Push",
+            "grpc.health.v1.Health",
+            itself,
+        ] {
+            b = b.with_service_name(name);
+        }
+        b
     };
-    let reflection_v1 = reflection().build_v1().map_err(RunError::Reflection)?;
-    let reflection_v1alpha = reflection().build_v1alpha().map_err(RunError::Reflection)?;
+    let reflection_v1 = reflection("grpc.reflection.v1.ServerReflection")
+        .build_v1()
+        .map_err(RunError::Reflection)?;
+    let reflection_v1alpha = reflection("grpc.reflection.v1alpha.ServerReflection")
+        .build_v1alpha()
+        .map_err(RunError::Reflection)?;
     // h2's default windows here: they bound what each agent stream may
     // have in flight towards the collector (memory per connected agent);
     // a query answer's pace is set by the client's receive window.

@@ -303,6 +303,35 @@ fn nvidia_node(day: &mut Samples, rng: &mut Rng, t: i64, cycle: f64) {
     let mut g = ep.to_vec();
     g.push(("input", "good-review"));
     day.put("vitals_probe_golden_correct", &labels(&g), t, 1.0);
+    // The peer mesh to the NAS: answered, a lost probe now and then
+    // (one of ten in a round, about once an hour), round trips with noise
+    // and a little more at the day's peak.
+    let peer = [("node", node), ("peer", "nas-01")];
+    day.put("vitals_peer_up", &labels(&peer), t, 1.0);
+    let rtt = 0.00025 * (1.0 + 0.2 * diurnal(t)) + rng.noise(0.00004);
+    day.put("vitals_peer_rtt_seconds", &labels(&peer), t, rtt);
+    day.put(
+        "vitals_peer_tcp_connect_seconds",
+        &labels(&peer),
+        t,
+        rtt * 1.3,
+    );
+    for method in ["icmp", "tcp"] {
+        let mut l = peer.to_vec();
+        l.push(("method", method));
+        let lost = if rng.next() < 1.0 / 240.0 { 0.1 } else { 0.0 };
+        day.put("vitals_peer_loss_ratio", &labels(&l), t, lost);
+        day.put(
+            "vitals_peer_jitter_seconds",
+            &labels(&l),
+            t,
+            0.00003 + rng.noise(0.00001),
+        );
+    }
+    // The hourly throughput test to the NAS: 80-90 % of the 100GbE link.
+    let nt = labels(&[("node", node), ("peer", "nas-01:7444")]);
+    day.put("vitals_net_test_success", &nt, t, 1.0);
+    day.put("vitals_net_test_link_ratio", &nt, t, 0.85 + rng.noise(0.05));
 }
 
 fn nas_node(day: &mut Samples, rng: &mut Rng, t: i64, cycle: f64, t0: i64) {

@@ -438,3 +438,171 @@ async fn kernel_event_and_dataset_cache_rules_fire_on_their_series_only() {
     drop(w);
     let _ = tokio::task::spawn_blocking(move || handle.join()).await;
 }
+
+/// The peer-mesh and throughput-test rules: each fires once, on the peer
+/// that degraded, and on nothing healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_and_net_test_rules_fire_on_their_series_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.db");
+    let (w, store, handle) =
+        store::spawn_writer(store::open(&path).unwrap(), &path, StoreOptions::default()).unwrap();
+    let node = "gpu-01";
+    w.hello(node, "i", "test").await.unwrap();
+    let now = vitals_common::now_ms();
+    let t0 = (now - 3 * 3_600_000) / STEP_MS * STEP_MS;
+    // Two healthy hours (the baselines), then trouble for 40 minutes.
+    let trouble = t0 + 2 * 3_600_000;
+    let end = trouble + 40 * 60_000;
+    let mut b = Samples::default();
+    let mut t = t0;
+    while t <= end {
+        let bad = t >= trouble;
+        // nas-01 loses 20 % of the probes; gpu-02 stops answering;
+        // gpu-03 answers ten times slower; gpu-04 stays healthy.
+        for peer in ["nas-01", "gpu-02", "gpu-03", "gpu-04"] {
+            let l = labels(&[("node", node), ("peer", peer)]);
+            let up = !(bad && peer == "gpu-02");
+            b.put("vitals_peer_up", &l, t, f64::from(u8::from(up)));
+            let rtt = if bad && peer == "gpu-03" {
+                0.002
+            } else {
+                0.0002
+            };
+            if up {
+                b.put("vitals_peer_rtt_seconds", &l, t, rtt);
+            }
+            for method in ["icmp", "tcp"] {
+                let l = labels(&[("node", node), ("peer", peer), ("method", method)]);
+                let loss = match (bad, peer) {
+                    (true, "nas-01") => 0.2,
+                    (true, "gpu-02") => 1.0,
+                    _ => 0.0,
+                };
+                b.put("vitals_peer_loss_ratio", &l, t, loss);
+            }
+        }
+        // Hourly tests: nas-01 falls to 30 % of the link, gpu-02's fail.
+        let l = labels(&[("node", node), ("peer", "nas-01:7444")]);
+        b.put(
+            "vitals_net_test_link_ratio",
+            &l,
+            t,
+            if bad { 0.3 } else { 0.9 },
+        );
+        b.put("vitals_net_test_success", &l, t, 1.0);
+        let l = labels(&[("node", node), ("peer", "gpu-02:7444")]);
+        b.put(
+            "vitals_net_test_success",
+            &l,
+            t,
+            if bad { 0.0 } else { 1.0 },
+        );
+        if !bad {
+            b.put("vitals_net_test_link_ratio", &l, t, 0.8);
+        }
+        t += STEP_MS;
+    }
+    let r = w.write(node, "i", b.batch(1)).await.unwrap();
+    r.await.unwrap().unwrap();
+
+    // (rule, peer, method if any, earliest and latest firing after `trouble`)
+    let wanted: [(&str, &str, Option<&str>, i64, i64); 7] = [
+        (
+            "PeerUnreachable",
+            "gpu-02",
+            None,
+            60_000,
+            60_000 + 2 * STEP_MS,
+        ),
+        // Loss: the 5-minute average passes 5 % within 2 minutes, then 5m.
+        (
+            "PeerPacketLoss",
+            "nas-01",
+            Some("icmp"),
+            5 * 60_000,
+            7 * 60_000,
+        ),
+        (
+            "PeerPacketLoss",
+            "nas-01",
+            Some("tcp"),
+            5 * 60_000,
+            7 * 60_000,
+        ),
+        (
+            "PeerPacketLoss",
+            "gpu-02",
+            Some("icmp"),
+            5 * 60_000,
+            7 * 60_000,
+        ),
+        (
+            "PeerPacketLoss",
+            "gpu-02",
+            Some("tcp"),
+            5 * 60_000,
+            7 * 60_000,
+        ),
+        // Latency: over 3x the day's average within a few minutes, then 10m.
+        (
+            "PeerLatencyAboveBaseline",
+            "gpu-03",
+            None,
+            10 * 60_000,
+            20 * 60_000,
+        ),
+        ("NetTestBelowLinkSpeed", "nas-01:7444", None, 0, 2 * STEP_MS),
+    ];
+    let names = [
+        "PeerUnreachable",
+        "PeerPacketLoss",
+        "PeerLatencyAboveBaseline",
+        "NetTestBelowLinkSpeed",
+        "NetTestFailing",
+    ];
+    let mut rules = rules::builtin().unwrap();
+    rules.retain(|r| names.contains(&r.name.as_str()));
+    assert_eq!(rules.len(), names.len(), "peer rules missing from the pack");
+    let engine = Engine::new(rules, Duration::from_secs(60), Vec::new());
+    let fired = fired_between(engine, &store, t0 + 60_000, end, STEP_MS).await;
+    let show = fired
+        .iter()
+        .map(|(t, a)| format!("+{}s {} {:?}", (t - trouble) / 1000, a.rule, a.labels))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for (rule, peer, method, from, to) in wanted {
+        let f: Vec<_> = fired
+            .iter()
+            .filter(|(_, a)| {
+                a.rule == rule
+                    && a.labels.get("peer").map(String::as_str) == Some(peer)
+                    && a.labels.get("method").map(String::as_str) == method
+            })
+            .collect();
+        assert_eq!(f.len(), 1, "{rule} {peer} {method:?}:\n{show}");
+        let at = f[0].0 - trouble;
+        assert!(
+            (from..=to).contains(&at),
+            "{rule} {peer}: at +{}s, not within +{}..{}s:\n{show}",
+            at / 1000,
+            from / 1000,
+            to / 1000
+        );
+        assert_eq!(f[0].1.labels["node"], node);
+    }
+    // The failing test fires after its 5 minutes too.
+    let f: Vec<_> = fired
+        .iter()
+        .filter(|(_, a)| a.rule == "NetTestFailing")
+        .collect();
+    assert_eq!(f.len(), 1, "{show}");
+    assert_eq!(f[0].1.labels["peer"], "gpu-02:7444");
+    assert!(
+        (5 * 60_000..=5 * 60_000 + 2 * STEP_MS).contains(&(f[0].0 - trouble)),
+        "{show}"
+    );
+    assert_eq!(fired.len(), wanted.len() + 1, "nothing else fires:\n{show}");
+    drop(w);
+    let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+}

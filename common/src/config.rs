@@ -43,6 +43,98 @@ impl ConfigError {
     }
 }
 
+impl ConfigError {
+    /// This error with the line and column of its key in `text` (the
+    /// file's contents), where [`locate`] finds it; otherwise unchanged.
+    pub fn located(self, text: &str) -> Self {
+        match self {
+            ConfigError::Invalid {
+                path,
+                key: Some(key),
+                message,
+            } => match locate(text, &key) {
+                Some((line, column)) => ConfigError::Parse {
+                    path,
+                    line,
+                    column,
+                    key: Some(key),
+                    message,
+                },
+                None => ConfigError::Invalid {
+                    path,
+                    key: Some(key),
+                    message,
+                },
+            },
+            other => other,
+        }
+    }
+}
+
+/// The (line, column) in TOML `text` where the dotted `key` is set, with
+/// array-of-tables indices as the checks name them
+/// (`sources.mesh.peers[1].port`): the `key = ` line inside that table, else
+/// the table's header. None when neither is there (a default value, or a
+/// dotted or inline form this plain line scan does not follow).
+pub fn locate(text: &str, key: &str) -> Option<(usize, usize)> {
+    use std::collections::HashMap;
+    // The table part and the last key ("" for top-level keys).
+    let (table, leaf) = match key.rsplit_once('.') {
+        Some((t, l)) if !l.contains('[') => (t, Some(l)),
+        Some(_) => (key, None),
+        None if key.contains('[') => (key, None),
+        None => ("", Some(key)),
+    };
+    // Arrays of tables seen so far, by their resolved path: the last index.
+    let mut arrays: HashMap<String, usize> = HashMap::new();
+    let resolve = |name: &str, arrays: &HashMap<String, usize>| -> String {
+        // `a.b.c` inside the last `[[a.b]]` is `a.b[i].c`.
+        let mut out = String::new();
+        for p in name.split('.') {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(p.trim().trim_matches('"'));
+            if let Some(i) = arrays.get(&out) {
+                out = format!("{out}[{i}]");
+            }
+        }
+        out
+    };
+    let mut current = String::new();
+    let (mut key_header, mut table_header) = (None, None);
+    for (n, raw) in text.lines().enumerate() {
+        let l = raw.trim();
+        if let Some(inner) = l.strip_prefix("[[") {
+            let name = inner.split("]]").next().unwrap_or("").trim();
+            let resolved = resolve(name, &arrays);
+            // `resolved` carries this array's previous index, if any.
+            let base = match resolved.rsplit_once('[') {
+                Some((b, _)) if resolved.ends_with(']') && arrays.contains_key(b) => b.to_string(),
+                _ => resolved,
+            };
+            let i = arrays.get(&base).map_or(0, |i| i + 1);
+            arrays.insert(base.clone(), i);
+            current = format!("{base}[{i}]");
+        } else if let Some(inner) = l.strip_prefix('[') {
+            current = resolve(inner.split(']').next().unwrap_or("").trim(), &arrays);
+        } else {
+            let name = l.split('=').next().unwrap_or("").trim().trim_matches('"');
+            if current == table && l.contains('=') && Some(name) == leaf {
+                return Some((n + 1, raw.len() - raw.trim_start().len() + 1));
+            }
+            continue;
+        }
+        if current == key && key_header.is_none() {
+            key_header = Some((n + 1, 1));
+        }
+        if current == table && table_header.is_none() {
+            table_header = Some((n + 1, 1));
+        }
+    }
+    key_header.or(table_header)
+}
+
 /// Reads and parses a TOML file into `T`.
 pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -181,6 +273,29 @@ mod tests {
             Ok(v) => panic!("expected an error, got {v:?}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn keys_are_located_with_their_table_indices() {
+        let text = "collector = \"x\"\n[sources.mesh]\ncount = 5\n[[sources.mesh.peers]]\nname = \"a\"\n[[sources.mesh.peers]]\nname = \"b\"\n  port = 0\nlabels = { peer = \"x\" }\n[[sources.probe.endpoints]]\nname = \"m\"\n[[sources.probe.endpoints.golden]]\nid = \"g0\"\n[[sources.probe.endpoints.golden]]\nid = \"g1\"\n[net_test]\nlisten = \"x\"\n";
+        let at = |k: &str| locate(text, k);
+        assert_eq!(at("collector"), Some((1, 1)));
+        assert_eq!(at("sources.mesh.count"), Some((3, 1)));
+        assert_eq!(at("sources.mesh.peers[1].port"), Some((8, 3)));
+        assert_eq!(at("sources.mesh.peers[1].labels"), Some((9, 1)));
+        assert_eq!(at("sources.mesh.peers[0].name"), Some((5, 1)));
+        // Not set: the table's header.
+        assert_eq!(at("sources.mesh.peers[0].port"), Some((4, 1)));
+        assert_eq!(at("sources.mesh.interval"), Some((2, 1)));
+        assert_eq!(at("sources.probe.endpoints[0].golden[1].id"), Some((15, 1)));
+        assert_eq!(at("net_test.listen"), Some((17, 1)));
+        assert_eq!(at("sources.kmsg.max_lines"), None);
+        let e = ConfigError::invalid(Path::new("agent.toml"), "sources.mesh.peers[1].port", "bad")
+            .located(text);
+        assert_eq!(
+            e.to_string(),
+            "agent.toml:8:3: key `sources.mesh.peers[1].port`: bad"
+        );
     }
 
     #[test]

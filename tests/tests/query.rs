@@ -1083,6 +1083,8 @@ fn query_reflection_lists_the_services_and_health_says_serving() {
     ] {
         assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
     }
+    // The agents' service is in the same proto file, but not served here.
+    assert!(!names.iter().any(|n| n == "vitals.v1.NetTest"), "{names:?}");
     // The descriptor of the Query service carries its methods.
     let MessageResponse::FileDescriptorResponse(fd) = ask(MessageRequest::FileContainingSymbol(
         "vitals.v1.Query".into(),

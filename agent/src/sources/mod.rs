@@ -9,7 +9,9 @@ pub mod command;
 pub mod gpu;
 pub mod host;
 pub mod kmsg;
+pub mod mesh;
 pub mod net;
+pub mod net_test;
 pub mod nfs;
 pub mod nfsd;
 pub mod probe;
@@ -140,6 +142,18 @@ pub const SOURCES: &[SourceSpec] = &[
         help: "kernel events from /dev/kmsg: NFS server not responding, GPU resets and RAS errors, NVIDIA Xid, link up/down, OOM kills (with the SLURM job), MCE, hung tasks",
         build: kmsg::build,
     },
+    SourceSpec {
+        name: "mesh",
+        enabled_by_default: true,
+        help: "peer mesh: ICMP echo and TCP connect times, loss and jitter to each configured peer ([[sources.mesh.peers]])",
+        build: mesh::build,
+    },
+    SourceSpec {
+        name: "net_test",
+        enabled_by_default: true,
+        help: "scheduled throughput tests to other agents' net-test listeners ([[net_test.schedule]])",
+        build: net_test::build,
+    },
 ];
 
 /// Whether a source is enabled by the config (or its default).
@@ -154,6 +168,8 @@ pub fn enabled(cfg: &RawConfig, spec: &SourceSpec) -> bool {
         "slurm" => cfg.sources.slurm.enabled,
         "probe" => cfg.sources.probe.enabled,
         "kmsg" => cfg.sources.kmsg.enabled,
+        "mesh" => cfg.sources.mesh.enabled,
+        "net_test" => None,
         _ => None,
     };
     toggle.unwrap_or(spec.enabled_by_default)
