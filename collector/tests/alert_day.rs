@@ -383,6 +383,17 @@ fn nas_node(day: &mut Samples, rng: &mut Rng, t: i64, cycle: f64, t0: i64) {
         t,
         (0.35 + 0.1 * diurnal(t) + rng.noise(0.08)).clamp(0.0, 1.0),
     );
+    // The training data read at 100 MiB/s all day (mostly from the ARC).
+    day.put(
+        "node_zfs_zpool_dataset_nread",
+        &labels(&[
+            ("node", node),
+            ("zpool", "tank"),
+            ("dataset", "tank/datasets"),
+        ]),
+        t,
+        ((t - t0) / 1000) as f64 * 100.0 * 1024.0 * 1024.0,
+    );
     let vdev = labels(&[("node", node), ("zpool", "tank"), ("vdev", "sda")]);
     day.put("node_zfs_zpool_vdev_checksum_errors_total", &vdev, t, 0.0);
     day.put("node_zfs_zpool_vdev_read_errors_total", &vdev, t, 0.0);

@@ -387,7 +387,21 @@ async fn kernel_event_and_dataset_cache_rules_fire_on_their_series_only() {
                         t,
                         f64::from(u8::from(ok)),
                     );
+                    // tank/train read at 200 MiB/s, tank/models at 1 MiB/s.
+                    let rate = if ds == "tank/train" { 200.0 } else { 1.0 };
+                    b.put(
+                        "node_zfs_zpool_dataset_nread",
+                        &l,
+                        t,
+                        ((t - t0) / 1000) as f64 * rate * 1024.0 * 1024.0,
+                    );
                 }
+                // Both caches serve most lookups until `trouble`, then
+                // under a third.
+                let n = labels(&[("node", node)]);
+                let (arc, l2) = if t < trouble { (0.95, 0.7) } else { (0.3, 0.2) };
+                b.put("node_zfs_arc_hit_ratio", &n, t, arc);
+                b.put("node_zfs_arc_l2_hit_ratio", &n, t, l2);
                 t += STEP_MS;
             }
         }
@@ -396,6 +410,7 @@ async fn kernel_event_and_dataset_cache_rules_fire_on_their_series_only() {
     }
     let wanted = [
         "ZfsDatasetNotCacheable",
+        "ZfsDatasetReadFromDisk",
         "KernelNfsServerNotResponding",
         "KernelGpuReset",
         "KernelOomKill",
@@ -425,6 +440,17 @@ async fn kernel_event_and_dataset_cache_rules_fire_on_their_series_only() {
             assert!(
                 *at >= trouble + 10 * 60_000 && *at <= trouble + 11 * 60_000,
                 "{name} at {at}"
+            );
+            continue;
+        }
+        if name == "ZfsDatasetReadFromDisk" {
+            // Not tank/models (read slowly); once the caches' 5-minute
+            // averages are under half (~3.5 min), after its 10 minutes.
+            assert_eq!(a.labels["dataset"], "tank/train");
+            assert!(
+                *at >= trouble + 13 * 60_000 && *at <= trouble + 16 * 60_000,
+                "{name} at +{} s",
+                (at - trouble) / 1000
             );
             continue;
         }
