@@ -158,9 +158,23 @@ pub async fn fleet(args: FleetArgs) -> Result<String> {
     let mut lines = Vec::new();
     // Ack latencies of the windows that began after the warm-up.
     let mut steady: Vec<u64> = Vec::new();
+    // SIGTERM or Ctrl-C: stop early, report what was measured, and stop
+    // the collector (a signal would otherwise leave it running).
+    let stop = vitals_common::signal::termination();
+    tokio::pin!(stop);
+    let mut interrupted = false;
     while began.elapsed() < args.duration {
         let window_start = began.elapsed();
-        tokio::time::sleep(Duration::from_secs(10).min(args.duration)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(10).min(args.duration)) => {}
+            _ = &mut stop => {
+                interrupted = true;
+                if !args.json {
+                    eprintln!("vitals bench fleet: interrupted after {:.0} s; stopping the collector", began.elapsed().as_secs_f64());
+                }
+                break;
+            }
+        }
         let connected = shared.connected.load(Ordering::Relaxed);
         peak_connected = peak_connected.max(connected);
         if rss_full_kb.is_none()
@@ -235,6 +249,7 @@ pub async fn fleet(args: FleetArgs) -> Result<String> {
         "collector_peak_rss_bytes": peak_kb * 1024,
         "rss_per_agent_bytes": per_agent,
         "failed_agents": failures.len(),
+        "interrupted": interrupted,
         "first_failure": failures.first(),
     });
     if args.json {
