@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Result, bail};
-use vitals_agent::sources::zfs::cache::{CacheSizes, Dataset, Reading, Reason, verdict};
+use vitals_agent::sources::zfs::cache::{
+    CacheSizes, Dataset, PROPERTIES, Reading, Reason, verdict,
+};
 use vitals_proto::label;
 use vitals_proto::v1::{QueryInstantRequest, Series};
 
@@ -160,17 +162,12 @@ pub fn render(rows: &[Row], json: bool) -> String {
                 out.push(format!("    fix: {fix}"));
             }
         }
-        let props: Vec<String> = [
-            "primarycache",
-            "secondarycache",
-            "recordsize",
-            "compression",
-            "sync",
-            "logbias",
-        ]
-        .iter()
-        .filter_map(|p| r.properties.get(*p).map(|v| format!("{p}={v}")))
-        .collect();
+        // The cache properties the source asks for; sizes are shown apart.
+        let props: Vec<String> = PROPERTIES
+            .iter()
+            .filter(|p| !matches!(**p, "used" | "referenced"))
+            .filter_map(|p| r.properties.get(*p).map(|v| format!("{p}={v}")))
+            .collect();
         let mut facts = vec![props.join(" ")];
         if let Some(b) = r.referenced_bytes {
             facts.push(format!("{} referenced", gib(b)));

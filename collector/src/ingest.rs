@@ -85,17 +85,7 @@ pub fn peer_serial<T>(req: &Request<T>) -> String {
         .unwrap_or_default()
 }
 
-/// The (name, role) proven by the peer's certificate.
-pub fn peer_identity<T>(req: &Request<T>) -> Result<(String, Role), Status> {
-    let certs = req
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let first = certs
-        .first()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    identity::identity(first.as_ref())
-        .map_err(|e| Status::unauthenticated(format!("client certificate not usable: {e}")))
-}
+pub use vitals_common::identity::peer_identity;
 
 type AckStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<CollectorMessage, Status>> + Send>>;
 

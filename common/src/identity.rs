@@ -167,3 +167,18 @@ pub fn valid_node_name(name: &str) -> bool {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
+
+/// The (name, role) proven by a gRPC peer's client certificate (the first
+/// of its chain): `UNAUTHENTICATED` without one or with one that names
+/// nothing usable. Every mutual-TLS service (collector and agent) checks
+/// callers with it.
+pub fn peer_identity<T>(req: &tonic::Request<T>) -> Result<(String, Role), tonic::Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| tonic::Status::unauthenticated("a client certificate is required"))?;
+    let first = certs
+        .first()
+        .ok_or_else(|| tonic::Status::unauthenticated("a client certificate is required"))?;
+    identity(first.as_ref())
+        .map_err(|e| tonic::Status::unauthenticated(format!("client certificate not usable: {e}")))
+}

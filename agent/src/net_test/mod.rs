@@ -180,17 +180,6 @@ pub struct Shared {
     pub sysfs: PathBuf,
 }
 
-fn identity<T>(req: &Request<T>) -> Result<(String, Role), Status> {
-    let certs = req
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let first = certs
-        .first()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    vitals_common::identity::identity(first.as_ref())
-        .map_err(|e| Status::unauthenticated(format!("client certificate not usable: {e}")))
-}
-
 fn limits(shared: &Shared, bytes: u64, streams: u32) -> Result<(), Status> {
     if bytes == 0 || bytes > shared.max_bytes {
         return Err(Status::invalid_argument(format!(
@@ -213,7 +202,7 @@ type UpdateStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<ReceiveUpdate
 #[tonic::async_trait]
 impl NetTest for Service {
     async fn run(&self, req: Request<NetTestRequest>) -> Result<Response<NetTestResult>, Status> {
-        let (name, role) = identity(&req)?;
+        let (name, role) = vitals_common::identity::peer_identity(&req)?;
         if role != Role::Operator {
             return Err(Status::permission_denied(format!(
                 "certificate of {name} has role {role}; starting a test needs an operator certificate"
@@ -237,7 +226,7 @@ impl NetTest for Service {
         &self,
         req: Request<ReceiveRequest>,
     ) -> Result<Response<Self::ReceiveStream>, Status> {
-        let (name, role) = identity(&req)?;
+        let (name, role) = vitals_common::identity::peer_identity(&req)?;
         if role != Role::Agent {
             return Err(Status::permission_denied(format!(
                 "certificate of {name} has role {role}; only an agent sends test traffic"
