@@ -233,6 +233,33 @@ impl Source for Zfs {
     }
 }
 
+/// A zfs/zpool command's own series (`vitals_zfs_command_*{command}`:
+/// hung, timeouts, and for its last run the duration and success); returns
+/// what the last run said (variant, output) if it succeeded and is not stuck.
+fn command_samples<'r>(r: &'r Runner, out: &mut Vec<Sample>) -> Option<(usize, &'r str)> {
+    let label = r.spec.label;
+    let hung = r.hung();
+    let sample = |name: &'static str, v: f64| Sample::new(name, v).label("command", label);
+    out.push(sample("vitals_zfs_command_hung", f64::from(u8::from(hung))));
+    out.push(sample(
+        "vitals_zfs_command_timeouts_total",
+        r.timeouts_total as f64,
+    ));
+    let last = r.last.as_ref()?;
+    if let Some(d) = last.duration() {
+        out.push(sample(
+            "vitals_zfs_command_duration_seconds",
+            d.as_secs_f64(),
+        ));
+    }
+    let success = last.success().filter(|_| !hung);
+    out.push(sample(
+        "vitals_zfs_command_success",
+        f64::from(u8::from(success.is_some())),
+    ));
+    success
+}
+
 impl Zfs {
     /// The configured datasets' cache properties and verdicts.
     fn cache_samples(&mut self, now: Instant, out: &mut Vec<Sample>) -> Result<(), SourceError> {
@@ -241,25 +268,8 @@ impl Zfs {
         };
         r.receive(Some(now + self.wait));
         let label = r.spec.label;
-        let hung = r.hung();
-        let sample = |name: &'static str, v: f64| Sample::new(name, v).label("command", label);
-        out.push(sample("vitals_zfs_command_hung", f64::from(u8::from(hung))));
-        out.push(sample(
-            "vitals_zfs_command_timeouts_total",
-            r.timeouts_total as f64,
-        ));
+        let success = command_samples(r, out);
         let Some(last) = &r.last else { return Ok(()) };
-        if let Some(d) = last.duration() {
-            out.push(sample(
-                "vitals_zfs_command_duration_seconds",
-                d.as_secs_f64(),
-            ));
-        }
-        let success = last.success().filter(|_| !hung);
-        out.push(sample(
-            "vitals_zfs_command_success",
-            f64::from(u8::from(success.is_some())),
-        ));
         let Some((_, text)) = success else {
             if let Some(why) = last.failure()
                 && self.logged.get(label) != Some(&why)
@@ -372,28 +382,8 @@ impl Zfs {
         let mut ok: [Option<(usize, String)>; 3] = [None, None, None];
         for (i, r) in runners.iter().enumerate() {
             let label = r.spec.label;
-            let hung = r.hung();
-            let sample = |name: &'static str, v: f64| Sample::new(name, v).label("command", label);
-            out.push(sample(
-                "vitals_zfs_command_hung",
-                if hung { 1.0 } else { 0.0 },
-            ));
-            out.push(sample(
-                "vitals_zfs_command_timeouts_total",
-                r.timeouts_total as f64,
-            ));
+            let success = command_samples(r, out);
             let Some(last) = &r.last else { continue };
-            if let Some(d) = last.duration() {
-                out.push(sample(
-                    "vitals_zfs_command_duration_seconds",
-                    d.as_secs_f64(),
-                ));
-            }
-            let success = last.success().filter(|_| !hung);
-            out.push(sample(
-                "vitals_zfs_command_success",
-                if success.is_some() { 1.0 } else { 0.0 },
-            ));
             if let Some((variant, text)) = success {
                 ok[i] = Some((variant, text.to_string()));
                 self.logged.remove(label);
