@@ -250,12 +250,20 @@ fn slurm_job_processes_label_their_gpus_series_with_job_and_user() {
         .cluster
         .sbatch(&job, &["-J", "gpujob", "-o", out.to_str().unwrap()]);
     let job_id = id.to_string();
+    // `scontrol listpids` can list a process of the job's start that is gone
+    // a moment later: take a PID that two listings in a row agree on.
+    let mut pid = None;
     assert!(
-        wait_until(Duration::from_secs(30), || !s.cluster.pids(id).is_empty()),
+        wait_until(Duration::from_secs(30), || {
+            let first = s.cluster.pids(id);
+            let again = s.cluster.pids(id);
+            pid = first.into_iter().find(|p| again.contains(p));
+            pid.is_some()
+        }),
         "the job runs: {}",
         s.cluster.logs()
     );
-    let pid = s.cluster.pids(id)[0];
+    let pid = pid.unwrap_or_default();
     let capture = capture_with_process(&dir, pid);
     let lib = bin("libfake_rocm_smi.so");
     let mut agent = s.agent(
