@@ -481,17 +481,21 @@ sentry = {{ dsn = "{dsn}" }}
         collector.log_text()
     );
     // The ALERTS series written about the node since do not make it look
-    // alive: its last-seen time is still from before the kill.
+    // alive: its last-seen time is still from before the kill. (The webhook
+    // can be told before that evaluation's ALERTS samples are stored.)
     assert!(
-        !reader
-            .series(
-                "ALERTS",
-                &[
-                    ("alertname", MatchOp::Equal, "NodeDown"),
-                    ("node", MatchOp::Equal, "train-01")
-                ]
-            )
-            .is_empty()
+        wait_until(Duration::from_secs(10), || {
+            !reader
+                .series(
+                    "ALERTS",
+                    &[
+                        ("alertname", MatchOp::Equal, "NodeDown"),
+                        ("node", MatchOp::Equal, "train-01"),
+                    ],
+                )
+                .is_empty()
+        }),
+        "no ALERTS series for NodeDown"
     );
     let seen = reader
         .nodes()

@@ -384,7 +384,25 @@ secret_env = "VITALS_TEST_UNSET_PROBE_KEY"
             .all(|a| !(a["rule"] == "ProbeWrongAnswer" && a["labels"]["input"] == "good-review")),
         "the right input is not blamed"
     );
-    assert_eq!(s.last("vitals_probe_correct_ratio", &sentiment), Some(0.5));
+    // Each input's own verdict; the cycle's ratio is over the golden answers
+    // that cycle saw, so a cycle can hold one round and a half: wait for one
+    // that holds exactly one (one right, one wrong).
+    for (input, right) in [("good-review", 1.0), ("bad-review", 0.0)] {
+        let mut m = sentiment.to_vec();
+        m.push(("input", MatchOp::Equal, input));
+        assert_eq!(
+            s.last("vitals_probe_golden_correct", &m),
+            Some(right),
+            "{input}"
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || s
+            .last("vitals_probe_correct_ratio", &sentiment)
+            == Some(0.5)),
+        "correct ratio {:?}",
+        s.last("vitals_probe_correct_ratio", &sentiment)
+    );
     let ev = s.json(&["events", "--kind", "probe_wrong_answer", "--json"]);
     let e = &ev["events"].as_array().unwrap()[0];
     assert_eq!(e["labels"]["input"], "bad-review");
