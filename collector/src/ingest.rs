@@ -514,8 +514,8 @@ mod tests {
         second.series.clear();
         second.series_ids = vec![1, 0];
         let c2 = validate("a", second.clone(), &mut st).unwrap();
-        assert_eq!(c2.series[c2.series_idx[0] as usize].name, "n");
-        assert_eq!(c2.series[c2.series_idx[1] as usize].name, "m");
+        assert_eq!(c2.series[c2.series_idx[0] as usize].name.as_ref(), "n");
+        assert_eq!(c2.series[c2.series_idx[1] as usize].name.as_ref(), "m");
         assert!(Arc::ptr_eq(&c1.series[0], &c2.series[1]));
         // A new stream knows nothing of them.
         let err = validate("a", second, &mut StreamState::default()).unwrap_err();

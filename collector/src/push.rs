@@ -71,7 +71,7 @@ pub fn batch(node: &str, req: &PushRequest, now: i64) -> Result<CleanBatch, Stri
         values: Vec::new(),
         events: Vec::new(),
     };
-    let mut index: HashMap<String, u32> = HashMap::new();
+    let mut index: HashMap<Arc<str>, u32> = HashMap::new();
     let mut last_ts: HashMap<u32, i64> = HashMap::new();
     for (i, s) in req.samples.iter().enumerate() {
         let at = |m: String| format!("sample {i} ({}): {m}", s.name);
@@ -108,7 +108,7 @@ pub fn batch(node: &str, req: &PushRequest, now: i64) -> Result<CleanBatch, Stri
             )));
         }
         let key = SeriesKey::new(s.name.clone(), labels);
-        let idx = match index.get(key.key.as_str()) {
+        let idx = match index.get(&*key.key) {
             Some(i) => *i,
             None => {
                 let i = b.series.len() as u32;

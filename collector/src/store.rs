@@ -294,11 +294,13 @@ pub enum StoreError {
 /// writer. Labels include `node`.
 #[derive(Debug)]
 pub struct SeriesKey {
-    pub name: String,
-    pub labels: Labels,
+    pub name: Arc<str>,
+    pub labels: Arc<Labels>,
     pub labels_json: String,
-    /// `name` followed by `labels_json`: the writer's lookup key.
-    pub key: String,
+    /// `name` followed by `labels_json`: the writer's lookup key. Shared
+    /// (like name and labels) with the head once the series is stored, so
+    /// that creating a series copies no strings on the writer's thread.
+    pub key: Arc<str>,
     /// The store's id for this series once the writer committed it (0: not yet).
     pub id: AtomicI64,
 }
@@ -306,10 +308,10 @@ pub struct SeriesKey {
 impl SeriesKey {
     pub fn new(name: String, labels: Labels) -> SeriesKey {
         let labels_json = labels_json(&labels);
-        let key = format!("{name}{labels_json}");
+        let key = Arc::from(format!("{name}{labels_json}"));
         SeriesKey {
-            name,
-            labels,
+            name: Arc::from(name),
+            labels: Arc::new(labels),
             labels_json,
             key,
             id: AtomicI64::new(0),
@@ -504,12 +506,19 @@ struct HeadSeries {
     score_id: Option<i64>,
 }
 
+/// The head's maps hash with foldhash: the key map is rehashed whole as it
+/// grows, and SipHash over every series' name and labels was the largest
+/// single cost of a fleet's first contact (hundreds of thousands of new
+/// series in seconds). Seeded per process.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Every series, indexed by id and by name. Shared with readers.
 #[derive(Default)]
 pub struct Head {
     series: Vec<Option<HeadSeries>>,
-    by_name: HashMap<String, Vec<i64>>,
-    by_key: HashMap<String, i64>,
+    by_name: FastMap<Arc<str>, Vec<i64>>,
+    /// Name followed by the labels' JSON → id.
+    by_key: FastMap<Arc<str>, i64>,
     wal_bytes: u64,
     out_of_order_total: u64,
 }
@@ -519,16 +528,22 @@ impl Head {
         self.series.get_mut(id as usize).and_then(Option::as_mut)
     }
 
-    fn insert(&mut self, id: i64, name: String, labels: Labels, key_json: String) {
+    /// Adds a series; `key` is `name` followed by the labels' JSON.
+    fn insert(&mut self, id: i64, name: Arc<str>, labels: Arc<Labels>, key: Arc<str>) {
         let idx = id as usize;
         if self.series.len() <= idx {
             self.series.resize_with(idx + 1, || None);
         }
-        self.by_name.entry(name.clone()).or_default().push(id);
-        self.by_key.insert(format!("{name}{key_json}"), id);
+        match self.by_name.get_mut(&*name) {
+            Some(ids) => ids.push(id),
+            None => {
+                self.by_name.insert(name.clone(), vec![id]);
+            }
+        }
+        self.by_key.insert(key, id);
         self.series[idx] = Some(HeadSeries {
-            name: Arc::from(name.as_str()),
-            labels: Arc::new(labels),
+            name,
+            labels,
             open: ChunkEncoder::new(),
             last_ts: None,
             detect: None,
@@ -856,12 +871,13 @@ fn load_head(conn: &Connection) -> Result<Head, StoreError> {
         while let Some(r) = rows.next()? {
             let (id, name, labels_text): (i64, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
             let labels: Labels = serde_json::from_str(&labels_text).unwrap_or_default();
-            if let Some(first) = head.by_key.get(&format!("{name}{labels_text}")) {
+            let key = format!("{name}{labels_text}");
+            if let Some(first) = head.by_key.get(key.as_str()) {
                 // Only a hand-edited database gets here: keep the first.
                 tracing::error!(series = id, same_as = *first, name = %name, "duplicate series row ignored");
                 continue;
             }
-            head.insert(id, name, labels, labels_text);
+            head.insert(id, name.into(), Arc::new(labels), key.into());
         }
     }
     {
@@ -1428,13 +1444,14 @@ fn series_id(
     labels: Labels,
 ) -> Result<i64, rusqlite::Error> {
     let json = labels_json(&labels);
-    if let Some(id) = head.by_key.get(&format!("{name}{json}")) {
+    let key = format!("{name}{json}");
+    if let Some(id) = head.by_key.get(key.as_str()) {
         return Ok(*id);
     }
     tx.prepare_cached("INSERT INTO series (name, labels) VALUES (?1, ?2)")?
         .execute(params![name, json])?;
     let id = tx.last_insert_rowid();
-    head.insert(id, name.to_string(), labels, json);
+    head.insert(id, name.into(), Arc::new(labels), key.into());
     Ok(id)
 }
 
@@ -1495,21 +1512,16 @@ fn insert_batch(
         let id = if cached > 0 {
             cached
         } else {
-            match head.by_key.get(sk.key.as_str()) {
+            match head.by_key.get(&*sk.key) {
                 Some(id) => {
                     sk.id.store(*id, Ordering::Relaxed);
                     *id
                 }
                 None => {
                     tx.prepare_cached("INSERT INTO series (name, labels) VALUES (?1, ?2)")?
-                        .execute(params![sk.name, sk.labels_json])?;
+                        .execute(params![&*sk.name, sk.labels_json])?;
                     let id = tx.last_insert_rowid();
-                    head.insert(
-                        id,
-                        sk.name.clone(),
-                        sk.labels.clone(),
-                        sk.labels_json.clone(),
-                    );
+                    head.insert(id, sk.name.clone(), sk.labels.clone(), sk.key.clone());
                     // Remembered on the key only once the row is committed.
                     new_series.push((sk.clone(), id));
                     id
@@ -1711,7 +1723,7 @@ impl Store {
             } else {
                 Box::new(
                     head.by_name
-                        .get(&selector.metric)
+                        .get(selector.metric.as_str())
                         .into_iter()
                         .flatten()
                         .copied(),
@@ -1933,7 +1945,12 @@ impl Store {
         if selector.metric.is_empty() {
             head.series.iter().flatten().for_each(&mut consider);
         } else {
-            for id in head.by_name.get(&selector.metric).into_iter().flatten() {
+            for id in head
+                .by_name
+                .get(selector.metric.as_str())
+                .into_iter()
+                .flatten()
+            {
                 if let Some(s) = head.series.get(*id as usize).and_then(Option::as_ref) {
                     consider(s);
                 }
@@ -1991,7 +2008,12 @@ impl Store {
                     }
                 }
             } else {
-                for id in head.by_name.get(&selector.metric).into_iter().flatten() {
+                for id in head
+                    .by_name
+                    .get(selector.metric.as_str())
+                    .into_iter()
+                    .flatten()
+                {
                     if let Some(s) = head.series.get(*id as usize).and_then(Option::as_ref) {
                         consider(*id, s);
                     }

@@ -9,17 +9,22 @@ use crate::{Detector, Params};
 ///
 /// The collector keys it by its series id: `set.score(id, ts_ms, value)` on
 /// ingest, `set.remove(&id)` when a series is dropped (retention).
+///
+/// Detectors are boxed: a detector is most of a kilobyte, and a map of them
+/// inline would move every one each time it grows (and keep an eighth of
+/// its buckets empty at that size). The map hashes with foldhash (seeded
+/// per process), as the keys are the caller's own ids.
 #[derive(Debug, Clone)]
 pub struct DetectorSet<K> {
     params: Params,
-    detectors: HashMap<K, Detector>,
+    detectors: HashMap<K, Box<Detector>, foldhash::fast::RandomState>,
 }
 
 impl<K: Hash + Eq> DetectorSet<K> {
     pub fn new(params: &Params) -> Self {
         Self {
             params: *params,
-            detectors: HashMap::new(),
+            detectors: HashMap::default(),
         }
     }
 
@@ -28,18 +33,18 @@ impl<K: Hash + Eq> DetectorSet<K> {
         let params = &self.params;
         self.detectors
             .entry(key)
-            .or_insert_with(|| Detector::new(params))
+            .or_insert_with(|| Box::new(Detector::new(params)))
             .score(ts_ms, value)
     }
 
     /// The detector of a series, if it has seen a sample.
     pub fn get(&self, key: &K) -> Option<&Detector> {
-        self.detectors.get(key)
+        self.detectors.get(key).map(|d| &**d)
     }
 
     /// Forgets a series; its next sample starts a fresh detector.
     pub fn remove(&mut self, key: &K) -> Option<Detector> {
-        self.detectors.remove(key)
+        self.detectors.remove(key).map(|d| *d)
     }
 
     /// Number of series with a detector.
@@ -51,12 +56,13 @@ impl<K: Hash + Eq> DetectorSet<K> {
         self.detectors.is_empty()
     }
 
-    /// Approximate bytes held by the map: every bucket holds a key, a
-    /// detector and one control byte, and a hash map keeps its bucket count
-    /// a power of two at most 7/8 full.
+    /// Approximate bytes held: every bucket holds a key, a pointer and one
+    /// control byte (a hash map keeps its bucket count a power of two at
+    /// most 7/8 full), and every detector its own allocation.
     pub fn heap_bytes(&self) -> usize {
         let buckets = (self.detectors.capacity() * 8).div_ceil(7);
-        buckets * (std::mem::size_of::<(K, Detector)>() + 1)
+        buckets * (std::mem::size_of::<(K, Box<Detector>)>() + 1)
+            + self.detectors.len() * std::mem::size_of::<Detector>()
     }
 }
 

@@ -28,7 +28,7 @@ impl Samples {
         let pos = match self
             .keys
             .iter()
-            .position(|k| k.name == name && &k.labels == l)
+            .position(|k| &*k.name == name && *k.labels == *l)
         {
             Some(p) => p,
             None => {
