@@ -210,6 +210,9 @@ const MIGRATIONS: &[Migration] = &[
             value INTEGER NOT NULL
          );",
     ),
+    // 7: retention deletes chunks by their newest timestamp; without an
+    // index each checkpoint's retention read the whole chunks table.
+    Migration::Sql("CREATE INDEX chunks_max_ts ON chunks (max_ts);"),
 ];
 
 fn migrate_samples_to_chunks(tx: &Transaction<'_>) -> Result<(), rusqlite::Error> {
@@ -2551,6 +2554,61 @@ mod tests {
         );
         assert!(has(&store, t0 + 10_000, t0 + 20_000));
         assert!(!has(&store, last + 1, i64::MAX));
+    }
+
+    /// A checkpoint deletes the closed chunks older than the retention, and
+    /// finds them through the `max_ts` index rather than reading every chunk.
+    #[tokio::test]
+    async fn retention_deletes_old_chunks_through_the_max_ts_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.db");
+        let opts = StoreOptions {
+            retention: Duration::from_secs(3600),
+            ..Default::default()
+        };
+        let (w, store, h) = spawn_writer(open(&path).unwrap(), &path, opts).unwrap();
+        // 3000 samples 10 s apart ending now: chunks close every 2 h (720
+        // samples), so four are closed and the last 120 samples are open.
+        let n = 3000i64;
+        let t0 = vitals_common::now_ms() - n * 10_000;
+        for (k, first) in (0..n).step_by(100).enumerate() {
+            let mut b = batch(k as u64 + 1, "a", 0, 0.0);
+            b.timestamps_ms = (first..first + 100).map(|i| t0 + i * 10_000).collect();
+            b.values = (first..first + 100).map(|i| i as f64).collect();
+            b.series_idx = vec![0; 100];
+            assert_eq!(put(&w, "i", b).await, Outcome::Stored);
+        }
+        let chunks = || -> i64 {
+            open_reader(&path)
+                .unwrap()
+                .query_row("SELECT count(*) FROM chunks", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(chunks(), 4);
+        assert_eq!(points(&store, "m", 0, i64::MAX).len() as i64, n);
+        w.checkpoint().await.unwrap();
+        // The first three chunks end over an hour ago; the fourth ends
+        // 20 minutes ago and stays whole, with the open samples after it.
+        assert_eq!(chunks(), 1);
+        let kept = points(&store, "m", 0, i64::MAX);
+        assert_eq!(kept.len(), 840);
+        assert_eq!(kept[0], (t0 + 2160 * 10_000, 2160.0));
+        let plan: Vec<String> = {
+            let c = open_reader(&path).unwrap();
+            let mut q = c
+                .prepare("EXPLAIN QUERY PLAN DELETE FROM chunks WHERE max_ts < ?1")
+                .unwrap();
+            q.query_map([0i64], |r| r.get::<_, String>(3))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        assert!(
+            plan.iter().any(|l| l.contains("INDEX chunks_max_ts")),
+            "{plan:?}"
+        );
+        drop(w);
+        h.join().unwrap();
     }
 
     #[tokio::test]
