@@ -5,6 +5,7 @@
 //! at debug and never counted as an error; anything else is `Failed`: that
 //! source skips the cycle, its error counter goes up, the others go on.
 
+pub mod background;
 pub mod command;
 pub mod gpu;
 pub mod host;

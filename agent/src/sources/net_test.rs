@@ -10,12 +10,12 @@
 //! negotiated speed), and `vitals_net_test_success` (0 after a failed or
 //! incomplete test, which is logged and tried again within a minute).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vitals_common::model::{LabelSet, Labels, Sample};
 use vitals_proto::v1::NetTestResult;
 
+use super::background::Background;
 use super::{Source, SourceError};
 use crate::config::RawConfig;
 use crate::net_test::{self, ScheduleConfig, Shared};
@@ -32,9 +32,8 @@ struct Entry {
 pub struct NetTest {
     entries: Vec<Arc<Entry>>,
     raw: RawConfig,
-    stop: Arc<AtomicBool>,
-    wake: Arc<tokio::sync::Notify>,
-    started: bool,
+    /// The sending thread, once started.
+    background: Option<Background>,
 }
 
 pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
@@ -53,9 +52,7 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
     Box::new(NetTest {
         entries,
         raw: cfg.clone(),
-        stop: Arc::new(AtomicBool::new(false)),
-        wake: Arc::new(tokio::sync::Notify::new()),
-        started: false,
+        background: None,
     })
 }
 
@@ -90,43 +87,30 @@ impl NetTest {
             .enable_all()
             .build()
             .map_err(|e| SourceError::Failed(format!("cannot start the net test runtime: {e}")))?;
-        let (entries, stop, wake) = (self.entries.clone(), self.stop.clone(), self.wake.clone());
-        std::thread::Builder::new()
-            .name("vitals-net-test".into())
-            .spawn(move || {
-                rt.block_on(async move {
-                    let mut tasks = tokio::task::JoinSet::new();
-                    for e in entries {
-                        let (stop, shared) = (stop.clone(), shared.clone());
-                        tasks.spawn(async move {
-                            while !stop.load(Ordering::Relaxed) {
-                                let started = tokio::time::Instant::now();
-                                let r = net_test::send(&shared, &e.cfg.to, e.cfg.bytes, e.cfg.streams).await;
-                                // A failed test is tried again within a
-                                // minute, not only at the next `every`.
-                                let next = if r.as_ref().is_ok_and(|r| r.complete) {
-                                    e.cfg.every
-                                } else {
-                                    e.cfg.every.min(RETRY)
-                                };
-                                match &r {
-                                    Ok(r) if !r.complete => tracing::warn!(to = %e.cfg.to, bytes = r.bytes, "scheduled net test incomplete: the receiver's limit ended it"),
-                                    Ok(_) => {}
-                                    Err(m) => tracing::warn!(to = %e.cfg.to, "scheduled net test failed: {m}"),
-                                }
-                                *lock(&e.last) = Some(r);
-                                tokio::time::sleep_until(started + next).await;
-                            }
-                        });
+        let tasks = self.entries.iter().map(|e| {
+            let (e, shared) = (e.clone(), shared.clone());
+            async move {
+                loop {
+                    let started = tokio::time::Instant::now();
+                    let r = net_test::send(&shared, &e.cfg.to, e.cfg.bytes, e.cfg.streams).await;
+                    // A failed test is tried again within a minute, not
+                    // only at the next `every`.
+                    let next = if r.as_ref().is_ok_and(|r| r.complete) {
+                        e.cfg.every
+                    } else {
+                        e.cfg.every.min(RETRY)
+                    };
+                    match &r {
+                        Ok(r) if !r.complete => tracing::warn!(to = %e.cfg.to, bytes = r.bytes, "scheduled net test incomplete: the receiver's limit ended it"),
+                        Ok(_) => {}
+                        Err(m) => tracing::warn!(to = %e.cfg.to, "scheduled net test failed: {m}"),
                     }
-                    while !stop.load(Ordering::Relaxed) {
-                        wake.notified().await;
-                    }
-                    tasks.abort_all();
-                });
-            })
-            .map_err(|e| SourceError::Failed(format!("cannot start the net test thread: {e}")))?;
-        self.started = true;
+                    *lock(&e.last) = Some(r);
+                    tokio::time::sleep_until(started + next).await;
+                }
+            }
+        });
+        self.background = Some(Background::start("net test", "vitals-net-test", rt, tasks)?);
         Ok(())
     }
 }
@@ -135,13 +119,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
-    }
-}
-
-impl Drop for NetTest {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.wake.notify_one();
     }
 }
 
@@ -181,7 +158,7 @@ impl Source for NetTest {
                 "no [[net_test.schedule]] configured".into(),
             ));
         }
-        if !self.started {
+        if self.background.is_none() {
             self.start()?;
         }
         for e in &self.entries {

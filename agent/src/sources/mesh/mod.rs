@@ -36,6 +36,7 @@ use vitals_common::config;
 use vitals_common::model::{LabelSet, Labels, Sample};
 
 use self::stats::{MethodRound, Summary};
+use super::background::{Background, every};
 use super::{Source, SourceError};
 use crate::config::RawConfig;
 
@@ -360,9 +361,8 @@ impl Peer {
 pub struct Mesh {
     peers: Vec<Arc<Peer>>,
     shared: Arc<Shared>,
-    stop: Arc<AtomicBool>,
-    wake: Arc<tokio::sync::Notify>,
-    started: bool,
+    /// The probing thread, once started.
+    background: Option<Background>,
 }
 
 pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
@@ -390,64 +390,30 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
             count: c.count.max(1),
             icmp_refused: AtomicBool::new(false),
         }),
-        stop: Arc::new(AtomicBool::new(false)),
-        wake: Arc::new(tokio::sync::Notify::new()),
-        started: false,
+        background: None,
     })
 }
 
 impl Mesh {
     /// Starts the probing thread and its runtime.
     fn start(&mut self) -> Result<(), SourceError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| SourceError::Failed(format!("cannot start the mesh runtime: {e}")))?;
-        let (peers, shared, stop, wake) = (
-            self.peers.clone(),
-            self.shared.clone(),
-            self.stop.clone(),
-            self.wake.clone(),
-        );
-        std::thread::Builder::new()
-            .name("vitals-mesh".into())
-            .spawn(move || {
-                rt.block_on(async move {
-                    let mut tasks = tokio::task::JoinSet::new();
-                    for peer in peers {
-                        let (stop, shared) = (stop.clone(), shared.clone());
-                        tasks.spawn(async move {
-                            // Rounds may overlap by up to `timeout`: each is
-                            // a task of its own.
-                            let mut rounds = tokio::task::JoinSet::new();
-                            let mut tick = tokio::time::interval(shared.interval);
-                            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                            while !stop.load(Ordering::Relaxed) {
-                                tick.tick().await;
-                                while rounds.try_join_next().is_some() {}
-                                if stop.load(Ordering::Relaxed) {
-                                    break;
-                                }
-                                rounds.spawn(peer.clone().round(shared.clone()));
-                            }
-                        });
-                    }
-                    while !stop.load(Ordering::Relaxed) {
-                        wake.notified().await;
-                    }
-                    tasks.abort_all();
-                });
-            })
-            .map_err(|e| SourceError::Failed(format!("cannot start the mesh thread: {e}")))?;
-        self.started = true;
+        let tasks = self.peers.iter().map(|peer| {
+            let (peer, shared) = (peer.clone(), self.shared.clone());
+            async move {
+                // Rounds may overlap by up to `timeout`: each is a task of
+                // its own (aborted with this one).
+                let mut rounds = tokio::task::JoinSet::new();
+                every(shared.interval, || {
+                    while rounds.try_join_next().is_some() {}
+                    rounds.spawn(peer.clone().round(shared.clone()));
+                    async {}
+                })
+                .await;
+            }
+        });
+        let rt = Background::runtime("mesh")?;
+        self.background = Some(Background::start("mesh", "vitals-mesh", rt, tasks)?);
         Ok(())
-    }
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.wake.notify_one();
     }
 }
 
@@ -462,7 +428,7 @@ impl Source for Mesh {
                 "no [[sources.mesh.peers]] configured".into(),
             ));
         }
-        if !self.started {
+        if self.background.is_none() {
             self.start()?;
         }
         let icmp_refused = self.shared.icmp_refused.load(Ordering::Relaxed);

@@ -39,7 +39,6 @@ pub mod golden;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +50,7 @@ use vitals_common::model::{LabelSet, Labels, Sample};
 use vitals_proto::v1::Severity;
 
 use self::client::{Failure, Outcome, Target};
+use super::background::{Background, every};
 use super::{Source, SourceError, SourceEvent};
 use crate::config::RawConfig;
 
@@ -596,9 +596,8 @@ pub struct Probe {
     /// Why the endpoints could not be set up (checked at load, so only a
     /// CA file that vanished since).
     broken: Option<String>,
-    stop: Arc<AtomicBool>,
-    wake: Arc<tokio::sync::Notify>,
-    started: bool,
+    /// The probing thread, once started.
+    background: Option<Background>,
     events: Vec<SourceEvent>,
 }
 
@@ -616,61 +615,24 @@ pub fn build(cfg: &RawConfig) -> Box<dyn Source> {
         endpoints,
         max_events: c.max_events,
         broken,
-        stop: Arc::new(AtomicBool::new(false)),
-        wake: Arc::new(tokio::sync::Notify::new()),
-        started: false,
+        background: None,
         events: Vec::new(),
     })
 }
 
 impl Probe {
-    /// Starts the probing thread and its runtime.
+    /// Starts the probing thread and its runtime: one task per endpoint.
     fn start(&mut self) -> Result<(), SourceError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| SourceError::Failed(format!("cannot start the probe runtime: {e}")))?;
-        let (endpoints, stop, wake, max_events) = (
-            self.endpoints.clone(),
-            self.stop.clone(),
-            self.wake.clone(),
-            self.max_events,
-        );
-        std::thread::Builder::new()
-            .name("vitals-probes".into())
-            .spawn(move || {
-                rt.block_on(async move {
-                    let mut tasks = tokio::task::JoinSet::new();
-                    for ep in endpoints {
-                        let stop = stop.clone();
-                        tasks.spawn(async move {
-                            let mut tick = tokio::time::interval(ep.cfg.interval);
-                            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                            while !stop.load(Ordering::Relaxed) {
-                                tick.tick().await;
-                                if stop.load(Ordering::Relaxed) {
-                                    break;
-                                }
-                                ep.round(max_events).await;
-                            }
-                        });
-                    }
-                    while !stop.load(Ordering::Relaxed) {
-                        wake.notified().await;
-                    }
-                    tasks.abort_all();
-                });
-            })
-            .map_err(|e| SourceError::Failed(format!("cannot start the probe thread: {e}")))?;
-        self.started = true;
+        let max_events = self.max_events;
+        let tasks = self.endpoints.iter().map(|ep| {
+            let ep = ep.clone();
+            async move {
+                every(ep.cfg.interval, || ep.round(max_events)).await;
+            }
+        });
+        let rt = Background::runtime("probe")?;
+        self.background = Some(Background::start("probe", "vitals-probes", rt, tasks)?);
         Ok(())
-    }
-}
-
-impl Drop for Probe {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.wake.notify_one();
     }
 }
 
@@ -688,7 +650,7 @@ impl Source for Probe {
                 "no [[sources.probe.endpoints]] configured".into(),
             ));
         }
-        if !self.started {
+        if self.background.is_none() {
             self.start()?;
         }
         for ep in &self.endpoints {
