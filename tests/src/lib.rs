@@ -43,6 +43,30 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `f` until it is true or `timeout` passes; returns whether it became true.
+/// The built-in rules whose names start with `prefix`, as shipped but with
+/// `for` set to `for_` (so a test sees them fire in seconds), as a rules
+/// file. Panics unless exactly `count` rules match, so a rule added to or
+/// dropped from the pack is noticed by the tests that cover its family.
+pub fn builtin_rules(prefix: &str, count: usize, for_: &str) -> String {
+    let pack: toml::Table =
+        toml::from_str(include_str!("../../collector/src/alert/builtin.toml")).unwrap();
+    let rules: Vec<toml::Value> = pack["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["name"].as_str().unwrap().starts_with(prefix))
+        .map(|r| {
+            let mut r = r.as_table().unwrap().clone();
+            r.insert("for".into(), for_.into());
+            toml::Value::Table(r)
+        })
+        .collect();
+    assert_eq!(rules.len(), count, "the pack's {prefix}* rules");
+    let mut t = toml::Table::new();
+    t.insert("rules".into(), toml::Value::Array(rules));
+    toml::to_string(&t).unwrap()
+}
+
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {

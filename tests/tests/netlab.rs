@@ -23,23 +23,7 @@ const CYCLE_MS: i64 = 500;
 
 /// The built-in peer rules as shipped, with `for` shortened to 2s.
 fn peer_rules() -> String {
-    let pack: toml::Table =
-        toml::from_str(include_str!("../../collector/src/alert/builtin.toml")).unwrap();
-    let rules: Vec<toml::Value> = pack["rules"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["name"].as_str().unwrap().starts_with("Peer"))
-        .map(|r| {
-            let mut r = r.as_table().unwrap().clone();
-            r.insert("for".into(), "2s".into());
-            toml::Value::Table(r)
-        })
-        .collect();
-    assert_eq!(rules.len(), 3, "the pack's peer rules");
-    let mut t = toml::Table::new();
-    t.insert("rules".into(), toml::Value::Array(rules));
-    toml::to_string(&t).unwrap()
+    builtin_rules("Peer", 3, "2s")
 }
 
 struct Lab {

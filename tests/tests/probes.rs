@@ -17,23 +17,7 @@ const SECRET: &str = "sk-test-9f8e7d6c5b4a-never-print-me";
 
 /// The built-in probe rules as shipped, with `for` shortened to 2s.
 fn probe_rules() -> String {
-    let pack: toml::Table =
-        toml::from_str(include_str!("../../collector/src/alert/builtin.toml")).unwrap();
-    let rules: Vec<toml::Value> = pack["rules"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["name"].as_str().unwrap().starts_with("Probe"))
-        .map(|r| {
-            let mut r = r.as_table().unwrap().clone();
-            r.insert("for".into(), "2s".into());
-            toml::Value::Table(r)
-        })
-        .collect();
-    assert_eq!(rules.len(), 6, "the pack's probe rules");
-    let mut t = toml::Table::new();
-    t.insert("rules".into(), toml::Value::Array(rules));
-    toml::to_string(&t).unwrap()
+    builtin_rules("Probe", 6, "2s")
 }
 
 struct Setup {
