@@ -406,6 +406,22 @@ pub async fn ingest(args: IngestArgs) -> Result<String> {
 /// port with the certificates in `dir/certs` and its database in
 /// `dir/data`, `extra` appended to its config; returns its URL once it
 /// listens.
+/// Runs a bench that may start its own collector. SIGTERM or Ctrl-C ends it
+/// early with an error; the bench is dropped, which stops the collector it
+/// started and removes its scratch directory (a signal's default action
+/// would leave that collector running). `vitals bench fleet` handles the
+/// signal itself, to report what it measured so far.
+pub(crate) async fn interruptible<T>(
+    what: &str,
+    bench: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let stop = vitals_common::signal::termination();
+    tokio::select! {
+        r = bench => r,
+        () = stop => bail!("vitals bench {what}: interrupted by a signal; a collector it started was stopped"),
+    }
+}
+
 pub(crate) async fn start_collector(dir: &Path, extra: &str) -> Result<(String, CollectorProc)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?

@@ -757,16 +757,19 @@ fn main() -> ExitCode {
                 }),
                 _ => None,
             };
-            let text = rt.block_on(bench::ingest(bench::IngestArgs {
-                agents,
-                series_per_agent,
-                seconds,
-                json,
-                keep,
-                window,
-                detect,
-                remote,
-            }))?;
+            let text = rt.block_on(bench::interruptible(
+                "ingest",
+                bench::ingest(bench::IngestArgs {
+                    agents,
+                    series_per_agent,
+                    seconds,
+                    json,
+                    keep,
+                    window,
+                    detect,
+                    remote,
+                }),
+            ))?;
             print_out(&text);
             Ok(())
         }),
@@ -781,14 +784,17 @@ fn main() -> ExitCode {
                     json,
                 },
         } => runtime().and_then(|rt| {
-            let text = rt.block_on(bench_query::query(bench_query::QueryBenchArgs {
-                nodes,
-                gpus,
-                hours,
-                runs,
-                keep,
-                json,
-            }))?;
+            let text = rt.block_on(bench::interruptible(
+                "query",
+                bench_query::query(bench_query::QueryBenchArgs {
+                    nodes,
+                    gpus,
+                    hours,
+                    runs,
+                    keep,
+                    json,
+                }),
+            ))?;
             print_out(&text);
             Ok(())
         }),

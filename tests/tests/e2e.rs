@@ -865,6 +865,136 @@ fn bench_ingest_drives_a_running_collector_and_every_acked_sample_is_stored() {
     check("after a restart");
 }
 
+/// The child processes of `pid` (from every thread's `children` list).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let list = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        out.extend(
+            list.split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
+    }
+    out
+}
+
+/// Kills a process (if it still runs) when dropped.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if running(self.0) {
+            let pid = nix::unistd::Pid::from_raw(self.0 as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// Whether `pid` runs (exists and is not a zombie).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().to_string())
+        })
+        .is_some_and(|rest| !rest.starts_with('Z'))
+}
+
+/// SIGTERM ends each bench that starts its own collector early and stops
+/// that collector (the signal's default action would leave it running):
+/// `fleet` reports what it measured so far and exits 0, `ingest` and
+/// `query` fail saying they were interrupted; none leaves its scratch
+/// directory behind.
+#[test]
+fn benches_ended_by_sigterm_stop_their_collector() {
+    let env = Env::new();
+    let runs: [(&str, &[&str]); 3] = [
+        (
+            "fleet",
+            &[
+                "--agents",
+                "3",
+                "--series-per-agent",
+                "10",
+                "--interval",
+                "1s",
+                "--seconds",
+                "300",
+            ],
+        ),
+        (
+            "ingest",
+            &[
+                "--agents",
+                "2",
+                "--series-per-agent",
+                "10",
+                "--seconds",
+                "300",
+            ],
+        ),
+        (
+            "query",
+            &[
+                "--nodes", "1", "--gpus", "2", "--hours", "1", "--runs", "1000000",
+            ],
+        ),
+    ];
+    for (name, args) in runs {
+        let tmp = env.path().join(format!("tmp-{name}"));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let log = env.path().join(format!("bench-{name}.log"));
+        let mut cmd = std::process::Command::new(bin("vitals"));
+        cmd.args(["bench", name]).args(args).env("TMPDIR", &tmp);
+        let mut bench = Proc::spawn_cmd(&mut cmd, &log);
+        let mut collector = None;
+        assert!(
+            wait_until(Duration::from_secs(120), || {
+                collector = children(bench.child.id()).into_iter().find(|c| {
+                    std::fs::read_to_string(format!("/proc/{c}/cmdline"))
+                        .is_ok_and(|l| l.contains("vitals-collector"))
+                });
+                collector.is_some()
+            }),
+            "{name}: no collector started; log:\n{}",
+            bench.log_text()
+        );
+        let collector = collector.unwrap();
+        // Should the test fail, the collector does not outlive it.
+        let _guard = KillOnDrop(collector);
+        // Under way: the collector listens and the bench talks to it.
+        std::thread::sleep(Duration::from_secs(3));
+        let status = bench.term(Duration::from_secs(30));
+        let text = bench.log_text();
+        assert!(
+            wait_until(Duration::from_secs(10), || !running(collector)),
+            "{name}: its collector (pid {collector}) still runs; log:\n{text}"
+        );
+        if name == "fleet" {
+            assert!(status.success(), "{name}: {status}; log:\n{text}");
+            assert!(text.contains("interrupted after"), "{text}");
+            assert!(
+                text.contains("acked samples:"),
+                "the figures so far: {text}"
+            );
+        } else {
+            assert!(!status.success(), "{name}: {status}; log:\n{text}");
+            assert!(text.contains("interrupted"), "{text}");
+        }
+        let left: Vec<_> = std::fs::read_dir(&tmp)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(left.is_empty(), "{name} left {left:?}");
+    }
+}
+
 /// Recorded kernel log records (the kmsg source's `path`) through a real
 /// agent and collector: the kernel events arrive with their classes,
 /// severities and labels (the NVIDIA Xid number, the OOM victim's SLURM
