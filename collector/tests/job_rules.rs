@@ -33,6 +33,84 @@ fn gpus(b: &mut Samples, node: &str, job: &str, user: &str, n: usize, t: i64, ut
     }
 }
 
+/// A job whose GPUs sit idle fires `JobGpusIdle` after 10 minutes; when
+/// the job ends (its GPUs' series stop carrying it, the GPUs report on
+/// without the job's labels) the alert resolves within three minutes, not
+/// when the idle samples leave the 10-minute window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_gpus_idle_resolves_soon_after_the_job_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.db");
+    let (w, store, handle) =
+        store::spawn_writer(store::open(&path).unwrap(), &path, StoreOptions::default()).unwrap();
+    w.hello("gpu-03", "i", "test").await.unwrap();
+    let t0 = (vitals_common::now_ms() - 3_600_000) / STEP_MS * STEP_MS;
+    // Busy for 5 minutes, idle from then on, ended after 30.
+    let idle = t0 + 5 * 60_000;
+    let job_end = t0 + 30 * 60_000;
+    let end = t0 + 45 * 60_000;
+    let mut b = Samples::default();
+    let mut t = t0;
+    while t <= end {
+        if t < job_end {
+            let util = if t < idle { 88.0 } else { 1.5 };
+            gpus(&mut b, "gpu-03", "4300", "carol", 2, t, util);
+        } else {
+            let l = labels(&[("node", "gpu-03"), ("gpu", "0"), ("card", "card0")]);
+            b.put("gpu_gfx_activity", &l, t, 0.0);
+        }
+        t += STEP_MS;
+    }
+    let r = w.write("gpu-03", "i", b.batch(1)).await.unwrap();
+    r.await.unwrap().unwrap();
+
+    let mut rules = rules::builtin().unwrap();
+    rules.retain(|r| r.name == "JobGpusIdle");
+    assert_eq!(rules.len(), 1);
+    let mut engine = Engine::new(rules, Duration::from_secs(60), Vec::new());
+    let store2 = store.clone();
+    let changes = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let mut t = t0;
+        while t <= end {
+            for c in engine.step(&store2, t) {
+                match c {
+                    vitals_collector::alert::engine::Change::Fired(a) => out.push((t, "fired", a)),
+                    vitals_collector::alert::engine::Change::Resolved(a) => {
+                        out.push((t, "resolved", a))
+                    }
+                    _ => {}
+                }
+            }
+            t += STEP_MS;
+        }
+        out
+    })
+    .await
+    .unwrap();
+    let show: Vec<String> = changes
+        .iter()
+        .map(|(t, what, a)| format!("+{}s {what} {:?}", (t - t0) / 1000, a.labels))
+        .collect();
+    assert_eq!(changes.len(), 2, "{show:?}");
+    let (fired, _, a) = &changes[0];
+    assert_eq!(changes[0].1, "fired", "{show:?}");
+    assert_eq!(a.labels["job_id"], "4300");
+    assert!(
+        (10 * 60_000..=11 * 60_000).contains(&(fired - idle)),
+        "{show:?}"
+    );
+    let (resolved, what, _) = &changes[1];
+    assert_eq!(*what, "resolved", "{show:?}");
+    assert!(
+        *resolved > job_end && *resolved - job_end <= 3 * 60_000,
+        "resolved {} s after the job ended: {show:?}",
+        (*resolved - job_end) / 1000
+    );
+    drop(w);
+    handle.join().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_rules_name_the_straggler_the_idle_job_the_slow_pipeline_and_the_doomed_job() {
     let dir = tempfile::tempdir().unwrap();
