@@ -1,8 +1,10 @@
 //! Following one log file: new complete lines each poll, safe across
-//! rotation (a new inode at the path: read the new file from its start)
-//! and truncation (the file got shorter: read again from its start),
-//! at most a bounded number of bytes per poll, a partial last line kept
-//! for the next poll. A file that does not exist (yet) gives no lines.
+//! rotation (a new inode at the path: the old file, still open, is read to
+//! its end first — lines written just before the rename are not lost —
+//! then the new file from its start) and truncation (the file got shorter:
+//! read again from its start), at most a bounded number of bytes per poll,
+//! a partial last line kept for the next poll. A file that does not exist
+//! (yet) gives no lines.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -26,6 +28,8 @@ pub struct Tail {
     skipping: bool,
     /// Read from the start on first sight (else from the end).
     from_start: bool,
+    /// The file being read (inode `id`), kept open between polls.
+    file: Option<File>,
 }
 
 /// What one poll found.
@@ -48,6 +52,7 @@ impl Tail {
             partial: Vec::new(),
             skipping: false,
             from_start,
+            file: None,
         }
     }
 
@@ -64,44 +69,75 @@ impl Tail {
     /// Reads at most `max` new bytes and returns the lines they complete.
     pub fn poll(&mut self, max: usize) -> std::io::Result<Polled> {
         let mut out = Polled::default();
-        let mut file = match File::open(&self.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        let at_path = match File::open(&self.path) {
+            Ok(f) => {
+                let meta = f.metadata()?;
+                Some((f, (meta.dev(), meta.ino()), meta.len()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
-        let meta = file.metadata()?;
-        let id = (meta.dev(), meta.ino());
-        let size = meta.len();
-        match self.id {
-            None => {
+        match (self.id, at_path) {
+            (None, None) => return Ok(out),
+            (None, Some((f, id, size))) => {
                 self.id = Some(id);
+                self.file = Some(f);
                 if !self.from_start {
                     self.pos = size;
                     return Ok(out);
                 }
             }
-            Some(old) if old != id => {
+            (Some(old), Some((f, id, _))) if old != id => {
+                // Rotated: first what the old file got before the rename.
+                if let Some(mut old_file) = self.file.take() {
+                    let drained = self.read(&mut old_file, max, &mut out)?;
+                    if !drained {
+                        self.file = Some(old_file);
+                        return Ok(out);
+                    }
+                    // Its unfinished last line never will be: a line.
+                    if !self.skipping && !self.partial.is_empty() {
+                        out.lines
+                            .push(String::from_utf8_lossy(&self.partial).into_owned());
+                    }
+                }
                 self.id = Some(id);
+                self.file = Some(f);
                 self.restart();
                 out.rotated = true;
             }
-            Some(_) if size < self.pos => {
-                self.restart();
-                out.truncated = true;
-            }
-            Some(_) => {}
+            // The same file, or none at the path now (removed or renamed
+            // away, not replaced): go on with the one open.
+            _ => {}
         }
-        if size <= self.pos {
+        let Some(mut file) = self.file.take() else {
             return Ok(out);
+        };
+        if file.metadata()?.len() < self.pos {
+            self.restart();
+            out.truncated = true;
+        }
+        let budget = max.saturating_sub(out.bytes as usize);
+        let r = self.read(&mut file, budget, &mut out);
+        self.file = Some(file);
+        r.map(|_| out)
+    }
+
+    /// Reads at most `max` bytes of `file` from `pos` into `out`; true when
+    /// that reached the file's end.
+    fn read(&mut self, file: &mut File, max: usize, out: &mut Polled) -> std::io::Result<bool> {
+        let size = file.metadata()?.len();
+        if size <= self.pos {
+            return Ok(true);
         }
         let want = (size - self.pos).min(max as u64);
         file.seek(SeekFrom::Start(self.pos))?;
         let mut buf = Vec::with_capacity(want as usize);
         file.take(want).read_to_end(&mut buf)?;
         self.pos += buf.len() as u64;
-        out.bytes = buf.len() as u64;
+        out.bytes += buf.len() as u64;
         self.split(&buf, &mut out.lines);
-        Ok(out)
+        Ok(self.pos >= size)
     }
 
     /// Splits on `\n` and `\r` (progress bars redraw with `\r`).
@@ -188,12 +224,34 @@ mod tests {
         t.poll(1024).unwrap();
         append(&p, "a\n");
         assert_eq!(t.poll(1024).unwrap().lines, ["a"]);
-        // Rotated: renamed away, a new file at the path.
+        // Rotated: written to, renamed away, a new file at the path. What
+        // the old file got before the rename comes first, its unfinished
+        // last line included.
+        append(&p, "b\nlast wo");
         std::fs::rename(&p, dir.path().join("job.out.1")).unwrap();
         append(&p, "new 1\n");
         let r = t.poll(1024).unwrap();
         assert!(r.rotated);
-        assert_eq!(r.lines, ["new 1"]);
+        assert_eq!(r.lines, ["b", "last wo", "new 1"]);
+        // Again, with more left in the old file than one poll reads: the
+        // old file is finished over the next polls, then the new one.
+        let old: String = (0..30).map(|i| format!("old {i:02}\n")).collect();
+        append(&p, &old);
+        std::fs::rename(&p, dir.path().join("job.out.2")).unwrap();
+        append(&p, "new 2\n");
+        let mut lines = Vec::new();
+        let mut rotated = 0;
+        for _ in 0..10 {
+            let r = t.poll(64).unwrap();
+            assert!(r.bytes <= 64, "{}", r.bytes);
+            rotated += usize::from(r.rotated);
+            lines.extend(r.lines);
+        }
+        assert_eq!(rotated, 1);
+        assert_eq!(lines.len(), 31, "{lines:?}");
+        assert_eq!(lines[0], "old 00");
+        assert_eq!(lines[29], "old 29");
+        assert_eq!(lines[30], "new 2");
         // Truncated in place (same inode), then written again.
         std::fs::OpenOptions::new()
             .write(true)
