@@ -1027,6 +1027,7 @@ fn grafana_dashboard_expressions_all_run_on_the_http_api() {
             vec![("device", "ib0")],
             1e6,
         ),
+        ("node_zfs_zil_zil_itx_metaslab_slog_bytes", vec![], 65536.0),
     ];
     let mut b = Batch {
         seq: 1,
@@ -1130,6 +1131,7 @@ fn grafana_dashboard_expressions_all_run_on_the_http_api() {
         r#"gpu_gfx_activity{node=~".*"}"#,
         r#"avg by (node) (gpu_gfx_activity{node=~"(train-01|nas-01)"})"#,
         r#"sum by (node, device) (rate(node_network_receive_bytes_total{node=~".*"}[1m]))"#,
+        r#"sum by (node) (rate(node_zfs_zil_zil_itx_metaslab_slog_bytes{node=~".*"}[1m]))"#,
         r#"ALERTS{alertstate="firing", node=~".*"}"#,
         r#"count by (alertname, severity) (ALERTS{alertstate="firing", node=~"(train-01|nas-01)"})"#,
     ] {
