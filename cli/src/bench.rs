@@ -402,10 +402,6 @@ pub async fn ingest(args: IngestArgs) -> Result<String> {
     ))
 }
 
-/// Starts the `vitals-collector` beside this binary on a free loopback
-/// port with the certificates in `dir/certs` and its database in
-/// `dir/data`, `extra` appended to its config; returns its URL once it
-/// listens.
 /// Runs a bench that may start its own collector. SIGTERM or Ctrl-C ends it
 /// early with an error; the bench is dropped, which stops the collector it
 /// started and removes its scratch directory (a signal's default action
@@ -422,6 +418,10 @@ pub(crate) async fn interruptible<T>(
     }
 }
 
+/// Starts the `vitals-collector` beside this binary on a free loopback
+/// port with the certificates in `dir/certs` and its database in
+/// `dir/data`, `extra` appended to its config; returns its URL once it
+/// listens.
 pub(crate) async fn start_collector(dir: &Path, extra: &str) -> Result<(String, CollectorProc)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use vitals_common::identity::{self, Role};
+use vitals_common::identity::{self, Role, peer_identity};
 use vitals_common::model::{Labels, valid_label_name, valid_metric_name};
 use vitals_proto::v1::{
     Ack, AgentMessage, Batch, CollectorMessage, SeriesDef, Welcome, agent_message,
@@ -84,8 +84,6 @@ pub fn peer_serial<T>(req: &Request<T>) -> String {
         .map(|info| info.serial)
         .unwrap_or_default()
 }
-
-pub use vitals_common::identity::peer_identity;
 
 type AckStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<CollectorMessage, Status>> + Send>>;
 

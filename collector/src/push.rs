@@ -16,9 +16,9 @@ use vitals_common::identity::Role;
 use vitals_common::model::{Labels, valid_label_name, valid_metric_name};
 use vitals_proto::v1::{PushRequest, PushResponse, push_server::Push};
 
-use crate::ingest::peer_identity;
 use crate::metrics::Counters;
 use crate::store::{CleanBatch, SeriesKey, Writer};
+use vitals_common::identity::peer_identity;
 
 /// Most samples in one request.
 pub const MAX_SAMPLES: usize = 10_000;

@@ -12,9 +12,10 @@ use vitals_proto::v1::{
     SeriesInfo, query_server::Query,
 };
 
-use crate::ingest::{Connected, peer_identity};
+use crate::ingest::Connected;
 use crate::promql::{self, EvalError, Limits, Steps};
 use crate::store::{EventFilter, QueryError, QueryLimits, SeriesPoints, Store};
+use vitals_common::identity::peer_identity;
 
 pub struct QueryService {
     pub store: Store,

@@ -299,8 +299,7 @@ pub enum StoreError {
 pub struct SeriesKey {
     pub name: Arc<str>,
     pub labels: Arc<Labels>,
-    pub labels_json: String,
-    /// `name` followed by `labels_json`: the writer's lookup key. Shared
+    /// `name` followed by the labels' JSON: the writer's lookup key. Shared
     /// (like name and labels) with the head once the series is stored, so
     /// that creating a series copies no strings on the writer's thread.
     pub key: Arc<str>,
@@ -310,15 +309,18 @@ pub struct SeriesKey {
 
 impl SeriesKey {
     pub fn new(name: String, labels: Labels) -> SeriesKey {
-        let labels_json = labels_json(&labels);
-        let key = Arc::from(format!("{name}{labels_json}"));
+        let key = Arc::from(format!("{name}{}", labels_json(&labels)));
         SeriesKey {
             name: Arc::from(name),
             labels: Arc::new(labels),
-            labels_json,
             key,
             id: AtomicI64::new(0),
         }
+    }
+
+    /// The labels as the `series` table stores them (JSON): the key's tail.
+    pub fn labels_json(&self) -> &str {
+        &self.key[self.name.len()..]
     }
 }
 
@@ -537,12 +539,7 @@ impl Head {
         if self.series.len() <= idx {
             self.series.resize_with(idx + 1, || None);
         }
-        match self.by_name.get_mut(&*name) {
-            Some(ids) => ids.push(id),
-            None => {
-                self.by_name.insert(name.clone(), vec![id]);
-            }
-        }
+        self.by_name.entry(name.clone()).or_default().push(id);
         self.by_key.insert(key, id);
         self.series[idx] = Some(HeadSeries {
             name,
@@ -1522,7 +1519,7 @@ fn insert_batch(
                 }
                 None => {
                     tx.prepare_cached("INSERT INTO series (name, labels) VALUES (?1, ?2)")?
-                        .execute(params![&*sk.name, sk.labels_json])?;
+                        .execute(params![&*sk.name, sk.labels_json()])?;
                     let id = tx.last_insert_rowid();
                     head.insert(id, sk.name.clone(), sk.labels.clone(), sk.key.clone());
                     // Remembered on the key only once the row is committed.

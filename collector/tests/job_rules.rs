@@ -8,12 +8,12 @@
 
 use std::time::Duration;
 
-use vitals_collector::alert::engine::{Alert, Engine};
+use vitals_collector::alert::engine::{Alert, Change, Engine};
 use vitals_collector::alert::rules;
 use vitals_collector::store::{self, StoreOptions};
 
 mod common;
-use common::{Samples, fired_between, labels};
+use common::{Samples, changes_between, fired_between, labels};
 
 const STEP_MS: i64 = 15_000;
 
@@ -67,27 +67,16 @@ async fn job_gpus_idle_resolves_soon_after_the_job_ends() {
     let mut rules = rules::builtin().unwrap();
     rules.retain(|r| r.name == "JobGpusIdle");
     assert_eq!(rules.len(), 1);
-    let mut engine = Engine::new(rules, Duration::from_secs(60), Vec::new());
-    let store2 = store.clone();
-    let changes = tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        let mut t = t0;
-        while t <= end {
-            for c in engine.step(&store2, t) {
-                match c {
-                    vitals_collector::alert::engine::Change::Fired(a) => out.push((t, "fired", a)),
-                    vitals_collector::alert::engine::Change::Resolved(a) => {
-                        out.push((t, "resolved", a))
-                    }
-                    _ => {}
-                }
-            }
-            t += STEP_MS;
-        }
-        out
-    })
-    .await
-    .unwrap();
+    let engine = Engine::new(rules, Duration::from_secs(60), Vec::new());
+    let changes: Vec<(i64, &str, Alert)> = changes_between(engine, &store, t0, end, STEP_MS)
+        .await
+        .into_iter()
+        .filter_map(|(t, c)| match c {
+            Change::Fired(a) => Some((t, "fired", a)),
+            Change::Resolved(a) => Some((t, "resolved", a)),
+            _ => None,
+        })
+        .collect();
     let show: Vec<String> = changes
         .iter()
         .map(|(t, what, a)| format!("+{}s {what} {:?}", (t - t0) / 1000, a.labels))

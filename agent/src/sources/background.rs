@@ -5,17 +5,15 @@
 //! source is dropped (a reload builds new sources).
 
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::sync::Notify;
+use tokio::sync::oneshot;
 
 use super::SourceError;
 
-/// Tasks running on their own thread until this is dropped.
+/// Tasks running on their own thread until this is dropped (dropping the
+/// sender is what tells the thread to stop).
 pub struct Background {
-    stop: Arc<AtomicBool>,
-    wake: Arc<Notify>,
+    _stop: oneshot::Sender<()>,
 }
 
 impl Background {
@@ -31,10 +29,8 @@ impl Background {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let stop = Arc::new(AtomicBool::new(false));
-        let wake = Arc::new(Notify::new());
+        let (stop, stopped) = oneshot::channel::<()>();
         let tasks: Vec<F> = tasks.into_iter().collect();
-        let (s, w) = (stop.clone(), wake.clone());
         std::thread::Builder::new()
             .name(thread.into())
             .spawn(move || {
@@ -43,14 +39,13 @@ impl Background {
                     for t in tasks {
                         set.spawn(t);
                     }
-                    while !s.load(Ordering::Relaxed) {
-                        w.notified().await;
-                    }
+                    // Never sent: ends when the sender is dropped.
+                    let _ = stopped.await;
                     set.abort_all();
                 });
             })
             .map_err(|e| SourceError::Failed(format!("cannot start the {what} thread: {e}")))?;
-        Ok(Background { stop, wake })
+        Ok(Background { _stop: stop })
     }
 
     /// A single-threaded runtime for [`Background::start`].
@@ -59,14 +54,6 @@ impl Background {
             .enable_all()
             .build()
             .map_err(|e| SourceError::Failed(format!("cannot start the {what} runtime: {e}")))
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // `notify_one` keeps a permit when the thread is not waiting yet.
-        self.wake.notify_one();
     }
 }
 
@@ -87,7 +74,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Duration;
 
     #[test]

@@ -17,7 +17,7 @@ use vitals_proto::v1::{
 use super::db::{DbError, Silence};
 use super::engine::{Alert, Phase};
 use super::{Recorded, Shared, silenced};
-use crate::ingest::peer_identity;
+use vitals_common::identity::peer_identity;
 
 pub struct AlertsService {
     pub shared: Shared,

@@ -55,28 +55,42 @@ impl Samples {
 }
 
 /// Steps `engine` over the store at `from`, `from + step`, ... up to `to`
-/// (off the async threads) and returns what fired, with when.
-pub async fn fired_between(
+/// (off the async threads) and returns every change, with when.
+pub async fn changes_between(
     mut engine: vitals_collector::alert::engine::Engine,
     store: &vitals_collector::store::Store,
     from: i64,
     to: i64,
     step: i64,
-) -> Vec<(i64, vitals_collector::alert::engine::Alert)> {
+) -> Vec<(i64, vitals_collector::alert::engine::Change)> {
     let store = store.clone();
     tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
         let mut t = from;
         while t <= to {
-            for c in engine.step(&store, t) {
-                if let vitals_collector::alert::engine::Change::Fired(a) = c {
-                    out.push((t, a));
-                }
-            }
+            out.extend(engine.step(&store, t).into_iter().map(|c| (t, c)));
             t += step;
         }
         out
     })
     .await
     .expect("the engine stepped without panicking")
+}
+
+/// [`changes_between`], only what fired.
+pub async fn fired_between(
+    engine: vitals_collector::alert::engine::Engine,
+    store: &vitals_collector::store::Store,
+    from: i64,
+    to: i64,
+    step: i64,
+) -> Vec<(i64, vitals_collector::alert::engine::Alert)> {
+    changes_between(engine, store, from, to, step)
+        .await
+        .into_iter()
+        .filter_map(|(t, c)| match c {
+            vitals_collector::alert::engine::Change::Fired(a) => Some((t, a)),
+            _ => None,
+        })
+        .collect()
 }

@@ -67,19 +67,20 @@ impl Tail {
     }
 
     /// Reads at most `max` new bytes and returns the lines they complete.
+    /// One `stat` of the path per poll; the file is opened on first sight
+    /// and after a rotation only.
     pub fn poll(&mut self, max: usize) -> std::io::Result<Polled> {
         let mut out = Polled::default();
-        let at_path = match File::open(&self.path) {
-            Ok(f) => {
-                let meta = f.metadata()?;
-                Some((f, (meta.dev(), meta.ino()), meta.len()))
+        let at_path = match std::fs::metadata(&self.path) {
+            Ok(m) => Some(((m.dev(), m.ino()), m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return self.go_on(None, max, out);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
         match (self.id, at_path) {
-            (None, None) => return Ok(out),
-            (None, Some((f, id, size))) => {
+            (None, Some(_)) => {
+                let (f, id, size) = open(&self.path)?;
                 self.id = Some(id);
                 self.file = Some(f);
                 if !self.from_start {
@@ -87,10 +88,11 @@ impl Tail {
                     return Ok(out);
                 }
             }
-            (Some(old), Some((f, id, _))) if old != id => {
+            (Some(old), Some((id, _))) if old != id => {
                 // Rotated: first what the old file got before the rename.
                 if let Some(mut old_file) = self.file.take() {
-                    let drained = self.read(&mut old_file, max, &mut out)?;
+                    let size = old_file.metadata()?.len();
+                    let drained = self.read(&mut old_file, size, max, &mut out)?;
                     if !drained {
                         self.file = Some(old_file);
                         return Ok(out);
@@ -101,32 +103,52 @@ impl Tail {
                             .push(String::from_utf8_lossy(&self.partial).into_owned());
                     }
                 }
+                let (f, id, _) = open(&self.path)?;
                 self.id = Some(id);
                 self.file = Some(f);
                 self.restart();
                 out.rotated = true;
             }
-            // The same file, or none at the path now (removed or renamed
-            // away, not replaced): go on with the one open.
             _ => {}
         }
+        self.go_on(at_path, max, out)
+    }
+
+    /// Reads on in the open file, if any. `at_path`: the (id, size) the path
+    /// showed this poll, which is the open file's size when it is that file.
+    fn go_on(
+        &mut self,
+        at_path: Option<((u64, u64), u64)>,
+        max: usize,
+        mut out: Polled,
+    ) -> std::io::Result<Polled> {
+        // Removed or renamed away and not replaced: go on with the one open.
         let Some(mut file) = self.file.take() else {
             return Ok(out);
         };
-        if file.metadata()?.len() < self.pos {
+        let size = match at_path {
+            Some((id, size)) if Some(id) == self.id => size,
+            _ => file.metadata()?.len(),
+        };
+        if size < self.pos {
             self.restart();
             out.truncated = true;
         }
         let budget = max.saturating_sub(out.bytes as usize);
-        let r = self.read(&mut file, budget, &mut out);
+        let r = self.read(&mut file, size, budget, &mut out);
         self.file = Some(file);
         r.map(|_| out)
     }
 
-    /// Reads at most `max` bytes of `file` from `pos` into `out`; true when
-    /// that reached the file's end.
-    fn read(&mut self, file: &mut File, max: usize, out: &mut Polled) -> std::io::Result<bool> {
-        let size = file.metadata()?.len();
+    /// Reads at most `max` bytes of `file` (`size` long) from `pos` into
+    /// `out`; true when that reached its end.
+    fn read(
+        &mut self,
+        file: &mut File,
+        size: u64,
+        max: usize,
+        out: &mut Polled,
+    ) -> std::io::Result<bool> {
         if size <= self.pos {
             return Ok(true);
         }
@@ -159,6 +181,13 @@ impl Tail {
             }
         }
     }
+}
+
+/// Opens `path`: the file, its (device, inode) and its size.
+fn open(path: &Path) -> std::io::Result<(File, (u64, u64), u64)> {
+    let f = File::open(path)?;
+    let meta = f.metadata()?;
+    Ok((f, (meta.dev(), meta.ino()), meta.len()))
 }
 
 #[cfg(test)]
